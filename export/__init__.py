@@ -1,0 +1,1 @@
+"""sdonnx.export: PyTorch models, weight loading and ONNX export (needs the [export] extra)."""
