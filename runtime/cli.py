@@ -23,12 +23,20 @@ class SdonnxGroup(click.Group):
             try:
                 return getattr(importlib.import_module(module), attr)
             except ImportError as err:
-                missing = err.name or str(err)
-                raise click.ClickException(
-                    f"`sdonnx {name}` needs the export extra ({missing} is not installed): "
-                    "pip install 'sdonnx[export]'"
-                ) from None
+                return _unavailable(name, err.name or str(err))
         return super().get_command(ctx, name)
+
+
+def _unavailable(name: str, missing: str) -> click.Command:
+    """A stand-in that explains, when run, which extra the real command needs."""
+
+    def fail(**_: object) -> None:
+        raise click.ClickException(
+            f"`sdonnx {name}` needs the export extra ({missing} is not installed): pip install 'sdonnx[export]'"
+        )
+
+    return click.Command(name, callback=fail, help="(needs the export extra: pip install 'sdonnx[export]')",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 
 
 @click.group(cls=SdonnxGroup, context_settings={"help_option_names": ["-h", "--help"]})
