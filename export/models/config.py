@@ -1,0 +1,258 @@
+"""Frozen configs for the three Stable Diffusion models, read from and written to diffusers/transformers config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+DIFFUSERS_VERSION = "0.35.2"
+TRANSFORMERS_VERSION = "4.57.6"
+
+
+class ConfigError(ValueError):
+    """A config.json holds a setting our models do not implement, or a bad value."""
+
+
+def _tuple(value: Any) -> Any:
+    """JSON lists become tuples so configs stay hashable and frozen."""
+    return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _read(cls: type, d: dict, fixed: dict[str, Any]) -> Any:
+    """Build `cls` from the known keys of `d`; keys in `fixed` must hold the only value we implement."""
+    name = cls.__name__
+    for key, allowed in fixed.items():
+        value = _tuple(d.get(key, allowed))
+        if isinstance(value, tuple) and not isinstance(allowed, tuple) and all(v == allowed for v in value):
+            value = allowed  # a per-block list that repeats the one value we implement
+        if value != allowed and not (key == "mid_block_only_cross_attention" and value is False):
+            raise ConfigError(f"{name}: unsupported {key}={value!r} (only {allowed!r} is implemented)")
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: _tuple(v) for k, v in d.items() if k in known})
+
+
+def _write(cfg: Any, header: dict, fixed: dict[str, Any]) -> dict:
+    out = dict(header)
+    out.update({k: _jsonable(v) for k, v in fixed.items()})
+    out.update({f.name: _jsonable(getattr(cfg, f.name)) for f in fields(cfg)})
+    return out
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """CLIP text transformer (transformers CLIPTextConfig defaults)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+    ACTS: ClassVar[tuple[str, ...]] = ("quick_gelu", "gelu")
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in self.ACTS:
+            raise ConfigError(f"CLIPConfig: unsupported hidden_act={self.hidden_act!r} (one of {self.ACTS})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"CLIPConfig: hidden_size {self.hidden_size} is not a multiple of "
+                              f"num_attention_heads {self.num_attention_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CLIPConfig:
+        """From a transformers text_encoder/config.json (a full CLIPConfig's text_config also works)."""
+        return _read(cls, d.get("text_config", d), {})
+
+    def to_dict(self) -> dict:
+        header = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                  "transformers_version": TRANSFORMERS_VERSION, "torch_dtype": "float32"}
+        return _write(self, header, {"attention_dropout": 0.0, "dropout": 0.0})
+
+
+_VAE_FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
+              "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (diffusers defaults)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    force_upcast: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        if self.down_block_types != ("DownEncoderBlock2D",) * n:
+            raise ConfigError(f"VAEConfig: down_block_types must be {n} x DownEncoderBlock2D, "
+                              f"got {self.down_block_types}")
+        if self.up_block_types != ("UpDecoderBlock2D",) * n:
+            raise ConfigError(f"VAEConfig: up_block_types must be {n} x UpDecoderBlock2D, got {self.up_block_types}")
+        if not isinstance(self.layers_per_block, int):
+            raise ConfigError(f"VAEConfig: layers_per_block must be an int, got {self.layers_per_block!r}")
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side (8 for SD)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        """From a diffusers vae/config.json."""
+        return _read(cls, d, _VAE_FIXED)
+
+    def to_dict(self) -> dict:
+        header = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION}
+        return _write(self, header, _VAE_FIXED)
+
+
+CROSS_DOWN, DOWN, CROSS_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+
+_UNET_FIXED = {
+    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "downsample_padding": 1, "dropout": 0.0, "act_fn": "silu", "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "num_attention_heads": None, "dual_cross_attention": False, "class_embed_type": None,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet2DConditionModel (diffusers defaults, i.e. SD 1.x numbers).
+
+    `attention_head_dim` keeps diffusers' naming: for these U-Nets it is the number of heads per block.
+    """
+
+    sample_size: int | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = (CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, DOWN)
+    up_block_types: tuple[str, ...] = (UP, CROSS_UP, CROSS_UP, CROSS_UP)
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    mid_block_scale_factor: float = 1.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    attention_head_dim: int | tuple[int, ...] = 8
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(f"UNetConfig: need {n} down and up block types for {n} block_out_channels")
+        for kind in self.down_block_types:
+            if kind not in (CROSS_DOWN, DOWN):
+                raise ConfigError(f"UNetConfig: unsupported down block {kind!r} (use {CROSS_DOWN} or {DOWN})")
+        for kind in self.up_block_types:
+            if kind not in (CROSS_UP, UP):
+                raise ConfigError(f"UNetConfig: unsupported up block {kind!r} (use {CROSS_UP} or {UP})")
+        for key in ("layers_per_block", "cross_attention_dim"):
+            if not isinstance(getattr(self, key), int):
+                raise ConfigError(f"UNetConfig: per-block {key} is not supported, got {getattr(self, key)!r}")
+        if isinstance(self.attention_head_dim, tuple) and len(self.attention_head_dim) != n:
+            raise ConfigError(f"UNetConfig: attention_head_dim needs {n} entries, got {self.attention_head_dim}")
+        for ch, heads in zip(self.block_out_channels, self.heads):
+            if ch % heads:
+                raise ConfigError(f"UNetConfig: {ch} channels do not split into {heads} heads")
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """Attention heads per down block (diffusers reads attention_head_dim as a head count)."""
+        h = self.attention_head_dim
+        return h if isinstance(h, tuple) else (h,) * len(self.block_out_channels)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        """From a diffusers unet/config.json."""
+        return _read(cls, d, _UNET_FIXED)
+
+    def to_dict(self) -> dict:
+        header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION}
+        return _write(self, header, _UNET_FIXED)
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The three model configs of one Stable Diffusion checkpoint."""
+
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+
+_SD_VAE = VAEConfig(
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512, scaling_factor=0.18215,
+)
+_SD15 = ModelConfigs(
+    # OpenAI CLIP ViT-L/14 text tower; SD 1.5's config.json carries bos 0 / eos 2 (the argmax rule)
+    clip=CLIPConfig(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+                    num_attention_heads=12, hidden_act="quick_gelu", pad_token_id=1, bos_token_id=0,
+                    eos_token_id=2),
+    vae=_SD_VAE,
+    unet=UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+)
+PRESETS: dict[str, ModelConfigs] = {
+    "sd15": _SD15,
+    "sd15-inpaint": dataclasses.replace(_SD15, unet=dataclasses.replace(_SD15.unet, in_channels=9)),
+    "sd21": ModelConfigs(
+        # OpenCLIP ViT-H/14 text tower, last of its 24 layers dropped as SD 2.x uses the penultimate one
+        clip=CLIPConfig(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
+                        num_attention_heads=16, hidden_act="gelu", pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2),
+        vae=dataclasses.replace(_SD_VAE, sample_size=768),
+        unet=UNetConfig(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                        use_linear_projection=True, upcast_attention=True),
+    ),
+    "tiny": ModelConfigs(
+        clip=CLIPConfig(vocab_size=1000, hidden_size=64, intermediate_size=256, projection_dim=64,
+                        num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu",
+                        pad_token_id=999, bos_token_id=998, eos_token_id=999),
+        vae=VAEConfig(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                      block_out_channels=(32, 64), layers_per_block=1, sample_size=64),
+        unet=UNetConfig(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=(CROSS_DOWN, DOWN), up_block_types=(UP, CROSS_UP),
+                        cross_attention_dim=64, attention_head_dim=4),
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfigs:
+    """The configs of a named architecture: sd15, sd15-inpaint, sd21 or tiny."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
