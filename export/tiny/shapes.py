@@ -71,6 +71,19 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(str(shape), str(color), str(background), size and str(size), position and str(position))
 
 
+def all_scenes() -> list[Scene]:
+    """Every distinct scene of the language (each renders deterministically)."""
+    return [
+        Scene(shape, color, background, size, position)
+        for shape in SHAPES
+        for color in COLORS
+        for background in COLORS
+        if background != color
+        for size in (None, *SIZES)
+        for position in (None, *POSITIONS)
+    ]
+
+
 def parse_caption(caption: str) -> Scene:
     """Inverse of Scene.caption for captions of this language; ValueError otherwise."""
     text = " " + caption.lower().strip() + " "
