@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import secrets
+from pathlib import Path
 
 import click
 
@@ -43,6 +45,119 @@ def _unavailable(name: str, missing: str) -> click.Command:
 @click.version_option(__version__, prog_name="sdonnx")
 def main() -> None:
     """Stable Diffusion on ONNX Runtime: export models, generate images, benchmark."""
+
+
+def _fail(err: Exception) -> click.ClickException:
+    """One line for the user, no traceback."""
+    text = str(err).strip().splitlines()
+    return click.ClickException(text[0] if text else type(err).__name__)
+
+
+def _outputs(out: Path, n: int) -> list[Path]:
+    """out.png for one image; out-1.png, out-2.png, ... for several."""
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(1, n + 1)]
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: the bundled tiny model).")
+@click.option("--negative-prompt", default="", help="What to steer away from.")
+@click.option("--steps", type=int, help="Denoising steps (default: the model's).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns it off.")
+@click.option("--scheduler", help="ddim ddpm pndm euler euler_a heun dpmpp_2m dpmpp_2m_karras lcm")
+@click.option("--seed", type=int, help="Noise seed (default: random, recorded in the PNG).")
+@click.option("--width", type=int, help="Pixels, a multiple of 8.")
+@click.option("--height", type=int, help="Pixels, a multiple of 8.")
+@click.option("--init-image", type=click.Path(path_type=Path), help="Start from this image (img2img).")
+@click.option("--strength", type=float, help="How much of --init-image to repaint, in (0, 1].")
+@click.option("--mask", type=click.Path(path_type=Path), help="Inpaint the white part of this mask (needs --init-image).")
+@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
+@click.option("--num-images", type=int, default=1, show_default=True)
+def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: int | None, guidance: float | None,
+             scheduler: str | None, seed: int | None, width: int | None, height: int | None,
+             init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
+             num_images: int) -> None:
+    """Generate images from PROMPT and write them as PNGs carrying their parameters."""
+    from tqdm import tqdm
+
+    from .image import save_png
+    from .pipeline import Pipeline
+
+    if mask is not None and init_image is None:
+        raise click.ClickException("--mask needs --init-image (the picture to inpaint)")
+    if strength is not None and init_image is None:
+        raise click.ClickException("--strength needs --init-image")
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    try:
+        pipe = Pipeline.load(model_dir, provider=provider)
+        common = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
+                      seed=seed, width=width, height=height, num_images=num_images)
+        with tqdm(desc="denoising", unit="step", leave=False) as bar:
+            def progress(step: int, total: int, _latents) -> None:
+                bar.total = total
+                bar.update(1)
+
+            common["callback"] = progress
+            if mask is not None:
+                images = pipe.inpaint(prompt, init_image, mask, strength=1.0 if strength is None else strength, **common)
+            elif init_image is not None:
+                images = pipe.img2img(prompt, init_image, strength=0.8 if strength is None else strength, **common)
+            else:
+                images = pipe.txt2img(prompt, **common)
+        defaults = pipe.info.defaults
+        params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps or defaults.steps,
+                      guidance=defaults.guidance if guidance is None else guidance,
+                      scheduler=scheduler or defaults.scheduler, seed=seed,
+                      size=f"{images[0].width}x{images[0].height}", model=pipe.info.path.name)
+        if init_image is not None:
+            params.update(strength=strength if strength is not None else (1.0 if mask is not None else 0.8),
+                          init_image=init_image.name, mask=mask.name if mask else None)
+        for k, (img, path) in enumerate(zip(images, _outputs(output, len(images)))):
+            save_png(img, path, {**params, "image": f"{k + 1}/{len(images)}"} if len(images) > 1 else params)
+            click.echo(str(path))
+    except (ValueError, OSError) as err:
+        raise _fail(err) from None
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Hash every file, large ones included.")
+def info(model_dir: Path, verify: bool) -> None:
+    """Show what a model folder holds: components, precision, sizes, family, defaults, checksums."""
+    from .model import file_status, read_model
+
+    try:
+        m = read_model(model_dir, check=False)
+    except (ValueError, OSError) as err:
+        raise _fail(err) from None
+    d = m.defaults
+    click.echo(f"model        {m.path}")
+    click.echo(f"format       {'sdonnx ' + str(m.meta.get('format')) if m.meta else 'optimum (no sdonnx.json)'}"
+               + (f", exported by {m.meta['exporter']}" if m.meta.get("exporter") else ""))
+    if m.meta.get("source"):
+        click.echo(f"source       {m.meta['source']}")
+    click.echo(f"family       {m.family} ({m.prediction_type}, {m.latent_channels} latent channels, "
+               f"U-Net in {m.unet_in_channels}, VAE /{m.vae_scale_factor}, scale {m.scaling_factor})")
+    click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}"
+               + (f"; static shape {m.static_shape}" if m.static_shape else ""))
+    click.echo("components")
+    for name, path in m.components.items():
+        size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
+        click.echo(f"  {name:<13} {m.precision(name) or '?':<5} {size / 2**20:10.2f} MiB")
+    files = m.meta.get("files") or {}
+    if not files:
+        click.echo("checksums    none recorded")
+        return
+    statuses = {rel: file_status(m.path, rel, expect, True if verify else None) for rel, expect in sorted(files.items())}
+    bad = {rel: s for rel, s in statuses.items() if not s.endswith(" ok")}
+    click.echo(f"checksums    {len(statuses) - len(bad)}/{len(statuses)} files ok")
+    for rel, status in statuses.items():
+        click.echo(f"  {rel:<40} {status}")
+    if bad:
+        raise click.ClickException(f"corrupt model folder: {', '.join(f'{r} ({s})' for r, s in bad.items())}")
 
 
 if __name__ == "__main__":

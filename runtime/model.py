@@ -1,0 +1,157 @@
+"""Model folders (ours with sdonnx.json, or optimum's layout): what they hold, and whether their files are intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .session import SdonnxError
+
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+SHA_LIMIT = 256 * 2**20  # by default only files below this are hashed; sizes are always checked
+# diffusers scheduler classes -> our names (the folder's own scheduler is the default one)
+SCHEDULER_NAMES = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
+}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: str = "pndm"
+    width: int = 512
+    height: int = 512
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything the runtime needs to know about a model folder."""
+
+    path: Path
+    family: str
+    components: dict  # name -> path of model.onnx, for the components present
+    latent_channels: int
+    unet_in_channels: int
+    vae_scale_factor: int
+    scaling_factor: float
+    prediction_type: str
+    sample_size: int  # pixels
+    defaults: Defaults
+    scheduler_config: dict
+    static_shape: dict | None = None
+    meta: dict = field(default_factory=dict)  # sdonnx.json, {} for optimum folders
+    checks: dict = field(default_factory=dict)  # file -> "sha256 ok" | "size ok" | ...
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.unet_in_channels > self.latent_channels
+
+    def precision(self, component: str) -> str | None:
+        return self.meta.get("components", {}).get(component, {}).get("precision")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise SdonnxError(f"cannot read {path}: {err}") from err
+
+
+def read_model(path: str | Path, verify: bool | None = None, check: bool = True) -> ModelInfo:
+    """Read a model folder; verify=None checks sizes and hashes small files, True hashes all, False sizes only.
+
+    check=False skips the file checks (for `sdonnx info`, which reports them itself)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise SdonnxError(f"model folder not found: {root}")
+    components = {c: root / c / "model.onnx" for c in COMPONENTS if (root / c / "model.onnx").is_file()}
+    missing = [c for c in REQUIRED if c not in components]
+    if missing:
+        raise SdonnxError(f"{root} is not a model folder: missing {', '.join(c + '/model.onnx' for c in missing)}")
+    meta = _read_json(root / "sdonnx.json")
+    checks = verify_files(root, meta, verify) if meta and check else {}
+    unet_cfg = _read_json(root / "unet" / "config.json")
+    vae_cfg = _read_json(root / "vae_decoder" / "config.json")
+    text_cfg = _read_json(root / "text_encoder" / "config.json")
+    sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    latent_ch = int(meta.get("latent_channels", vae_cfg.get("latent_channels", 4)))
+    in_ch = int(meta.get("unet_in_channels", unet_cfg.get("in_channels", latent_ch)))
+    vsf = int(meta.get("vae_scale_factor", 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)))
+    prediction = meta.get("prediction_type", sched_cfg.get("prediction_type", "epsilon"))
+    sample = int(meta.get("sample_size", unet_cfg.get("sample_size", 64) * vsf))
+    family = meta.get("family") or _infer_family(in_ch > latent_ch, prediction, text_cfg)
+    return ModelInfo(
+        path=root, family=family, components=components, latent_channels=latent_ch, unet_in_channels=in_ch,
+        vae_scale_factor=vsf, scaling_factor=float(meta.get("scaling_factor", vae_cfg.get("scaling_factor", 0.18215))),
+        prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample),
+        scheduler_config={**sched_cfg, "prediction_type": prediction}, static_shape=meta.get("static_shape"),
+        meta=meta, checks=checks)
+
+
+def _infer_family(inpaint: bool, prediction: str, text_cfg: dict) -> str:
+    """SD 2.x uses OpenCLIP (gelu) and v-prediction; SD 1.x uses OpenAI CLIP (quick_gelu)."""
+    sd2 = prediction == "v_prediction" or text_cfg.get("hidden_act") == "gelu"
+    return ("sd2" if sd2 else "sd1") + ("-inpaint" if inpaint else "")
+
+
+def _defaults(meta: dict, sched_cfg: dict, sample: int) -> Defaults:
+    name = SCHEDULER_NAMES.get(sched_cfg.get("_class_name", ""), "pndm")
+    if name == "dpmpp_2m" and sched_cfg.get("use_karras_sigmas"):
+        name = "dpmpp_2m_karras"
+    base = Defaults(scheduler=name, width=sample, height=sample)
+    given = meta.get("defaults") or {}
+    return Defaults(**{k: type(getattr(base, k))(given.get(k, getattr(base, k))) for k in Defaults.__dataclass_fields__})
+
+
+def file_status(root: Path, rel: str, expect: dict, verify: bool | None = None) -> str:
+    """One file against its sdonnx.json entry: 'sha256 ok', 'size ok', 'missing', 'size mismatch' or 'checksum mismatch'."""
+    path = root / rel
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if "size" in expect and size != int(expect["size"]):
+        return "size mismatch"
+    if expect.get("sha256") and (verify is True or (verify is None and size < SHA_LIMIT)):
+        return "sha256 ok" if sha256(path) == expect["sha256"] else "checksum mismatch"
+    return "size ok"
+
+
+def verify_files(root: Path, meta: dict, verify: bool | None = None) -> dict:
+    """Check each file sdonnx.json lists; a one-line error on the first that is missing or differs."""
+    checks = {}
+    for rel, expect in sorted((meta.get("files") or {}).items()):
+        status = file_status(root, rel, expect, verify)
+        if not status.endswith(" ok"):
+            raise SdonnxError(f"corrupt model folder {root}: {rel}: {status} (against sdonnx.json)")
+        checks[rel] = status
+    return checks
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_model_dir() -> Path:
+    """The bundled tiny model (package data sdonnx/assets/tiny)."""
+    path = Path(__file__).resolve().parent / "assets" / "tiny"
+    if not (path / "unet" / "model.onnx").is_file():
+        raise SdonnxError(f"the bundled tiny model is missing ({path}); pass --model DIR / model_dir= "
+                          "or create it with `sdonnx export tiny`")
+    return path

@@ -1,0 +1,231 @@
+"""Text-to-image, image-to-image and inpainting over one denoising loop (latent diffusion, Rombach et al. 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from . import image as imaging
+from . import schedulers
+from .model import ModelInfo, default_model_dir, read_model
+from .session import Component, SdonnxError, session_config
+from .tokenizer import CLIPTokenizer
+
+Callback = Callable[[int, int, np.ndarray], None]
+
+
+@dataclass
+class _Start:
+    """How a run begins: its first timestep index, initial latents, and what img2img/inpaint add."""
+
+    index: int
+    latents: np.ndarray
+    extra: np.ndarray | None = None  # [mask, masked-image latents] for 9-channel U-Nets
+    keep: np.ndarray | None = None  # clean latents re-imposed outside the mask (4-channel inpainting)
+    keep_mask: np.ndarray | None = None  # latent-size mask, 1 = repaint
+    noise: np.ndarray | None = None  # the noise `keep` is re-noised with
+    paste: tuple | None = None  # (original [0,1] HWC, pixel mask HW1) pasted back at the end
+
+
+class Pipeline:
+    """A loaded model folder: tokenizer, ONNX components and the folder's defaults."""
+
+    def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, components: dict[str, Component]):
+        self.info = info
+        self.tokenizer = tokenizer
+        self.components = components
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, provider: str = "cpu", verify: bool | None = None,
+             **session_options) -> "Pipeline":
+        """Open a model folder (default: the bundled tiny model) on `cpu`, `cuda`, `dml` or `auto`."""
+        info = read_model(model_dir if model_dir is not None else default_model_dir(), verify=verify)
+        config = session_config(provider, **session_options)
+        components = {name: Component(path, config) for name, path in info.components.items()}
+        tokenizer = CLIPTokenizer.from_dir(info.path / "tokenizer")
+        return cls(info, tokenizer, components)
+
+    # ---- the three public tasks ------------------------------------------------------------------
+
+    def txt2img(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
+                guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
+                width: int | None = None, height: int | None = None, num_images: int = 1,
+                latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil"):
+        """Images from a prompt; `latents` are unit-variance noise (N, C, H/f, W/f), as in diffusers."""
+        run = self._setup(steps, scheduler, seed, width, height, num_images)
+        sched, rng, shape = run
+        noise = self._noise(rng, shape, latents)
+        start = _Start(0, noise * sched.init_noise_sigma)
+        return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
+
+    def img2img(self, prompt: str, image, strength: float = 0.8, negative_prompt: str = "", steps: int | None = None,
+                guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
+                width: int | None = None, height: int | None = None, num_images: int = 1,
+                latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil"):
+        """Images from a prompt and a starting image; `strength` in (0, 1] is how much of it to repaint."""
+        _check_strength(strength)
+        img = imaging.fit(imaging.load_image(image), width, height)
+        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images)
+        start = self._noised_start(run, img, strength, latents, pure_at_max=False)
+        return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
+
+    def inpaint(self, prompt: str, image, mask, strength: float = 1.0, negative_prompt: str = "",
+                steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
+                seed: int | None = None, width: int | None = None, height: int | None = None,
+                num_images: int = 1, latents: np.ndarray | None = None, callback: Callback | None = None,
+                output_type: str = "pil"):
+        """Repaint the white part of `mask`; pixels outside it come back unchanged."""
+        _check_strength(strength)
+        src = imaging.load_image(image)
+        msk = imaging.load_mask(mask, src)
+        img, msk = imaging.fit(src, width, height), imaging.fit(msk, width, height)
+        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images)
+        pixel_mask = imaging.mask_array(msk)
+        start = self._noised_start(run, img, strength, latents, pure_at_max=True)
+        h, w = start.latents.shape[-2:]
+        latent_mask = np.repeat(imaging.shrink_mask(pixel_mask, h, w), num_images, axis=0)
+        if self.info.is_inpaint:
+            masked = imaging.to_array(img) * (pixel_mask < 0.5)
+            masked_latents = np.repeat(self._encode(masked), num_images, axis=0)
+            start.extra = np.concatenate([latent_mask, masked_latents], axis=1)
+        else:
+            start.keep_mask = latent_mask
+        start.paste = (imaging.to_unit(img), pixel_mask[0].transpose(1, 2, 0))
+        return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
+
+    # ---- set-up ------------------------------------------------------------------------------------
+
+    def _setup(self, steps, scheduler, seed, width, height, num_images):
+        """(scheduler, rng, latent shape) for one call, after checking the sizes."""
+        d = self.info.defaults
+        width, height = width or d.width, height or d.height
+        imaging.check_size(width, height)
+        static = self.info.static_shape
+        if static and (width, height) != (static["width"], static["height"]):
+            raise SdonnxError(f"this model was exported for {static['width']}x{static['height']} only, "
+                              f"not {width}x{height}")
+        if int(num_images) < 1:
+            raise SdonnxError(f"num_images must be at least 1, got {num_images}")
+        steps = int(steps if steps is not None else d.steps)
+        if steps < 1:
+            raise SdonnxError(f"steps must be at least 1, got {steps}")
+        name = (scheduler or d.scheduler).lower()
+        if name not in schedulers.NAMES:
+            raise SdonnxError(f"unknown scheduler {name!r}; choose one of {', '.join(schedulers.NAMES)}")
+        sched = schedulers.create(name, self.info.scheduler_config, steps)
+        f = self.info.vae_scale_factor
+        shape = (int(num_images), self.info.latent_channels, height // f, width // f)
+        return sched, np.random.default_rng(seed), shape
+
+    @staticmethod
+    def _noise(rng: np.random.Generator, shape: tuple, latents: np.ndarray | None) -> np.ndarray:
+        if latents is None:
+            return rng.standard_normal(shape, dtype=np.float32)
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != shape:
+            raise SdonnxError(f"latents must have shape {shape}, got {latents.shape}")
+        return latents
+
+    def _noised_start(self, run, img: Image.Image, strength: float, latents, pure_at_max: bool) -> _Start:
+        """Encode the image and noise it to the level where `strength` of the schedule remains."""
+        sched, rng, shape = run
+        clean = np.repeat(self._encode(imaging.to_array(img)), shape[0], axis=0)
+        noise = self._noise(rng, shape, latents)
+        index = sched.start_index(strength)
+        if index >= len(sched.timesteps):  # so little strength that no step remains: the encoded image itself
+            return _Start(index, clean, keep=clean, noise=noise)
+        if pure_at_max and strength >= 1.0:  # inpainting at full strength starts from pure noise, as txt2img
+            start = noise * sched.init_noise_sigma
+        else:
+            start = sched.add_noise(clean, noise, index).astype(np.float32)
+        return _Start(index, start, keep=clean, noise=noise)
+
+    # ---- models ------------------------------------------------------------------------------------
+
+    def _component(self, name: str) -> Component:
+        if name not in self.components:
+            raise SdonnxError(f"{self.info.path} has no {name}/model.onnx, which this task needs")
+        return self.components[name]
+
+    def _encode_text(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts)
+        return self._component("text_encoder")(input_ids=ids)["last_hidden_state"]
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        """[-1, 1] pixels -> scaled latents; the mean of the latent distribution, so img2img is deterministic."""
+        out = self._component("vae_encoder")(sample=pixels)
+        if "latent_parameters" in out:
+            moments = out["latent_parameters"]
+            latents = moments[:, : moments.shape[1] // 2]
+        else:  # older exports sample inside the graph
+            latents = out["latent_sample"]
+        return (latents * self.info.scaling_factor).astype(np.float32)
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        sample = self._component("vae_decoder")(latent_sample=latents / self.info.scaling_factor)["sample"]
+        if not np.isfinite(sample).all():
+            raise SdonnxError("the VAE decoder produced NaN/inf (an fp16 overflow?): use an fp32 vae_decoder; "
+                              "no image was written")
+        return imaging.decoded_to_unit(sample)
+
+    def _guided(self, unet: Component, sample: np.ndarray, t: float, context: np.ndarray, w: float) -> np.ndarray:
+        """Classifier-free guidance (Ho & Salimans 2022): one U-Net call on [uncond, cond], then combine."""
+        if w <= 1.0:
+            return unet(sample=sample, timestep=np.float64(t), encoder_hidden_states=context)["out_sample"]
+        both = unet(sample=np.concatenate([sample, sample]), timestep=np.float64(t),
+                    encoder_hidden_states=context)["out_sample"]
+        uncond, cond = np.split(both, 2)
+        return uncond + w * (cond - uncond)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def _generate(self, prompt, negative_prompt, guidance, run, start: _Start, callback, output_type):
+        sched, rng, shape = run
+        n = shape[0]
+        w = float(guidance if guidance is not None else self.info.defaults.guidance)
+        cond = np.repeat(self._encode_text([prompt]), n, axis=0)
+        context = cond if w <= 1.0 else np.concatenate([np.repeat(self._encode_text([negative_prompt]), n, 0), cond])
+        latents = self._denoise(sched, rng, start, context, w, callback)
+        pixels = self._decode(latents)
+        if start.paste is not None:
+            original, mask = start.paste
+            pixels = original * (1.0 - mask) + pixels * mask
+        if output_type == "np":
+            return pixels.astype(np.float32)
+        return imaging.to_pil(pixels)
+
+    def _denoise(self, sched, rng, start: _Start, context, w, callback) -> np.ndarray:
+        """The one denoising loop; the three tasks differ only in `start` (initial latents, mask blending)."""
+        unet = self._component("unet")
+        latents = start.latents
+        total = len(sched.timesteps) - start.index
+        for k, i in enumerate(range(start.index, len(sched.timesteps))):
+            sample = sched.scale_model_input(latents, i)
+            if start.extra is not None:
+                sample = np.concatenate([sample, start.extra], axis=1)
+            pred = self._guided(unet, sample, sched.timesteps[i], context, w)
+            noise = rng.standard_normal(latents.shape, dtype=np.float32) if sched.needs_noise else None
+            latents = sched.step(pred, i, latents, noise).astype(np.float32)
+            if start.keep_mask is not None:
+                latents = self._reimpose(sched, start, latents, i)
+            if callback is not None:
+                callback(k, total, latents)
+        return latents
+
+    @staticmethod
+    def _reimpose(sched, start: _Start, latents: np.ndarray, i: int) -> np.ndarray:
+        """Outside the mask, put back the original latents noised to the next step's level (clean at the end)."""
+        known = start.keep
+        if i + 1 < len(sched.timesteps):
+            known = sched.add_noise(start.keep, start.noise, i + 1)
+        m = start.keep_mask
+        return ((1.0 - m) * known + m * latents).astype(np.float32)
+
+
+def _check_strength(strength: float) -> None:
+    if not 0.0 < float(strength) <= 1.0:
+        raise SdonnxError(f"strength must be in (0, 1], got {strength}")
