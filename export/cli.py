@@ -1,0 +1,210 @@
+"""`sdonnx export SOURCE [OUT_DIR]`: checkpoint -> verified, optimized, quantized ONNX model folder."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from . import folder, onnx as graphs, optimize as opt, quantize, verify
+
+STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
+
+
+@dataclass
+class ExportJob:
+    """One export run: what to build and the numbers collected on the way."""
+
+    source: str
+    out_dir: Path
+    precision: str = "fp32"
+    force: bool = False
+    static: graphs.Static | None = None
+    seed: int = 0
+    prediction_type: str | None = None
+    timings: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+
+def default_out_dir(source: str, precision: str) -> Path:
+    """models/<name>-<precision>: name from a folder/file name, or `random-sd15` for `random:sd15`."""
+    name = source.replace(":", "-") if source.startswith("random:") else Path(source.rstrip("/\\")).stem or "model"
+    return Path("models") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{precision}"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class Progress:
+    """A tqdm bar over named steps that also times each step."""
+
+    def __init__(self, total: int, timings: dict, enabled: bool = True):
+        self.bar = tqdm(total=total, unit="step", disable=not enabled, leave=False,
+                        bar_format="{desc:<28} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+        self.timings = timings
+
+    def step(self, name: str, fn, *args, **kwargs):
+        self.bar.set_description_str(name)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        self.bar.update()
+        return result
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, path: Path):
+    """Export one component and run PyTorch on the verification inputs while the module is alive."""
+    module = graphs.wrap(component, models)
+    batch, hw = graphs.trace_shape(component, configs, job.static)
+    graphs.export_component(component, module, graphs.sample_inputs(component, configs, batch, hw, job.seed),
+                            path, static=job.static is not None)
+    if job.static is None:  # check the dynamic axes too: another batch and a non-square size
+        m = graphs.latent_multiple(configs)
+        batch, hw = 2, (3 * m, 2 * m)
+    inputs = graphs.sample_inputs(component, configs, batch, hw, job.seed + 1)
+    with torch.no_grad():
+        out = module(*inputs.values())
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    return {k: v.numpy() for k, v in inputs.items()}, first.numpy()
+
+
+def _free(models: dict, component: str) -> None:
+    """Drop a PyTorch model once its last graph is exported, so a full SD 1.5 fits in memory."""
+    owner = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}.get(component)
+    if owner:
+        models.pop(owner, None)
+        gc.collect()
+
+
+def run_export(job: ExportJob, progress: bool = True) -> dict:
+    """Do the whole export into a temporary folder that becomes job.out_dir on success; returns sdonnx.json."""
+    from .weights import build_models, load_checkpoint
+
+    start = time.perf_counter()
+    quantize.scheme("unet", job.precision, "sd1")  # reject an unknown precision before any work
+    bar = Progress(2 + STEPS_PER_COMPONENT * len(graphs.COMPONENTS), job.timings, progress)
+    try:
+        with folder.atomic_folder(job.out_dir, job.force) as root:
+            ckpt = bar.step("load", load_checkpoint, job.source, seed=job.seed,
+                            prediction_type=job.prediction_type)
+            models = bar.step("build models", build_models, ckpt)
+            ckpt = _drop_state_dicts(ckpt)
+            work = root / "_work"
+            checks = {}
+            for c in graphs.COMPONENTS:
+                checks[c] = bar.step(f"export {c}", _trace_and_reference, job, c, models, ckpt.configs,
+                                     work / c / "raw" / "model.onnx")
+                _free(models, c)
+            for c in graphs.COMPONENTS:
+                bar.step(f"optimize {c}", _optimize, work / c)
+            for c in graphs.COMPONENTS:
+                scheme = bar.step(f"quantize {c}", quantize.apply, c, job.precision, ckpt.family,
+                                  work / c / "opt" / "model.onnx", root / c / "model.onnx")
+                job.components[c] = {"precision": scheme.precision, "method": scheme.method}
+            _remove(work)
+            for c in graphs.COMPONENTS:
+                bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", *checks[c])
+            job.timings["total"] = round(time.perf_counter() - start, 2)
+            report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
+                      "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET}
+            return folder.write_metadata(
+                root, version=__version__, source=job.source, family=ckpt.family,
+                prediction_type=ckpt.prediction_type, configs=ckpt.configs,
+                scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
+                components=job.components, report=report,
+                static=None if job.static is None else
+                {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
+    finally:
+        bar.close()
+
+
+def _drop_state_dicts(ckpt):
+    """The modules own copies of the weights now; keeping the loaded tensors would double the memory."""
+    try:
+        ckpt.state_dicts.clear()
+    except AttributeError:
+        pass
+    gc.collect()
+    return ckpt
+
+
+def _optimize(work: Path) -> None:
+    opt.optimize(work / "raw" / "model.onnx", work / "opt" / "model.onnx")
+    _remove(work / "raw")
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _verify(job: ExportJob, component: str, path: Path, inputs: dict[str, np.ndarray], reference: np.ndarray):
+    info = job.components[component]
+    result, warning = verify.verify(component, path, inputs, reference, info["precision"])
+    info["verify"] = result
+    info["ops"] = opt.op_counts(path)
+    if warning:
+        job.warnings.append(warning)
+        tqdm.write(f"warning: {warning}")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+@click.command("export")
+@click.argument("source")
+@click.argument("out_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 (GPU) | int8 (CPU)")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--static", "static", metavar="WxH", default=None, help="Fix shapes (U-Net batch 2) at WxH pixels.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random:* weights and the check inputs.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="Override what the checkpoint is guessed to predict.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
+           prediction_type: str | None, quiet: bool) -> None:
+    """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd21, tiny) to ONNX."""
+    if precision not in quantize.PRECISIONS:
+        raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
+    try:
+        job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
+                        graphs.Static.parse(static) if static else None, seed, prediction_type)
+        meta = run_export(job, progress=not quiet)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise click.ClickException(f"disk full while writing {out_dir or 'the model folder'}; "
+                                       "nothing was left behind") from None
+        raise click.ClickException(_one_line(err)) from None
+    except (ValueError, verify.ExportError, ImportError) as err:
+        raise click.ClickException(_one_line(err)) from None
+    _print_summary(job, meta)
+
+
+def _print_summary(job: ExportJob, meta: dict) -> None:
+    size = sum(f["size"] for f in meta["files"].values())
+    click.echo(f"exported {job.source} -> {job.out_dir} ({job.precision}, {size / 2**20:.1f} MiB, "
+               f"{job.timings['total']:.1f} s, peak RSS {meta['export_report']['peak_rss_mb']:.0f} MB)")
+    for name, info in meta["components"].items():
+        v = info["verify"]
+        click.echo(f"  {name:<13} {info['precision']:<5} max abs err {v['max_abs_err']:.2e}  PSNR {v['psnr']} dB")
+    for w in job.warnings:
+        click.echo(f"  warning: {w}")

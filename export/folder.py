@@ -1,0 +1,168 @@
+"""The model folder: written atomically, readable by our runtime and by optimum's ORTStableDiffusionPipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .models.config import ModelConfigs
+
+FORMAT = 1
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "dpmpp_2m_karras"}
+
+
+class FolderExistsError(ValueError):
+    """OUT_DIR exists and --force was not given."""
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; it becomes `out_dir` only if the block completes.
+
+    Any exception, KeyboardInterrupt included, removes it, so no partial model folder is ever left.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FolderExistsError(f"{out_dir} already exists (use --force to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, out_dir: Path) -> None:
+    """Rename `new` to `out_dir`; an old `out_dir` (--force) is moved aside first and deleted after."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    try:
+        new.rename(out_dir)
+    except BaseException:
+        if old is not None:
+            old.rename(out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(data), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _finite(value):
+    """JSON has no inf/nan: write them as null (e.g. the PSNR of an exact match)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_configs(root: Path, configs: ModelConfigs) -> None:
+    """config.json per component, in the diffusers/transformers format optimum reads."""
+    write_json(root / "text_encoder" / "config.json", configs.clip.to_dict())
+    write_json(root / "unet" / "config.json", configs.unet.to_dict())
+    for part in ("vae_encoder", "vae_decoder"):
+        write_json(root / part / "config.json", configs.vae.to_dict())
+
+
+def copy_tokenizer(src: Path, root: Path) -> Path:
+    """Copy the CLIP tokenizer files; vocab.json and merges.txt are required."""
+    dst = root / "tokenizer"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
+        elif name in ("vocab.json", "merges.txt"):
+            raise FileNotFoundError(f"tokenizer folder {src} has no {name}")
+    return dst
+
+
+def pad_token_id(tokenizer_dir: Path) -> int:
+    """Id of the pad token named by tokenizer_config.json (SD 1.x: the end token, SD 2.x: '!' = 0)."""
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    pad = "<|endoftext|>"
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = tokenizer_dir / name
+        if path.is_file():
+            given = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            if given:
+                pad = given["content"] if isinstance(given, dict) else given
+                break
+    if pad not in vocab:
+        raise ValueError(f"pad token {pad!r} is not in {tokenizer_dir / 'vocab.json'}")
+    return int(vocab[pad])
+
+
+def model_index(family: str, scheduler_class: str) -> dict:
+    """diffusers' model_index.json: which library class loads each sub-folder (optimum reads it)."""
+    pipeline = "StableDiffusionInpaintPipeline" if family.endswith("inpaint") else "StableDiffusionPipeline"
+    return {
+        "_class_name": pipeline, "_diffusers_version": "0.35.2",
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(root: Path) -> dict:
+    """{relative path: {"sha256", "size"}} for every file under root except sdonnx.json itself."""
+    table = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != "sdonnx.json":
+            table[rel] = {"sha256": sha256(path), "size": path.stat().st_size}
+    return table
+
+
+def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
+                   configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
+                   static: dict | None, report: dict) -> dict:
+    """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json."""
+    copy_tokenizer(tokenizer_dir, root)
+    sched = dict(scheduler_config, prediction_type=prediction_type)
+    write_json(root / "scheduler" / "scheduler_config.json", sched)
+    write_configs(root, configs)
+    write_json(root / "model_index.json", model_index(family, sched.get("_class_name", "PNDMScheduler")))
+    scale = configs.vae.downscale
+    pixels = (configs.unet.sample_size or configs.vae.sample_size // scale) * scale
+    meta = {
+        "format": FORMAT, "exporter": f"sdonnx {version}", "source": str(source), "family": family,
+        "prediction_type": prediction_type, "latent_channels": configs.vae.latent_channels,
+        "unet_in_channels": configs.unet.in_channels, "vae_scale_factor": scale,
+        "scaling_factor": configs.vae.scaling_factor, "sample_size": pixels,
+        "tokenizer": {"pad_token_id": pad_token_id(root / "tokenizer"), "max_length": 77},
+        "files": file_table(root), "components": components,
+        "defaults": dict(DEFAULTS, width=(static or {}).get("width", pixels),
+                         height=(static or {}).get("height", pixels)),
+        "static_shape": static,
+        "export_report": report,
+    }
+    write_json(root / "sdonnx.json", meta)
+    return meta

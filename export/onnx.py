@@ -1,0 +1,205 @@
+"""PyTorch -> ONNX: one wrapper per component whose forward is exactly the exported signature (optimum's layout)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from .models.config import ModelConfigs
+
+OPSET = 17
+TEXT_LENGTH = 77
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself
+EXTERNAL_DATA_BYTES = 1_800_000_000
+EXTERNAL_DATA_NAME = "model.onnx_data"
+
+
+@dataclass(frozen=True)
+class Static:
+    """Fixed export shapes (`--static WxH`): image size in pixels and the U-Net batch (2 for guidance)."""
+
+    width: int
+    height: int
+    batch: int = 2
+
+    @classmethod
+    def parse(cls, text: str) -> Static:
+        """'512x768' -> Static(width=512, height=768)."""
+        try:
+            w, h = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--static wants WIDTHxHEIGHT in pixels, e.g. 512x512, got {text!r}") from None
+        if w <= 0 or h <= 0:
+            raise ValueError(f"--static sizes must be positive, got {text!r}")
+        return cls(w, h)
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids -> (last_hidden_state, pooler_output)"""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor):
+        hidden, pooled = self.text_encoder(input_ids)[:2]
+        return hidden, pooled
+
+
+class UNetGraph(nn.Module):
+    """(sample, timestep [], encoder_hidden_states) -> out_sample"""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states)
+
+
+class VaeEncoderGraph(nn.Module):
+    """image in [-1, 1] -> latent_parameters = concat(mean, logvar) on channels, as optimum exports it"""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor):
+        mean, logvar = self.vae.encode(sample)
+        return torch.cat([mean, logvar], dim=1)
+
+
+class VaeDecoderGraph(nn.Module):
+    """raw latents -> image in [-1, 1]"""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor):
+        return self.vae.decode(latent_sample)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Names and dynamic axes of one exported graph."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict
+
+
+SIGNATURES = {
+    "text_encoder": Signature(("input_ids",), ("last_hidden_state", "pooler_output"),
+                              {"input_ids": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"},
+                               "pooler_output": {0: "batch_size"}}),
+    "unet": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
+                      {"sample": {0: "batch_size", 2: "height", 3: "width"},
+                       "encoder_hidden_states": {0: "batch_size"},
+                       "out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
+    "vae_encoder": Signature(("sample",), ("latent_parameters",),
+                             {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
+                              "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}),
+    "vae_decoder": Signature(("latent_sample",), ("sample",),
+                             {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+                              "sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}),
+}
+
+
+def wrap(component: str, models: dict[str, nn.Module]) -> nn.Module:
+    """The export wrapper of `component` around our PyTorch models ({"text_encoder", "vae", "unet"})."""
+    if component == "text_encoder":
+        return TextEncoderGraph(models["text_encoder"]).eval()
+    if component == "unet":
+        return UNetGraph(models["unet"]).eval()
+    if component == "vae_encoder":
+        return VaeEncoderGraph(models["vae"]).eval()
+    if component == "vae_decoder":
+        return VaeDecoderGraph(models["vae"]).eval()
+    raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+
+
+def latent_multiple(configs: ModelConfigs) -> int:
+    """Latent sides must divide by this for the U-Net's down/up sampling to line up."""
+    return 2 ** (len(configs.unet.block_out_channels) - 1)
+
+
+def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: tuple[int, int],
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic inputs with realistic ranges for `component` (latents ~ N(0, 1), images in [-1, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    scale = configs.vae.downscale
+    lat_ch = configs.vae.latent_channels
+    if component == "text_encoder":
+        clip = configs.clip
+        ids = torch.randint(0, clip.vocab_size - 2, (batch, TEXT_LENGTH), generator=g)
+        ids[:, 0] = clip.bos_token_id
+        ids[:, TEXT_LENGTH // 2:] = clip.eos_token_id  # a prompt padded with the end token
+        return {"input_ids": ids.to(torch.int64)}
+    if component == "unet":
+        return {"sample": torch.randn(batch, configs.unet.in_channels, h, w, generator=g),
+                "timestep": torch.tensor(981.0),
+                "encoder_hidden_states": torch.randn(batch, TEXT_LENGTH, configs.unet.cross_attention_dim,
+                                                     generator=g)}
+    if component == "vae_encoder":
+        return {"sample": torch.rand(batch, configs.vae.in_channels, h * scale, w * scale, generator=g) * 2 - 1}
+    if component == "vae_decoder":
+        return {"latent_sample": torch.randn(batch, lat_ch, h, w, generator=g) / configs.vae.scaling_factor}
+    raise ValueError(f"unknown component {component!r}")
+
+
+def trace_shape(component: str, configs: ModelConfigs, static: Static | None) -> tuple[int, tuple[int, int]]:
+    """(batch, latent (h, w)) the graph is traced with: the static shape, else the smallest that divides."""
+    if static is None:
+        m = latent_multiple(configs)
+        return 1, (2 * m, 2 * m)
+    scale = configs.vae.downscale
+    if static.width % (scale * latent_multiple(configs)) or static.height % (scale * latent_multiple(configs)):
+        raise ValueError(f"--static {static.width}x{static.height}: sides must be multiples of "
+                         f"{scale * latent_multiple(configs)} pixels for this model")
+    batch = static.batch if component == "unet" else 1
+    return batch, (static.height // scale, static.width // scale)
+
+
+def export_component(component: str, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path,
+                     static: bool = False) -> Path:
+    """Trace `module` with `inputs` into `path` (external data when large); returns path."""
+    sig = SIGNATURES[component]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.parent / "_trace"
+    scratch.mkdir(exist_ok=True)
+    raw = scratch / "model.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected and verified after
+        torch.onnx.export(module, tuple(inputs[n] for n in sig.inputs), str(raw), input_names=list(sig.inputs),
+                          output_names=list(sig.outputs), dynamic_axes=None if static else sig.dynamic_axes,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    # the TorchScript exporter scatters >2 GB weights over one file per tensor: gather them into one
+    save_model(onnx.load(str(raw)), path)
+    shutil.rmtree(scratch)
+    return path
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Write `model` to path, with its weights in `model.onnx_data` beside it when over the protobuf limit."""
+    data = path.parent / EXTERNAL_DATA_NAME
+    if data.exists():
+        data.unlink()
+    if weight_bytes(model) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
