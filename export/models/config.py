@@ -200,7 +200,9 @@ class UNetConfig:
         return _read(cls, d, _UNET_FIXED)
 
     def to_dict(self) -> dict:
-        header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION}
+        # addition_embed_type_num_heads is unused without addition embeddings; written for completeness
+        header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+                  "addition_embed_type_num_heads": 64}
         return _write(self, header, _UNET_FIXED)
 
 
