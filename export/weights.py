@@ -1,0 +1,636 @@
+"""Stable Diffusion weights -> our key layout: a diffusers folder, an LDM single file, or a random preset.
+
+Our models keep diffusers/transformers key names, so a diffusers folder loads almost as is; a single-file
+(CompVis LDM) checkpoint is renamed by a handful of rules with per-block index arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .models.config import CLIPConfig, ConfigError, ModelConfigs, UNetConfig, VAEConfig, get_preset
+
+COMPONENTS = ("text_encoder", "vae", "unet")
+FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+RANDOM_PRESETS = {"sd15": "sd1", "sd15-inpaint": "sd1-inpaint", "sd21": "sd2", "tiny": "sd1"}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+Tensors = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A source that is not a usable Stable Diffusion checkpoint; the message is one line naming the problem."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything export needs from one source: configs, fp32 state dicts in our layout, tokenizer, scheduler."""
+
+    source: str
+    family: str
+    configs: ModelConfigs
+    state_dicts: dict[str, Tensors]
+    tokenizer_dir: Path
+    scheduler_config: dict
+    prediction_type: str
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+
+
+def load_checkpoint(source: str | Path, *, seed: int = 0, prediction_type: str | None = None,
+                    configs: ModelConfigs | None = None) -> Checkpoint:
+    """Read a diffusers folder, a single-file LDM checkpoint or `random:PRESET` into a validated Checkpoint.
+
+    `configs` overrides what a single file's shapes cannot tell (head counts); `prediction_type` overrides
+    the scheduler's (an LDM file does not record it).
+    """
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise CheckpointError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+    text = str(source)
+    if text.startswith("random:"):
+        ckpt = _load_random(text[len("random:"):], seed)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CheckpointError(f"{text}: no such file or folder (expected a diffusers folder, a "
+                                  f"{'/'.join(SINGLE_FILE_SUFFIXES)} file or random:PRESET)")
+        ckpt = _load_folder(path) if path.is_dir() else _load_single_file(path, configs)
+    if prediction_type is not None:
+        ckpt.prediction_type = prediction_type
+        ckpt.scheduler_config = {**ckpt.scheduler_config, "prediction_type": prediction_type}
+    return ckpt
+
+
+def build_models(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
+    """Our three PyTorch models with the checkpoint's weights loaded strictly, in eval mode."""
+    models = {}
+    for name in COMPONENTS:
+        module = _model_class(name)(_config_of(ckpt.configs, name))
+        load_strict(module, ckpt.state_dicts[name], name)
+        models[name] = module.eval()
+    return models
+
+
+def load_strict(module: torch.nn.Module, state_dict: Tensors, component: str) -> None:
+    """load_state_dict(strict=True), but any missing / unexpected / misshapen tensor is a CheckpointError."""
+    _check_keys(component, {k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def convert_ldm(state_dict: Tensors,
+                configs: ModelConfigs | None = None) -> tuple[str, ModelConfigs, dict[str, Tensors]]:
+    """An LDM (CompVis) state dict -> (family, configs, {component: fp32 state dict in our layout})."""
+    _reject_unsupported(state_dict)
+    parts = _split_ldm(state_dict)
+    family = _ldm_family(parts)
+    derived = _ldm_configs(family, parts)
+    configs = configs or derived
+    L = configs.unet.layers_per_block
+    n_vae = len(configs.vae.block_out_channels)
+    text_rules = _openclip_key if family.startswith("sd2") else _clip_key
+    out = {
+        "unet": _rename(parts["unet"], lambda k: _unet_key(k, L)),
+        "vae": _rename(parts["vae"], lambda k: _vae_key(k, n_vae)),
+        "text_encoder": _rename(parts["text_encoder"], text_rules),
+    }
+    if family.startswith("sd2"):
+        out["text_encoder"] = _drop_last_openclip_layer(out["text_encoder"], configs.clip.num_hidden_layers)
+    out["vae"] = {k: _squeeze_1x1(k, v) for k, v in out["vae"].items()}
+    out["unet"] = {k: _fit_projection(k, v, configs.unet.use_linear_projection) for k, v in out["unet"].items()}
+    return family, configs, {name: _to_fp32(sd) for name, sd in out.items()}
+
+
+def clip_tokenizer_dir(pad_token: str = "<|endoftext|>") -> Path:
+    """A folder holding OpenAI CLIP's BPE tokenizer (vocab.json, merges.txt, configs), built once and cached."""
+    tag = "sd2" if pad_token == "!" else "sd1"
+    folder = _cache_dir() / f"clip-bpe-v1-{tag}"
+    if not (folder / "tokenizer_config.json").exists():
+        _write_clip_tokenizer(folder, pad_token)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ tensor checks
+
+
+def _check_keys(component: str, expected: dict[str, tuple], state_dict: Tensors) -> None:
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = [f"{k} {tuple(state_dict[k].shape)} != {expected[k]}"
+                 for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    problems = [f"{len(items)} {what} ({_first_few(items)})"
+                for what, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
+                if items]
+    if problems:
+        raise CheckpointError(f"{component}: " + "; ".join(problems) + " tensors")
+
+
+def _first_few(items: list[str], n: int = 3) -> str:
+    more = f", ... {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _validate(component: str, cfg, state_dict: Tensors) -> None:
+    """Check keys and shapes against our model built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        module = _model_class(component)(cfg)
+    _check_keys(component, {k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict)
+
+
+def _model_class(component: str) -> Callable:
+    if component == "text_encoder":
+        from .models.clip import CLIPTextModel
+        return CLIPTextModel
+    if component == "vae":
+        from .models.vae import AutoencoderKL
+        return AutoencoderKL
+    from .models.unet import UNet2DConditionModel
+    return UNet2DConditionModel
+
+
+def _config_of(configs: ModelConfigs, component: str):
+    return {"text_encoder": configs.clip, "vae": configs.vae, "unet": configs.unet}[component]
+
+
+def _to_fp32(state_dict: Tensors) -> Tensors:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _finish(source: str, family: str, configs: ModelConfigs, state_dicts: dict[str, Tensors], tokenizer_dir: Path,
+            scheduler_config: dict) -> Checkpoint:
+    for name in COMPONENTS:
+        _validate(name, _config_of(configs, name), state_dicts[name])
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    return Checkpoint(source, family, configs, state_dicts, tokenizer_dir, scheduler_config, prediction)
+
+
+# -------------------------------------------------------------------------------------------------- reading files
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _read_tensors(path: Path) -> Tensors:
+    """Tensors of one .safetensors or pickled (.ckpt/.pt/.bin) file; a top-level "state_dict" is unwrapped."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for truncated/garbage headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(err)})") from None
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r} (expected one of "
+                              f"{', '.join(SINGLE_FILE_SUFFIXES)})")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(err)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__} with no tensors, not a state dict")
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------- diffusers folder
+
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _load_folder(folder: Path) -> Checkpoint:
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder}: not a diffusers folder (no model_index.json)")
+    for part in (*COMPONENTS, "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder}: diffusers folder without {part}/")
+    configs = ModelConfigs(
+        clip=_read_config(folder / "text_encoder", CLIPConfig),
+        vae=_read_config(folder / "vae", VAEConfig),
+        unet=_read_config(folder / "unet", UNetConfig),
+    )
+    state_dicts = {name: _to_fp32(_rename_old_vae_attention(_read_component(folder / name))) for name in COMPONENTS}
+    tokenizer_dir = folder / "tokenizer"
+    for name in ("vocab.json", "merges.txt"):
+        if not (tokenizer_dir / name).is_file():
+            raise CheckpointError(f"{tokenizer_dir}: missing {name}")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    family = ("sd2" if configs.clip.hidden_act == "gelu" else "sd1") + _inpaint_suffix(configs.unet.in_channels)
+    return _finish(str(folder), family, configs, state_dicts, tokenizer_dir, scheduler)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(err)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_config(component_dir: Path, cls):
+    path = component_dir / "config.json"
+    try:
+        return cls.from_dict(_read_json(path))
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _inpaint_suffix(in_channels: int) -> str:
+    return "-inpaint" if in_channels == 9 else ""
+
+
+def _weight_files(component_dir: Path) -> list[Path]:
+    """The files of the best weights present: plain before fp16 variant, safetensors before .bin, then shards."""
+    for variant in ("", ".fp16"):
+        for ext in ("safetensors", "bin"):
+            for stem in _WEIGHT_STEMS:
+                single = component_dir / f"{stem}{variant}.{ext}"
+                if single.is_file():
+                    return [single]
+                index = component_dir / f"{stem}.{ext}.index{variant}.json"
+                if index.is_file():
+                    shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                    if not shards:
+                        raise CheckpointError(f"{index}: empty weight_map")
+                    return [component_dir / s for s in shards]
+    raise CheckpointError(f"{component_dir}: no weights (expected diffusion_pytorch_model.safetensors, "
+                          f"model.safetensors or .bin, optionally .fp16 or sharded)")
+
+
+def _read_component(component_dir: Path) -> Tensors:
+    tensors: Tensors = {}
+    for path in _weight_files(component_dir):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
+        tensors.update(_read_tensors(path))
+    # transformers < 4.31 saved this constant arange buffer; our model computes positions instead
+    return {k: v for k, v in tensors.items() if not k.endswith("embeddings.position_ids")}
+
+
+def _rename_old_vae_attention(state_dict: Tensors) -> Tensors:
+    """diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn."""
+    pattern = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.")
+    return {pattern.sub(lambda m: f"{m[1]}.{_OLD_VAE_ATTENTION[m[2]]}.", k): v for k, v in state_dict.items()}
+
+
+# ------------------------------------------------------------------------------------------ single-file (LDM)
+
+_LDM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip": "cond_stage_model.transformer.",
+    "openclip": "cond_stage_model.model.",
+}
+_RESNET_LDM = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
+               "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut.",
+               "nin_shortcut.": "conv_shortcut."}
+_UNET_LDM = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
+             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}
+_VAE_LDM = {"encoder.norm_out.": "encoder.conv_norm_out.", "decoder.norm_out.": "decoder.conv_norm_out."}
+_VAE_ATTENTION_LDM = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_OPENCLIP_LAYER = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "mlp.c_fc.": "mlp.fc1.",
+                   "mlp.c_proj.": "mlp.fc2.", "attn.out_proj.": "self_attn.out_proj."}
+_OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                 "positional_embedding": "embeddings.position_embedding.weight",
+                 "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "trained_betas": None, "timestep_spacing": "leading", "prediction_type": "epsilon",
+}
+SD2_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
+    "trained_betas": None, "timestep_spacing": "leading", "prediction_type": "v_prediction",
+}
+
+
+def _load_single_file(path: Path, configs: ModelConfigs | None) -> Checkpoint:
+    state_dict = _read_tensors(path)
+    try:
+        family, configs, state_dicts = convert_ldm(state_dict, configs)
+        return _finish(str(path), family, configs, state_dicts, _family_tokenizer(family), _family_scheduler(family))
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _family_tokenizer(family: str) -> Path:
+    return clip_tokenizer_dir("!" if family.startswith("sd2") else "<|endoftext|>")  # SD 2.x pads with id 0
+
+
+def _family_scheduler(family: str) -> dict:
+    if family == "sd2":
+        return dict(SD2_SCHEDULER)
+    if family == "sd2-inpaint":  # the 512 inpainting model of SD 2 was trained with the epsilon objective
+        return {**SD2_SCHEDULER, "prediction_type": "epsilon"}
+    return dict(SD1_SCHEDULER)
+
+
+def _reject_unsupported(state_dict: Tensors) -> None:
+    keys = state_dict.keys()
+    if "model.diffusion_model.label_emb.0.0.weight" in keys or any(k.startswith("conditioner.") for k in keys):
+        raise CheckpointError("SDXL checkpoints are not supported (only SD 1.x / 2.x)")
+    if "model.diffusion_model.input_blocks.0.0.weight" not in keys:
+        if "conv_in.weight" in keys or any(k.startswith(("down_blocks.", "text_model.")) for k in keys):
+            raise CheckpointError("a single diffusers component, not a full checkpoint; pass the diffusers folder")
+        raise CheckpointError(f"not a Stable Diffusion checkpoint: no model.diffusion_model.* U-Net tensors "
+                              f"(first keys: {_first_few(sorted(keys))})")
+    if any(".transformer_blocks.1." in k for k in keys if k.startswith(_LDM_PREFIXES["unet"])):
+        raise CheckpointError("U-Nets with several transformer layers per block (SDXL-like) are not supported")
+
+
+def _split_ldm(state_dict: Tensors) -> dict[str, Tensors]:
+    """Group tensors by LDM sub-model, prefixes stripped; EMA copies, schedule buffers and the rest are dropped."""
+    parts: dict[str, Tensors] = {name: {} for name in _LDM_PREFIXES}
+    for key, value in state_dict.items():
+        for name, prefix in _LDM_PREFIXES.items():
+            if key.startswith(prefix):
+                parts[name][key[len(prefix):]] = value
+    if not parts["vae"]:
+        raise CheckpointError("no VAE tensors (first_stage_model.*)")
+    text = parts["openclip"] or parts["clip"]
+    if not text:
+        raise CheckpointError("no text encoder tensors (cond_stage_model.transformer.* or cond_stage_model.model.*)")
+    return {"unet": parts["unet"], "vae": parts["vae"], "text_encoder": text, "openclip": bool(parts["openclip"])}
+
+
+def _ldm_family(parts: dict) -> str:
+    base = "sd2" if parts["openclip"] else "sd1"
+    return base + _inpaint_suffix(parts["unet"]["input_blocks.0.0.weight"].shape[1])
+
+
+def _count(keys: Iterable[str], pattern: str) -> int:
+    """How many distinct indices fill the (\\d+) group of `pattern`."""
+    rx = re.compile(pattern)
+    return len({m[1] for k in keys if (m := rx.match(k))})
+
+
+def _ldm_configs(family: str, parts: dict) -> ModelConfigs:
+    """The preset of the family, with every size the tensor shapes reveal replaced by the file's own."""
+    preset = get_preset({"sd1": "sd15", "sd1-inpaint": "sd15-inpaint"}.get(family, "sd21"))
+    try:
+        return ModelConfigs(
+            clip=_ldm_clip_config(preset.clip, parts["text_encoder"], parts["openclip"]),
+            vae=_ldm_vae_config(preset.vae, parts["vae"]),
+            unet=_ldm_unet_config(preset.unet, parts["unet"], family.startswith("sd2")),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"missing tensor {err.args[0]} needed to read the architecture") from None
+    except ConfigError as err:
+        raise CheckpointError(f"unsupported architecture: {err}") from None
+
+
+def _ldm_unet_config(preset: UNetConfig, sd: Tensors, sd2: bool) -> UNetConfig:
+    levels = _count(sd, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
+    per_level = _count(sd, r"input_blocks\.(\d+)\.") // levels  # resnets + 1 (a downsampler or the skip slot)
+    first = [1 + b * per_level for b in range(levels)]  # input block of each level's first resnet
+    channels = tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first)
+    down_attn = [f"input_blocks.{i}.1.proj_in.weight" in sd for i in first]
+    up_attn = [f"output_blocks.{b * per_level}.1.proj_in.weight" in sd for b in range(levels)]
+    proj = next((v for k, v in sd.items() if k.endswith("proj_in.weight")), None)
+    context = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), preset.cross_attention_dim)
+    # head counts are not in the shapes: LDM's SD 1 yaml fixes 8 heads, SD 2's fixes 64 channels per head
+    heads = tuple(max(1, c // 64) for c in channels) if sd2 else preset.attention_head_dim
+    return dataclasses.replace(
+        preset, in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+        block_out_channels=channels, layers_per_block=per_level - 1, cross_attention_dim=context,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn),
+        use_linear_projection=proj is not None and proj.ndim == 2, attention_head_dim=heads,
+    )
+
+
+def _ldm_vae_config(preset: VAEConfig, sd: Tensors) -> VAEConfig:
+    levels = _count(sd, r"encoder\.down\.(\d+)\.")
+    return dataclasses.replace(
+        preset, in_channels=sd["encoder.conv_in.weight"].shape[1],
+        out_channels=sd["decoder.conv_out.weight"].shape[0],
+        block_out_channels=tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)),
+        layers_per_block=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+        latent_channels=sd["decoder.conv_in.weight"].shape[1],
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+    )
+
+
+def _ldm_clip_config(preset: CLIPConfig, sd: Tensors, openclip: bool) -> CLIPConfig:
+    if openclip:
+        tokens, positions = sd["token_embedding.weight"], sd["positional_embedding"]
+        # SD 2 conditions on the penultimate layer, so the last residual block is dropped
+        layers = _count(sd, r"transformer\.resblocks\.(\d+)\.") - 1
+        inner = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    else:
+        sd = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in sd.items()}
+        tokens = sd["text_model.embeddings.token_embedding.weight"]
+        positions = sd["text_model.embeddings.position_embedding.weight"]
+        layers = _count(sd, r"text_model\.encoder\.layers\.(\d+)\.")
+        inner = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    hidden = tokens.shape[1]
+    return dataclasses.replace(
+        preset, vocab_size=tokens.shape[0], hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
+        max_position_embeddings=positions.shape[0], num_attention_heads=max(1, hidden // 64),  # 64-wide heads
+    )
+
+
+def _rename(state_dict: Tensors, rule: Callable[[str], str | list[str] | None]) -> Tensors:
+    """Apply a key rule; None drops the tensor, an unmatched key passes through (strict loading reports it)."""
+    out: Tensors = {}
+    for key, value in state_dict.items():
+        new = rule(key)
+        if new is None:
+            continue
+        if isinstance(new, list):  # a fused tensor split into equal parts along dim 0
+            out.update(zip(new, value.chunk(len(new), dim=0)))
+        else:
+            out[new] = value
+    return out
+
+
+def _replace_prefix(rest: str, table: dict[str, str]) -> str:
+    for old, new in table.items():
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
+def _unet_key(key: str, layers: int) -> str:
+    """LDM U-Net key -> diffusers; blocks are numbered flat in LDM (resnets + one down/upsampler per level)."""
+    key = _replace_prefix(key, _UNET_LDM)
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", key):
+        level, slot = divmod(int(m[1]) - 1, layers + 1)
+        if slot == layers:  # the level's last slot is its downsampler
+            return f"down_blocks.{level}.downsamplers.0.conv.{m[3].removeprefix('op.')}"
+        if m[2] == "0":
+            return f"down_blocks.{level}.resnets.{slot}.{_replace_prefix(m[3], _RESNET_LDM)}"
+        return f"down_blocks.{level}.attentions.{slot}.{m[3]}"
+    if m := re.fullmatch(r"middle_block\.(\d)\.(.+)", key):
+        if m[1] == "1":
+            return f"mid_block.attentions.0.{m[2]}"
+        return f"mid_block.resnets.{int(m[1]) // 2}.{_replace_prefix(m[2], _RESNET_LDM)}"
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.(\d+)\.(.+)", key):
+        level, slot = divmod(int(m[1]), layers + 1)
+        if m[3].startswith("conv."):  # the upsampler follows the resnet (and the attention, if any)
+            return f"up_blocks.{level}.upsamplers.0.{m[3]}"
+        if m[2] == "0":
+            return f"up_blocks.{level}.resnets.{slot}.{_replace_prefix(m[3], _RESNET_LDM)}"
+        return f"up_blocks.{level}.attentions.{slot}.{m[3]}"
+    return key
+
+
+def _vae_key(key: str, levels: int) -> str:
+    """LDM VAE key -> diffusers; LDM numbers decoder levels from the lowest resolution up, diffusers reversed."""
+    key = _replace_prefix(key, _VAE_LDM)
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_(\d)\.(.+)", key):
+        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_replace_prefix(m[3], _RESNET_LDM)}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)", key):
+        return f"{m[1]}.mid_block.attentions.0.{_VAE_ATTENTION_LDM.get(m[2], m[2])}.{m[3]}"
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.(block\.(\d+)|downsample)\.(.+)", key):
+        where = f"resnets.{m[3]}" if m[3] is not None else "downsamplers.0"
+        return f"encoder.down_blocks.{m[1]}.{where}.{_replace_prefix(m[4], _RESNET_LDM)}"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)|upsample)\.(.+)", key):
+        where = f"resnets.{m[3]}" if m[3] is not None else "upsamplers.0"
+        return f"decoder.up_blocks.{levels - 1 - int(m[1])}.{where}.{_replace_prefix(m[4], _RESNET_LDM)}"
+    return key
+
+
+def _clip_key(key: str) -> str | None:
+    """SD 1 stores transformers' own CLIPTextModel keys (very old files without the text_model. level)."""
+    if key.endswith("position_ids"):
+        return None
+    return key if key.startswith("text_model.") else "text_model." + key
+
+
+def _openclip_key(key: str) -> str | list[str] | None:
+    """OpenCLIP text tower key -> transformers CLIP; the fused attention in_proj becomes q/k/v."""
+    if key in _OPENCLIP_TOP:
+        return "text_model." + _OPENCLIP_TOP[key]
+    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+    if m is None:
+        return None  # text_projection, logit_scale, attn_mask: outside the text model diffusers keeps
+    layer = f"text_model.encoder.layers.{m[1]}."
+    if m[2].startswith("attn.in_proj_"):
+        kind = m[2].removeprefix("attn.in_proj_")
+        return [f"{layer}self_attn.{p}_proj.{kind}" for p in "qkv"]
+    return layer + _replace_prefix(m[2], _OPENCLIP_LAYER)
+
+
+def _drop_last_openclip_layer(state_dict: Tensors, keep: int) -> Tensors:
+    return {k: v for k, v in state_dict.items()
+            if not (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)) or int(m[1]) < keep}
+
+
+def _squeeze_1x1(key: str, value: torch.Tensor) -> torch.Tensor:
+    """LDM's VAE attention uses 1x1 convolutions where diffusers uses linear layers."""
+    if ".mid_block.attentions." in key and key.endswith(".weight") and value.ndim == 4:
+        return value[:, :, 0, 0]
+    return value
+
+
+def _fit_projection(key: str, value: torch.Tensor, linear: bool) -> torch.Tensor:
+    """Transformer proj_in/proj_out: 1x1 conv or linear, whichever the config builds."""
+    if not re.search(r"\.proj_(in|out)\.weight$", key):
+        return value
+    if linear and value.ndim == 4:
+        return value[:, :, 0, 0]
+    if not linear and value.ndim == 2:
+        return value[:, :, None, None]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- random:NAME
+
+
+def _load_random(name: str, seed: int) -> Checkpoint:
+    if name not in RANDOM_PRESETS:
+        raise CheckpointError(f"unknown source random:{name}; choose one of "
+                              f"{', '.join('random:' + n for n in RANDOM_PRESETS)}")
+    configs = get_preset(name)
+    family = RANDOM_PRESETS[name]
+    if name == "tiny":
+        tokenizer_dir, configs = _tiny_tokenizer(configs)
+    else:
+        tokenizer_dir = _family_tokenizer(family)
+    torch.manual_seed(seed)
+    state_dicts = {}
+    for component in COMPONENTS:
+        state_dicts[component] = _model_class(component)(_config_of(configs, component)).state_dict()
+    return _finish(f"random:{name}", family, configs, state_dicts, tokenizer_dir, _family_scheduler(family))
+
+
+def _tiny_tokenizer(configs: ModelConfigs) -> tuple[Path, ModelConfigs]:
+    """A small BPE over the tiny world's words (the real vocabulary does not fit 1000 embeddings)."""
+    from .tiny.shapes import vocabulary
+    from .tiny.vocab import write_tokenizer
+
+    folder = write_tokenizer(_cache_dir() / "tiny-bpe-v1", vocabulary(), num_merges=200)
+    size = len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    if size > configs.clip.vocab_size:
+        raise CheckpointError(f"tiny tokenizer has {size} tokens, more than the preset's {configs.clip.vocab_size}")
+    clip = dataclasses.replace(configs.clip, bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1)
+    return folder, dataclasses.replace(configs, clip=clip)
+
+
+# ------------------------------------------------------------------------------------------- CLIP BPE tokenizer
+
+_BPE_FILE = Path(__file__).parent / "assets" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+_START, _END = "<|startoftext|>", "<|endoftext|>"
+_CLIP_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges so that the vocabulary has 49408 entries
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SDONNX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "sdonnx")
+    path = Path(root).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:  # read-only home: fall back to a private temporary folder
+        return Path(tempfile.mkdtemp(prefix="sdonnx-cache-"))
+
+
+def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """OpenAI CLIP's vocabulary and merges, rebuilt from its BPE file (Radford et al. 2021, simple_tokenizer.py)."""
+    from .tiny.vocab import byte_alphabet
+
+    lines = gzip.open(_BPE_FILE, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:_CLIP_MERGES + 1]]
+    # CLIP lists the printable byte symbols first, then the remapped ones: i.e. by code point
+    symbols = sorted(byte_alphabet(), key=ord)
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [_START, _END]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def _write_clip_tokenizer(folder: Path, pad_token: str) -> None:
+    vocab, merges = clip_vocab()
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
+              "bos_token": _START, "eos_token": _END, "unk_token": _END, "pad_token": pad_token}
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "\n".join(["#version: 0.2"] + [f"{a} {b}" for a, b in merges]) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2),
+        "tokenizer_config.json": json.dumps(config, indent=2),  # written last: marks the folder complete
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)  # atomic: a concurrent reader never sees half a file
