@@ -74,19 +74,24 @@ def load_checkpoint(source: str | Path, *, seed: int = 0, prediction_type: str |
 
 
 def build_models(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
-    """Our three PyTorch models with the checkpoint's weights loaded strictly, in eval mode."""
+    """Our three PyTorch models holding the checkpoint's tensors (shared, not copied), in eval mode."""
     models = {}
     for name in COMPONENTS:
-        module = _model_class(name)(_config_of(ckpt.configs, name))
-        load_strict(module, ckpt.state_dicts[name], name)
+        cls, cfg = _model_class(name), _config_of(ckpt.configs, name)
+        with torch.device("meta"):  # skip allocating and initialising weights that are replaced at once
+            module = cls(cfg)
+        load_strict(module, ckpt.state_dicts[name], name, assign=True)
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):  # a buffer built in __init__
+            module = cls(cfg)
+            load_strict(module, ckpt.state_dicts[name], name)
         models[name] = module.eval()
     return models
 
 
-def load_strict(module: torch.nn.Module, state_dict: Tensors, component: str) -> None:
+def load_strict(module: torch.nn.Module, state_dict: Tensors, component: str, assign: bool = False) -> None:
     """load_state_dict(strict=True), but any missing / unexpected / misshapen tensor is a CheckpointError."""
     _check_keys(component, {k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict)
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def convert_ldm(state_dict: Tensors,

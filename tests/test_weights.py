@@ -78,6 +78,9 @@ def test_folder_loads_reference_weights_and_outputs(family, folders, pipes):
         assert_same_tensors(ckpt.state_dicts[name], ref)
     models = build_models(ckpt)
     assert not any(m.training for m in models.values())
+    # the models hold the checkpoint's tensors rather than copies
+    weight = ckpt.state_dicts["unet"]["conv_in.weight"]
+    assert models["unet"].state_dict()["conv_in.weight"].data_ptr() == weight.data_ptr()
     assert_same_outputs(models, pipes[family])
 
 
@@ -337,6 +340,18 @@ def test_clip_bpe_assets_reproduce_the_clip_tokenizer(pad, pad_id):
         assert ids[0] == 49406 and ids[-1] == 49407 and all(i < 49406 for i in ids[1:-1])
     padded = tok(["a cat"], padding="max_length", max_length=77).input_ids[0]
     assert len(padded) == 77 and padded[4:] == [pad_id] * 73
+
+
+def test_runtime_tokenizer_reads_the_built_folder():
+    from transformers import CLIPTokenizer
+
+    from sdonnx.tokenizer import CLIPTokenizer as RuntimeTokenizer
+
+    prompts = ["a photo of a cat", "An astronaut riding a horse, 4k!", "Ünïcode café — déjà vu"]
+    for pad in ("<|endoftext|>", "!"):
+        folder = clip_tokenizer_dir(pad)
+        ref = CLIPTokenizer.from_pretrained(folder)(prompts, padding="max_length", max_length=77).input_ids
+        assert RuntimeTokenizer.from_dir(folder)(prompts).tolist() == ref
 
 
 def test_tokenizer_of_each_source(folders):
