@@ -92,6 +92,19 @@ def _free(models: dict, component: str) -> None:
         gc.collect()
 
 
+TINY_WEIGHTS = Path(__file__).parent / "tiny" / "weights"
+
+
+def resolve_source(source: str) -> str:
+    """`tiny` names the bundled model's trained weights (a diffusers folder); other sources pass through."""
+    if source != "tiny":
+        return source
+    if not (TINY_WEIGHTS / "model_index.json").is_file():
+        raise FileNotFoundError(f"the bundled tiny model's weights are absent ({TINY_WEIGHTS}); "
+                                "train them with `python -m sdonnx.export.tiny.train`")
+    return str(TINY_WEIGHTS)
+
+
 def run_export(job: ExportJob, progress: bool = True) -> dict:
     """Do the whole export into a temporary folder that becomes job.out_dir on success; returns sdonnx.json."""
     from .weights import build_models, load_checkpoint
@@ -101,7 +114,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     bar = Progress(2 + STEPS_PER_COMPONENT * len(graphs.COMPONENTS), job.timings, progress)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
-            ckpt = bar.step("load", load_checkpoint, job.source, seed=job.seed,
+            ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
             models = bar.step("build models", build_models, ckpt)
             ckpt = _drop_state_dicts(ckpt)
@@ -124,7 +137,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET}
             return folder.write_metadata(
-                root, version=__version__, source=job.source, family=ckpt.family,
+                root, version=__version__, source=job.source,
+                family="tiny" if job.source == "tiny" else ckpt.family,
                 prediction_type=ckpt.prediction_type, configs=ckpt.configs,
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
                 components=job.components, report=report,

@@ -89,7 +89,9 @@ def to_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> Path:
 
 
 def int8_nodes_to_exclude(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in model.graph.node if INT8_KEEP_NODES.search(n.name)]
+    """Names of the nodes to keep float; the quantizer first splits each Gemm into `<name>_MatMul` + Add."""
+    names = [n.name for n in model.graph.node if INT8_KEEP_NODES.search(n.name)]
+    return names + [name + "_MatMul" for name in names]
 
 
 def to_int8_dynamic(src: Path, dst: Path, reduce_range: bool = True) -> Path:

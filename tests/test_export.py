@@ -1,0 +1,292 @@
+"""`sdonnx export`: tiny random diffusers folders -> ONNX folders checked against diffusers/transformers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiny_sd
+from sdonnx.export import cli as export_cli
+from sdonnx.export import folder, quantize, verify
+from sdonnx.export.onnx import Static
+
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory):
+    """family -> (diffusers pipeline, its saved folder), built once per session."""
+    root = tmp_path_factory.mktemp("sources")
+    out = {}
+    for family in ("sd1", "sd2", "inpaint"):
+        pipe = tiny_sd.make_pipeline(family, seed=1)
+        pipe.save_pretrained(root / family)
+        out[family] = (pipe, root / family)
+    return out
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(export_cli.export, [*map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="session")
+def exported(sources, tmp_path_factory):
+    """(family, precision) -> exported model folder, cached for the session."""
+    root = tmp_path_factory.mktemp("exported")
+    cache: dict = {}
+
+    def get(family: str = "sd1", precision: str = "fp32") -> Path:
+        if (family, precision) not in cache:
+            out = root / f"{family}-{precision}"
+            result = run_cli(sources[family][1], out, "--precision", precision)
+            assert result.exit_code == 0, result.output
+            cache[family, precision] = out
+        return cache[family, precision]
+
+    return get
+
+
+def session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def reference_outputs(pipe, rng: np.random.Generator) -> dict:
+    """Inputs at a batch and non-square size the trace did not use, and diffusers/transformers' outputs."""
+    ids = np.stack([pipe.tokenizer(p, padding="max_length", max_length=77).input_ids
+                    for p in ("a red circle on a blue background", "a photo of a cat")]).astype(np.int64)
+    in_ch = pipe.unet.config.in_channels
+    sample = rng.standard_normal((2, in_ch, 8, 12), dtype=np.float32)
+    context = rng.standard_normal((2, 77, pipe.unet.config.cross_attention_dim), dtype=np.float32)
+    image = rng.uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
+    latents = rng.standard_normal((2, 4, 8, 12), dtype=np.float32) * 4
+    t = torch.from_numpy
+    text = pipe.text_encoder(t(ids))
+    dist = pipe.vae.encode(t(image)).latent_dist
+    return {
+        "text_encoder": ({"input_ids": ids}, [text.last_hidden_state, text.pooler_output]),
+        "unet": ({"sample": sample, "timestep": np.array(501.0, np.float32), "encoder_hidden_states": context},
+                 [pipe.unet(t(sample), 501.0, t(context)).sample]),
+        "vae_encoder": ({"sample": image}, [torch.cat([dist.mean, dist.logvar], dim=1)]),
+        "vae_decoder": ({"latent_sample": latents}, [pipe.vae.decode(t(latents)).sample]),
+    }
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "inpaint"])
+def test_fp32_graphs_match_diffusers(family, sources, exported):
+    out = exported(family, "fp32")
+    cases = reference_outputs(sources[family][0], np.random.default_rng(0))
+    for component, (inputs, expected) in cases.items():
+        got = session(out / component / "model.onnx").run(None, inputs)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert np.abs(e.numpy()).max() > 1e-3, "all-zero reference proves nothing"
+            np.testing.assert_allclose(g, e.numpy(), atol=TOL, rtol=0, err_msg=f"{family} {component}")
+
+
+def test_graph_signatures_follow_optimum(exported):
+    out = exported("sd1", "fp32")
+    expect = {"text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output"]),
+              "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
+              "vae_encoder": (["sample"], ["latent_parameters"]),
+              "vae_decoder": (["latent_sample"], ["sample"])}
+    for component, (inputs, outputs) in expect.items():
+        s = session(out / component / "model.onnx")
+        assert [i.name for i in s.get_inputs()] == inputs
+        assert [o.name for o in s.get_outputs()] == outputs
+    unet = {i.name: i for i in session(out / "unet" / "model.onnx").get_inputs()}
+    assert unet["timestep"].shape == [] and unet["timestep"].type == "tensor(float)"
+    assert all(isinstance(d, str) for d in unet["sample"].shape[:1] + unet["sample"].shape[2:])  # dynamic
+    assert onnx.load(str(out / "unet" / "model.onnx")).opset_import[0].version == 17
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_each_precision_loads_and_stays_close(precision, sources, exported):
+    out = exported("sd1", precision)
+    meta = json.loads((out / "sdonnx.json").read_text())
+    cases = reference_outputs(sources["sd1"][0], np.random.default_rng(1))
+    for component, (inputs, expected) in cases.items():
+        s = session(out / component / "model.onnx")
+        # the runtime feeds and reads fp32 whatever the weights are
+        assert all(a.type in ("tensor(float)", "tensor(int64)") for a in s.get_inputs() + s.get_outputs())
+        got = s.run(None, inputs)[0]
+        assert verify.psnr(expected[0].numpy(), got) > 30, component
+        info = meta["components"][component]
+        assert info["precision"] == quantize.scheme(component, precision, "sd1").precision
+        assert info["verify"]["psnr"] > 30
+    unet_ops = meta["components"]["unet"]["ops"]
+    if precision == "int8":
+        assert unet_ops.get("MatMulInteger", 0) + unet_ops.get("com.microsoft.DynamicQuantizeMatMul", 0) > 0
+        # the time embedding stays float
+        names = [n.name for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node]
+        assert not any("time_embedding" in n and "quant" in n.lower() for n in names)
+    else:
+        dtypes = {t.data_type for t in onnx.load(str(out / "unet" / "model.onnx")).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in dtypes
+    fp32 = exported("sd1", "fp32")
+    # int8 touches only MatMul/Gemm weights: in this conv-heavy tiny U-Net the saving is small
+    shrink = 0.7 if precision == "fp16" else 0.97
+    assert (out / "unet" / "model.onnx").stat().st_size < shrink * (fp32 / "unet" / "model.onnx").stat().st_size
+
+
+def test_sdonnx_json_describes_folder(exported, sources):
+    out = exported("sd2", "fp32")
+    meta = json.loads((out / "sdonnx.json").read_text())
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"sdonnx.json"}
+    assert set(meta["files"]) == on_disk
+    for rel, entry in meta["files"].items():
+        data = (out / rel).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    pipe = sources["sd2"][0]
+    assert meta["format"] == 1 and meta["exporter"].startswith("sdonnx ")
+    assert meta["family"] == "sd2" and meta["prediction_type"] == "v_prediction"
+    # SD 2.x pads with "!", not with the end token
+    assert meta["tokenizer"] == {"pad_token_id": pipe.tokenizer.pad_token_id, "max_length": 77}
+    assert pipe.tokenizer.pad_token == "!" and pipe.tokenizer.pad_token_id != pipe.tokenizer.eos_token_id
+    assert (meta["latent_channels"], meta["unet_in_channels"], meta["vae_scale_factor"]) == (4, 4, 2)
+    assert meta["sample_size"] == pipe.unet.config.sample_size * 2 and meta["static_shape"] is None
+    assert set(meta["components"]) == set(COMPONENTS)
+    assert meta["export_report"]["peak_rss_mb"] > 0
+    cfg = json.loads((out / "unet" / "config.json").read_text())
+    assert cfg["cross_attention_dim"] == pipe.unet.config.cross_attention_dim
+    inpaint = json.loads((exported("inpaint", "fp32") / "sdonnx.json").read_text())
+    assert (inpaint["family"], inpaint["unet_in_channels"]) == ("sd1-inpaint", 9)
+
+
+def test_optimum_runs_our_folder_like_diffusers(exported, sources):
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    pipe = sources["sd1"][0]
+    ours = ORTStableDiffusionPipeline.from_pretrained(exported("sd1", "fp32"))
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=2, height=32, width=32, guidance_scale=7.5, output_type="np")
+    got = ours("a red circle", latents=latents, **kwargs).images
+    want = pipe("a red circle", latents=latents, **kwargs).images
+    assert got.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_static_shape(sources, tmp_path):
+    out = tmp_path / "static"
+    result = run_cli(sources["sd1"][1], out, "--static", "24x32")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "sdonnx.json").read_text())
+    assert meta["static_shape"] == {"batch": 2, "height": 32, "width": 24}
+    assert (meta["defaults"]["width"], meta["defaults"]["height"]) == (24, 32)
+    unet = session(out / "unet" / "model.onnx").get_inputs()[0]
+    assert unet.shape == [2, 4, 16, 12]
+    assert session(out / "vae_decoder" / "model.onnx").get_inputs()[0].shape == [1, 4, 16, 12]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+def test_interrupt_leaves_nothing(sources, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_cli.opt, "optimize", interrupted)
+    result = run_cli(sources["sd1"][1], tmp_path / "out")
+    assert result.exit_code != 0
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_out_dir_needs_force(sources, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli(sources["sd1"][1], out)
+    assert result.exit_code == 1 and "already exists" in result.output and "--force" in result.output
+    assert leftovers(out) == ["keep.txt"]
+    result = run_cli(sources["sd1"][1], out, "--force")
+    assert result.exit_code == 0, result.output
+    assert (out / "unet" / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    assert leftovers(tmp_path) == ["out"]
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture
+def unsupported_folder(sources, tmp_path):
+    import shutil
+
+    src = tmp_path / "gated"
+    shutil.copytree(sources["sd1"][1], src)
+    cfg = json.loads((src / "unet" / "config.json").read_text())
+    (src / "unet" / "config.json").write_text(json.dumps(dict(cfg, attention_type="gated")))
+    return src
+
+
+def test_bad_sources_fail_in_one_line(tmp_path, unsupported_folder, monkeypatch):
+    out = tmp_path / "out"
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert "no such file" in one_line_error(run_cli(tmp_path / "missing", out))
+    assert "safetensors" in one_line_error(run_cli(garbage, out))
+    assert "random:nope" in one_line_error(run_cli("random:nope", out))
+    assert "gated" in one_line_error(run_cli(unsupported_folder, out))
+    assert "precision" in one_line_error(run_cli("random:tiny", out, "--precision", "int4"))
+    assert "WIDTHxHEIGHT" in one_line_error(run_cli("random:tiny", out, "--static", "big"))
+    monkeypatch.setattr(export_cli, "TINY_WEIGHTS", tmp_path / "no-weights")
+    assert "tiny" in one_line_error(run_cli("tiny", out))
+    assert leftovers(tmp_path) == ["gated", "model.safetensors"]
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(sources, tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export_cli.quantize, "apply", no_space)
+    assert "disk full" in one_line_error(run_cli(sources["sd1"][1], tmp_path / "out"))
+    assert leftovers(tmp_path) == []
+
+
+def test_fp32_unet_error_fails_export_and_low_psnr_warns(monkeypatch):
+    ref = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 4, 4, 4)
+    monkeypatch.setattr(verify, "run_graph", lambda path, inputs: [ref + 2e-3])
+    with pytest.raises(verify.ExportError, match="fp32 unet"):
+        verify.verify("unet", Path("unet.onnx"), {}, ref, "fp32")
+    result, warning = verify.verify("unet", Path("unet.onnx"), {}, ref, "int8")  # 60 dB: fine for int8
+    assert warning is None and result["max_abs_err"] == pytest.approx(2e-3, rel=1e-3)
+    monkeypatch.setattr(verify, "run_graph", lambda path, inputs: [ref + 0.3])
+    _, warning = verify.verify("unet", Path("unet.onnx"), {}, ref, "int8")
+    assert warning and "below" in warning
+
+
+def test_helpers():
+    assert export_cli.default_out_dir("random:sd15", "int8") == Path("models/random-sd15-int8")
+    assert export_cli.default_out_dir("/x/sd-v1-5.safetensors", "fp32") == Path("models/sd-v1-5-fp32")
+    assert export_cli.default_out_dir("/x/my model/", "fp16") == Path("models/my_model-fp16")
+    assert Static.parse("512x768") == Static(512, 768, 2)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        Static.parse("512")
+    assert verify.psnr(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == float("inf")
+    assert folder._finite({"a": [float("inf")], "b": 1.5}) == {"a": [None], "b": 1.5}
+
+
+@pytest.mark.slow
+def test_sd15_export_fp32(tmp_path):
+    result = run_cli("random:sd15", tmp_path / "sd15")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "sd15" / "sdonnx.json").read_text())
+    assert meta["components"]["unet"]["verify"]["max_abs_err"] <= verify.FP32_UNET_MAX_ERR
+    assert (tmp_path / "sd15" / "unet" / "model.onnx_data").is_file()
