@@ -59,13 +59,15 @@ def load_checkpoint(source: str | Path, *, seed: int = 0, prediction_type: str |
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise CheckpointError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
     text = str(source)
+    path = Path(source)
+    if not text.startswith("random:") and not path.exists():
+        raise CheckpointError(f"{text}: no such file or folder (expected a diffusers folder, a "
+                              f"{'/'.join(SINGLE_FILE_SUFFIXES)} file or random:PRESET)")
+    if configs is not None and (text.startswith("random:") or path.is_dir()):
+        raise CheckpointError(f"{text}: configs= only applies to single-file checkpoints")
     if text.startswith("random:"):
         ckpt = _load_random(text[len("random:"):], seed)
     else:
-        path = Path(source)
-        if not path.exists():
-            raise CheckpointError(f"{text}: no such file or folder (expected a diffusers folder, a "
-                                  f"{'/'.join(SINGLE_FILE_SUFFIXES)} file or random:PRESET)")
         ckpt = _load_folder(path) if path.is_dir() else _load_single_file(path, configs)
     if prediction_type is not None:
         ckpt.prediction_type = prediction_type
@@ -90,7 +92,7 @@ def build_models(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
 
 def load_strict(module: torch.nn.Module, state_dict: Tensors, component: str, assign: bool = False) -> None:
     """load_state_dict(strict=True), but any missing / unexpected / misshapen tensor is a CheckpointError."""
-    _check_keys(component, {k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict)
+    _check_keys(component, _shapes(module), state_dict)
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
@@ -100,13 +102,12 @@ def convert_ldm(state_dict: Tensors,
     _reject_unsupported(state_dict)
     parts = _split_ldm(state_dict)
     family = _ldm_family(parts)
-    derived = _ldm_configs(family, parts)
-    configs = configs or derived
-    L = configs.unet.layers_per_block
+    configs = configs or _ldm_configs(family, parts)
+    layers = configs.unet.layers_per_block
     n_vae = len(configs.vae.block_out_channels)
     text_rules = _openclip_key if family.startswith("sd2") else _clip_key
     out = {
-        "unet": _rename(parts["unet"], lambda k: _unet_key(k, L)),
+        "unet": _rename(parts["unet"], lambda k: _unet_key(k, layers)),
         "vae": _rename(parts["vae"], lambda k: _vae_key(k, n_vae)),
         "text_encoder": _rename(parts["text_encoder"], text_rules),
     }
@@ -119,7 +120,10 @@ def convert_ldm(state_dict: Tensors,
 
 def clip_tokenizer_dir(pad_token: str = "<|endoftext|>") -> Path:
     """A folder holding OpenAI CLIP's BPE tokenizer (vocab.json, merges.txt, configs), built once and cached."""
-    tag = "sd2" if pad_token == "!" else "sd1"
+    tags = {"<|endoftext|>": "sd1", "!": "sd2"}
+    if pad_token not in tags:
+        raise CheckpointError(f"pad_token {pad_token!r}: SD uses '<|endoftext|>' (1.x) or '!' (2.x)")
+    tag = tags[pad_token]
     folder = _cache_dir() / f"clip-bpe-v1-{tag}"
     if not (folder / "tokenizer_config.json").exists():
         _write_clip_tokenizer(folder, pad_token)
@@ -150,7 +154,11 @@ def _validate(component: str, cfg, state_dict: Tensors) -> None:
     """Check keys and shapes against our model built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         module = _model_class(component)(cfg)
-    _check_keys(component, {k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict)
+    _check_keys(component, _shapes(module), state_dict)
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def _model_class(component: str) -> Callable:

@@ -449,6 +449,7 @@ def test_bad_folders_and_sources(folders, tmp_path):
     one_line_error(folder, "vae: no weights")
     one_line_error("random:sd99", "unknown source random:sd99; choose one of random:sd15")
     one_line_error("random:tiny", "unknown prediction_type", prediction_type="x0")
+    one_line_error(folders["sd1"], "configs= only applies to single-file", configs=get_preset("tiny"))
     ckpt = load_checkpoint("random:tiny", prediction_type="v_prediction")
     assert ckpt.prediction_type == ckpt.scheduler_config["prediction_type"] == "v_prediction"
 
