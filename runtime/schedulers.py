@@ -311,6 +311,13 @@ class Scheduler:
         keep = min(int(self.num_steps * strength), self.num_steps)
         return max(self.num_steps - keep, 0) * self.order
 
+    def _clip(self, x0: np.ndarray) -> np.ndarray:
+        """Clamp the predicted clean sample where the config asks for it (clip_sample)."""
+        if self.cfg.get("clip_sample"):
+            r = self.cfg["clip_sample_range"]
+            return np.clip(x0, -r, r)
+        return x0
+
     def _noise(self, noise: np.ndarray | None, like: np.ndarray) -> np.ndarray:
         if noise is None:
             raise SchedulerError(f"scheduler {self.name!r} is stochastic: pass noise= to step()")
@@ -334,12 +341,6 @@ class _AlphaScheduler(Scheduler):
 
     def _alpha(self, t: float) -> F32:
         return self.alphas_cumprod[int(t)] if t >= 0 else self.final_alpha_cumprod
-
-    def _clip(self, x0: np.ndarray) -> np.ndarray:
-        if self.cfg.get("clip_sample"):
-            r = self.cfg["clip_sample_range"]
-            return np.clip(x0, -r, r)
-        return x0
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         original, noise = _f32(original, noise)
@@ -624,12 +625,6 @@ class Heun(_SigmaScheduler):
         self._pending = None
         derivative = (prev_derivative + (x - x0) / sigma_next) / 2
         return x_start + derivative * dt
-
-    def _clip(self, x0: np.ndarray) -> np.ndarray:
-        if self.cfg["clip_sample"]:
-            r = self.cfg["clip_sample_range"]
-            return np.clip(x0, -r, r)
-        return x0
 
 
 class DPMSolverPP2M(_SigmaScheduler):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import unicodedata
@@ -181,26 +180,23 @@ def test_clean_text():
     assert clean_text("e\u0301") == "é"  # NFC, accents kept
 
 
-def _write_real_clip_bpe(folder: Path, pad_token: str) -> Path:
-    """vocab.json/merges.txt of OpenAI's CLIP (49408 tokens) from its merges list."""
-    lines = gzip.open(REAL_BPE, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    alphabet = list(byte_to_unicode().values())
-    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + ["<|startoftext|>",
-                                                                                         "<|endoftext|>"]
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    cfg = {"model_max_length": 77, "pad_token": pad_token, "tokenizer_class": "CLIPTokenizer"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return folder
+@pytest.fixture(scope="module", params=["<|endoftext|>", "!"], ids=["sd1-pad-eos", "sd2-pad-bang"])
+def real_clip_dir(request, tmp_path_factory) -> Path:
+    """OpenAI CLIP's 49408-token vocabulary, built by the exporter from its bundled BPE asset."""
+    weights = pytest.importorskip("sdonnx.export.weights")
+    if not hasattr(weights, "clip_tokenizer_dir") or not REAL_BPE.exists():
+        pytest.skip("the exporter does not provide the real CLIP BPE vocabulary")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDONNX_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return weights.clip_tokenizer_dir(request.param)
 
 
-@pytest.mark.skipif(not REAL_BPE.exists(), reason="real CLIP BPE asset not in export/assets/clip_bpe")
-@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
-def test_real_clip_vocab_matches_transformers(tmp_path, corpus, pad):
-    folder = _write_real_clip_bpe(tmp_path / "clip", pad)
-    want = reference_ids(folder, corpus)
-    assert_same_ids(ours(folder, corpus), want, corpus)
-    tok = CLIPTokenizer.from_dir(folder)
-    assert tok.pad_id == (0 if pad == "!" else 49407) and tok.bos_id == 49406
+def test_real_clip_vocab_matches_transformers(real_clip_dir, corpus):
+    want = reference_ids(real_clip_dir, corpus)
+    assert_same_ids(ours(real_clip_dir, corpus), want, corpus)
+    tok = CLIPTokenizer.from_dir(real_clip_dir)
+    assert len(tok.encoder) == 49408 and tok.bos_id == 49406 and tok.eos_id == 49407
+    pad = json.loads((real_clip_dir / "tokenizer_config.json").read_text())["pad_token"]
+    assert tok.pad_id == {"!": 0, "<|endoftext|>": 49407}[pad]
+    assert tok("a photo of an astronaut riding a horse")[0, :10].tolist() == [
+        49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]
