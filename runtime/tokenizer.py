@@ -117,7 +117,7 @@ class CLIPTokenizer:
         self.added: dict[str, dict] = dict(added_tokens or {})
         for tok in (bos_token, eos_token, unk_token, pad_token):
             self.added.setdefault(tok, {"content": tok})
-        self.unk_id = self._id(unk_token, None)
+        self.unk_id = self._id(unk_token)
         self.bos_id = self._id(bos_token)
         self.eos_id = self._id(eos_token)
         self.pad_id = self._id(pad_token)
@@ -161,13 +161,11 @@ class CLIPTokenizer:
             max_length = 77
         return cls(vocab, merges, max_length=max_length, added_tokens=added, **names)
 
-    def _id(self, token: str, default: int | None = -1) -> int:
-        idx = self.encoder.get(token)
-        if idx is None:
-            if default == -1:
-                raise TokenizerError(f"token {token!r} is not in the vocabulary")
-            return default
-        return idx
+    def _id(self, token: str) -> int:
+        """Id of a token the tokenizer cannot work without (start, end, padding, unknown)."""
+        if token not in self.encoder:
+            raise TokenizerError(f"token {token!r} is not in the vocabulary")
+        return self.encoder[token]
 
     def bpe(self, word: str) -> list[str]:
         """Merge the byte symbols of one pre-token by merge rank (lowest first), the last symbol ending in '</w>'."""
@@ -198,7 +196,7 @@ class CLIPTokenizer:
                 pieces = [word]
             else:
                 pieces = self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))
-            ids.extend(self._id(p, self.unk_id) for p in pieces)
+            ids.extend(self.encoder.get(p, self.unk_id) for p in pieces)
         return ids
 
     def encode(self, text: str) -> list[int]:
@@ -213,7 +211,7 @@ class CLIPTokenizer:
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if k % 2:
-                ids.append(self._id(piece, self.unk_id))
+                ids.append(self.encoder.get(piece, self.unk_id))
             elif piece:
                 ids.extend(self._encode_plain(piece))
         return ids
