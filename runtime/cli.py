@@ -62,7 +62,8 @@ def _outputs(out: Path, n: int) -> list[Path]:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: the bundled tiny model).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              help="Model folder (default: the bundled tiny model).")
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--steps", type=int, help="Denoising steps (default: the model's).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns it off.")
@@ -72,7 +73,8 @@ def _outputs(out: Path, n: int) -> list[Path]:
 @click.option("--height", type=int, help="Pixels, a multiple of 8.")
 @click.option("--init-image", type=click.Path(path_type=Path), help="Start from this image (img2img).")
 @click.option("--strength", type=float, help="How much of --init-image to repaint, in (0, 1].")
-@click.option("--mask", type=click.Path(path_type=Path), help="Inpaint the white part of this mask (needs --init-image).")
+@click.option("--mask", type=click.Path(path_type=Path),
+              help="Inpaint the white part of this mask (needs --init-image).")
 @click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
@@ -81,8 +83,6 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
              num_images: int) -> None:
     """Generate images from PROMPT and write them as PNGs carrying their parameters."""
-    from tqdm import tqdm
-
     from .image import save_png
     from .pipeline import Pipeline
 
@@ -90,36 +90,48 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
         raise click.ClickException("--mask needs --init-image (the picture to inpaint)")
     if strength is not None and init_image is None:
         raise click.ClickException("--strength needs --init-image")
+    if init_image is not None and strength is None:
+        strength = 1.0 if mask is not None else 0.8
     seed = secrets.randbelow(2**32) if seed is None else seed
+    options = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
+                   seed=seed, width=width, height=height, num_images=num_images)
     try:
         pipe = Pipeline.load(model_dir, provider=provider)
-        common = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
-                      seed=seed, width=width, height=height, num_images=num_images)
-        with tqdm(desc="denoising", unit="step", leave=False) as bar:
-            def progress(step: int, total: int, _latents) -> None:
-                bar.total = total
-                bar.update(1)
-
-            common["callback"] = progress
-            if mask is not None:
-                images = pipe.inpaint(prompt, init_image, mask, strength=1.0 if strength is None else strength, **common)
-            elif init_image is not None:
-                images = pipe.img2img(prompt, init_image, strength=0.8 if strength is None else strength, **common)
-            else:
-                images = pipe.txt2img(prompt, **common)
-        defaults = pipe.info.defaults
-        params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps or defaults.steps,
-                      guidance=defaults.guidance if guidance is None else guidance,
-                      scheduler=scheduler or defaults.scheduler, seed=seed,
-                      size=f"{images[0].width}x{images[0].height}", model=pipe.info.path.name)
-        if init_image is not None:
-            params.update(strength=strength if strength is not None else (1.0 if mask is not None else 0.8),
-                          init_image=init_image.name, mask=mask.name if mask else None)
+        images = _with_progress(pipe, prompt, init_image, mask, strength, options)
+        d = pipe.info.defaults
+        params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps or d.steps,
+                      guidance=d.guidance if guidance is None else guidance, scheduler=scheduler or d.scheduler,
+                      seed=seed, size=f"{images[0].width}x{images[0].height}", model=pipe.info.path.name,
+                      strength=strength, init_image=init_image and init_image.name, mask=mask and mask.name)
+        # all images exist before the first file is written, so a failure leaves no partial set
         for k, (img, path) in enumerate(zip(images, _outputs(output, len(images)))):
             save_png(img, path, {**params, "image": f"{k + 1}/{len(images)}"} if len(images) > 1 else params)
             click.echo(str(path))
     except (ValueError, OSError) as err:
         raise _fail(err) from None
+
+
+def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None, strength: float | None,
+                   options: dict) -> list:
+    """Run the task the options ask for, with a progress bar over the denoising steps."""
+    from tqdm import tqdm
+
+    bars: list = []  # made at the first step, so errors found before denoising print no empty bar
+
+    def progress(step: int, total: int, _latents) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None))  # no bar off a TTY
+        bars[0].update(1)
+
+    try:
+        if mask is not None:
+            return pipe.inpaint(prompt, init_image, mask, strength=strength, callback=progress, **options)
+        if init_image is not None:
+            return pipe.img2img(prompt, init_image, strength=strength, callback=progress, **options)
+        return pipe.txt2img(prompt, callback=progress, **options)
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 @main.command()
@@ -151,7 +163,8 @@ def info(model_dir: Path, verify: bool) -> None:
     if not files:
         click.echo("checksums    none recorded")
         return
-    statuses = {rel: file_status(m.path, rel, expect, True if verify else None) for rel, expect in sorted(files.items())}
+    statuses = {rel: file_status(m.path, rel, expect, True if verify else None)
+                for rel, expect in sorted(files.items())}
     bad = {rel: s for rel, s in statuses.items() if not s.endswith(" ok")}
     click.echo(f"checksums    {len(statuses) - len(bad)}/{len(statuses)} files ok")
     for rel, status in statuses.items():

@@ -113,11 +113,12 @@ def _defaults(meta: dict, sched_cfg: dict, sample: int) -> Defaults:
         name = "dpmpp_2m_karras"
     base = Defaults(scheduler=name, width=sample, height=sample)
     given = meta.get("defaults") or {}
-    return Defaults(**{k: type(getattr(base, k))(given.get(k, getattr(base, k))) for k in Defaults.__dataclass_fields__})
+    return Defaults(**{k: type(getattr(base, k))(given.get(k, getattr(base, k)))
+                       for k in Defaults.__dataclass_fields__})
 
 
 def file_status(root: Path, rel: str, expect: dict, verify: bool | None = None) -> str:
-    """One file against its sdonnx.json entry: 'sha256 ok', 'size ok', 'missing', 'size mismatch' or 'checksum mismatch'."""
+    """One file against sdonnx.json: 'sha256 ok', 'size ok', 'missing', 'size mismatch' or 'checksum mismatch'."""
     path = root / rel
     if not path.is_file():
         return "missing"

@@ -185,6 +185,9 @@ class Pipeline:
 
     def _generate(self, prompt, negative_prompt, guidance, run, start: _Start, callback, output_type):
         sched, rng, shape = run
+        if self.info.is_inpaint and start.extra is None:
+            raise SdonnxError(f"{self.info.path.name} is an inpainting model ({self.info.unet_in_channels}-channel "
+                              "U-Net): use inpaint() / --init-image with --mask")
         n = shape[0]
         w = float(guidance if guidance is not None else self.info.defaults.guidance)
         cond = np.repeat(self._encode_text([prompt]), n, axis=0)

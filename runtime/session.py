@@ -50,7 +50,8 @@ def resolve_provider(name: str) -> str:
     if name == "auto":
         return PROVIDERS[next(p for p in AUTO_ORDER if p in have or p == "cpu")]
     if name not in PROVIDERS:
-        raise SdonnxError(f"unknown provider {name!r}: choose one of cpu, cuda, dml, auto (installed here: {', '.join(have)})")
+        raise SdonnxError(f"unknown provider {name!r}: choose one of cpu, cuda, dml, auto "
+                          f"(installed here: {', '.join(have)})")
     if name not in have:
         raise SdonnxError(f"provider {name!r} is not installed in this onnxruntime; available: {', '.join(have)}")
     return PROVIDERS[name]
@@ -95,7 +96,8 @@ class SessionConfig:
         so.intra_op_num_threads = self.threads or physical_cores()
         so.inter_op_num_threads = self.inter_threads
         if self.optimization not in OPT_LEVELS:
-            raise SdonnxError(f"unknown optimization level {self.optimization!r}: choose one of {', '.join(OPT_LEVELS)}")
+            raise SdonnxError(f"unknown optimization level {self.optimization!r}: "
+                              f"choose one of {', '.join(OPT_LEVELS)}")
         so.graph_optimization_level = OPT_LEVELS[self.optimization]
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # DirectML cannot run with memory patterns or parallel execution.
@@ -122,7 +124,8 @@ def session_config(provider: str = "cpu", **overrides: Any) -> SessionConfig:
     known = set(SessionConfig.__dataclass_fields__)
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise SdonnxError(f"unknown session option(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'provider'}))}")
+        raise SdonnxError(f"unknown session option(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known - {'provider'}))}")
     return SessionConfig(provider=provider, **overrides)
 
 
