@@ -155,8 +155,8 @@ class Component:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     @property
-    def precision(self) -> str:
-        """fp16 when the graph takes float16 inputs, else fp32 (int8 graphs keep float32 inputs)."""
+    def io_precision(self) -> str:
+        """fp16 when the graph's float inputs are float16, else fp32 (graphs may compute in fp16 behind fp32 I/O)."""
         floats = [p.dtype for p in self.inputs.values() if p.dtype in (np.float16, np.float32)]
         return "fp16" if floats and all(d == np.float16 for d in floats) else "fp32"
 

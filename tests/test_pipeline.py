@@ -336,7 +336,7 @@ def test_component_adapts_feeds(tmp_path, float_type, time_type, time_shape, bat
     x = np.arange(9, dtype=np.float32).reshape(3, 3)
     out = comp(sample=x, timestep=np.float64(10))["out_sample"]
     if time_shape == "batch" and batch == "batch":
-        assert comp.precision == "fp16"
+        assert comp.io_precision == "fp16"
     assert out.dtype == np.float32 and out.shape == (3, 3)  # fixed batch 2: run in chunks of two
     np.testing.assert_allclose(out, x * 2 + 10)
     one_line_error(lambda: comp(sample=x[0], timestep=np.float64(1)), "sample", "rank 2")
@@ -349,3 +349,24 @@ def test_cuda_matches_cpu(sd1):
     gpu = Pipeline.load(onnx, provider="cuda")
     kw = dict(steps=3, scheduler="euler", seed=3, output_type="np")
     np.testing.assert_allclose(gpu.txt2img(PROMPT, **kw), cpu.txt2img(PROMPT, **kw), atol=5e-3)
+
+
+# ---- our own exporter's folders ------------------------------------------------------------------
+
+def test_runs_sdonnx_exported_fp16_folder(sd1, tmp_path):
+    """The exporter's folder (sdonnx.json, fp16 graphs) gives the optimum fp32 folder's picture."""
+    from click.testing import CliRunner
+
+    from sdonnx.cli import main
+
+    pt, _, reference = sd1
+    out = tmp_path / "fp16"
+    result = CliRunner().invoke(main, ["export", str(pt), str(out), "--precision", "fp16"])
+    if result.exit_code != 0 and "needs the export extra" in result.output:
+        pytest.skip("export extra not installed")
+    assert result.exit_code == 0, result.output
+    pipe = Pipeline.load(out, verify=True)
+    assert pipe.info.meta and all(status == "sha256 ok" for status in pipe.info.checks.values())
+    assert pipe.info.precision("unet") == "fp16"  # computed in fp16 behind float32 inputs and outputs
+    kw = dict(negative_prompt=NEGATIVE, steps=3, guidance=7.5, scheduler="euler", latents=noise(), output_type="np")
+    np.testing.assert_allclose(pipe.txt2img(PROMPT, **kw), reference.txt2img(PROMPT, **kw), atol=2e-2, rtol=0)
