@@ -370,3 +370,30 @@ def test_runs_sdonnx_exported_fp16_folder(sd1, tmp_path):
     assert pipe.info.precision("unet") == "fp16"  # computed in fp16 behind float32 inputs and outputs
     kw = dict(negative_prompt=NEGATIVE, steps=3, guidance=7.5, scheduler="euler", latents=noise(), output_type="np")
     np.testing.assert_allclose(pipe.txt2img(PROMPT, **kw), reference.txt2img(PROMPT, **kw), atol=2e-2, rtol=0)
+
+
+# ---- image helpers -------------------------------------------------------------------------------
+
+def test_image_sizing_masks_and_png(tmp_path):
+    import torch
+
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    cropped = imaging.fit(big)  # no size asked: centred crop to multiples of 8, pixels untouched
+    assert cropped.size == (64, 48)
+    assert np.array_equal(np.asarray(cropped), np.asarray(big)[1:49, 3:67])
+    assert imaging.fit(big, 32, 24).size == (32, 24)
+    one_line_error(lambda: imaging.fit(big, 33, 24), "multiples of 8")
+    x = imaging.to_array(cropped)
+    assert x.shape == (1, 3, 48, 64) and x.min() >= -1 and x.max() <= 1
+
+    grey = Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8), "L")
+    assert imaging.mask_array(grey).ravel().tolist() == [0, 0, 1, 1]  # diffusers: >= 0.5 repaints
+    m = (np.random.default_rng(1).random((1, 1, 24, 40)) > 0.5).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(m), size=(6, 10)).numpy()
+    np.testing.assert_array_equal(imaging.shrink_mask(m, 6, 10), ref)
+
+    path = imaging.save_png(cropped, tmp_path / "sub" / "x.png", {"prompt": "cat", "negative_prompt": "dog",
+                                                                   "steps": 3, "seed": 9, "mask": None})
+    text = Image.open(path).text["parameters"]
+    assert text == "cat\nNegative prompt: dog\nSteps: 3, Seed: 9"
+    assert [p.name for p in path.parent.iterdir()] == ["x.png"]
