@@ -32,6 +32,7 @@ class ExportJob:
     static: graphs.Static | None = None
     seed: int = 0
     prediction_type: str | None = None
+    int8_scheme: str = "dynamic"
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -110,14 +111,16 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     from .weights import build_models, load_checkpoint
 
     start = time.perf_counter()
-    quantize.scheme("unet", job.precision, "sd1")  # reject an unknown precision before any work
-    bar = Progress(2 + STEPS_PER_COMPONENT * len(graphs.COMPONENTS), job.timings, progress)
+    quantize.scheme("unet", job.precision, "sd1", job.int8_scheme)  # reject bad options before any work
+    calibrate = quantize.scheme("unet", job.precision, "sd1", job.int8_scheme).method.startswith("static")
+    bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(graphs.COMPONENTS), job.timings, progress)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
             models = bar.step("build models", build_models, ckpt)
             ckpt = _drop_state_dicts(ckpt)
+            feeds = bar.step("calibration data", _calibration, models, ckpt) if calibrate else None
             work = root / "_work"
             checks = {}
             for c in graphs.COMPONENTS:
@@ -128,7 +131,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 bar.step(f"optimize {c}", _optimize, work / c)
             for c in graphs.COMPONENTS:
                 scheme = bar.step(f"quantize {c}", quantize.apply, c, job.precision, ckpt.family,
-                                  work / c / "opt" / "model.onnx", root / c / "model.onnx")
+                                  work / c / "opt" / "model.onnx", root / c / "model.onnx", job.int8_scheme,
+                                  feeds)
                 job.components[c] = {"precision": scheme.precision, "method": scheme.method}
             _remove(work)
             for c in graphs.COMPONENTS:
@@ -156,6 +160,13 @@ def _drop_state_dicts(ckpt):
         pass
     gc.collect()
     return ckpt
+
+
+def _calibration(models: dict, ckpt) -> list[dict]:
+    """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does)."""
+    m = graphs.latent_multiple(ckpt.configs)
+    side = max(m, min(32, ckpt.configs.unet.sample_size or 32) // m * m)
+    return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), latent_hw=(side, side))
 
 
 def _optimize(work: Path) -> None:
@@ -193,15 +204,17 @@ def _one_line(err: BaseException) -> str:
 @click.option("--seed", default=0, show_default=True, help="Seed for random:* weights and the check inputs.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override what the checkpoint is guessed to predict.")
+@click.option("--int8-scheme", default="dynamic", show_default=True,
+              help="int8 only: dynamic (MatMul/Gemm) | qdq (also the U-Net's convolutions, static and calibrated).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
-           prediction_type: str | None, quiet: bool) -> None:
+           prediction_type: str | None, int8_scheme: str, quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd21, tiny) to ONNX."""
     if precision not in quantize.PRECISIONS:
         raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
     try:
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
-                        graphs.Static.parse(static) if static else None, seed, prediction_type)
+                        graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme)
         meta = run_export(job, progress=not quiet)
     except OSError as err:
         if err.errno == errno.ENOSPC:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .onnx import EXTERNAL_DATA_NAME, save_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
+INT8_SCHEMES = ("dynamic", "qdq")
 
 # Ops whose fp16 results overflow or lose too much: normalisations reduce over thousands of values, and
 # Softmax of SD 2.x attention scores exceeds fp16's range (its U-Net sets upcast_attention for this reason).
@@ -19,8 +22,11 @@ FP16_KEEP_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalizat
                  "Sqrt", "Erf", "Exp", "Range", "Resize", "Upsample", "CumSum", "Min", "Max", "ArgMax")
 FP16_KEEP_OPS_SD2 = FP16_KEEP_OPS + ("Softmax",)
 
-# Linear layers left in float: the time embedding (its error reaches every resnet) and its per-block projection
-INT8_KEEP_NODES = re.compile(r"time_embedding|time_emb_proj")
+# Layers left in float: the time embedding (its error reaches every resnet), its per-block projection, and the
+# first and last convolutions (they see the raw latents and write the prediction itself)
+INT8_KEEP_NODES = re.compile(r"time_embedding|time_emb_proj|/conv_in/|/conv_out/")
+CALIBRATION_PROMPTS = ("a photo of a cat", "an astronaut riding a horse on the moon, highly detailed",
+                       "a red circle on a blue background", "oil painting of a castle at sunset")
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Scheme:
     method: str
 
 
-def scheme(component: str, precision: str, family: str) -> Scheme:
+def scheme(component: str, precision: str, family: str, int8_scheme: str = "dynamic") -> Scheme:
     """The quantization applied to `component` for a requested `precision` (the VAE always stays fp32).
 
     The VAE decoder overflows in fp16 (diffusers upcasts it too) and its convolutions do not speed up
@@ -44,16 +50,31 @@ def scheme(component: str, precision: str, family: str) -> Scheme:
     if precision == "fp16":
         kept = "normalisations" + (", attention softmax" if family.startswith("sd2") else "")
         return Scheme("fp16", f"fp16 weights and activations; fp32 I/O and {kept} kept fp32")
-    return Scheme("int8", "dynamic int8 (per-channel int8 weights, uint8 activations) for MatMul/Gemm; "
-                          "convolutions, time embedding and normalisations kept fp32")
+    if int8_scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown int8 scheme {int8_scheme!r}; one of {', '.join(INT8_SCHEMES)}")
+    dynamic = ("dynamic int8 MatMul/Gemm (per-channel 7-bit weights, activations quantized per call); "
+               "time embedding and normalisations kept fp32")
+    if int8_scheme == "qdq" and component == "unet":
+        return Scheme("int8", "static QDQ int8 convolutions (per-channel, calibrated on activations drawn through "
+                              "our models; conv_in/conv_out kept fp32) + " + dynamic)
+    return Scheme("int8", dynamic + "; convolutions kept fp32")
 
 
-def apply(component: str, precision: str, family: str, src: Path, dst: Path) -> Scheme:
-    """Write the `precision` variant of the fp32 graph `src` to `dst` (moved as it is for fp32 / the VAE)."""
-    chosen = scheme(component, precision, family)
+def apply(component: str, precision: str, family: str, src: Path, dst: Path, int8_scheme: str = "dynamic",
+          calibration: list[dict] | None = None) -> Scheme:
+    """Write the `precision` variant of the fp32 graph `src` to `dst` (moved as it is for fp32 / the VAE).
+
+    The qdq int8 scheme needs `calibration`: U-Net feeds drawn through our own models.
+    """
+    chosen = scheme(component, precision, family, int8_scheme)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if chosen.precision == "fp16":
         to_fp16(src, dst, FP16_KEEP_OPS_SD2 if family.startswith("sd2") else FP16_KEEP_OPS)
+    elif chosen.method.startswith("static"):
+        convs = dst.parent / "_qdq" / "model.onnx"
+        to_int8_static_convs(src, convs, calibration or [])
+        to_int8_dynamic(convs, dst)
+        shutil.rmtree(convs.parent)
     elif chosen.precision == "int8":
         to_int8_dynamic(src, dst)
     else:
@@ -111,3 +132,91 @@ def to_int8_dynamic(src: Path, dst: Path, reduce_range: bool = True) -> Path:
     finally:
         logging.getLogger().setLevel(level)
     return dst
+
+
+def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict]) -> Path:
+    """Static QDQ int8 Conv (per-channel int8 weights, uint8 activations with ranges from `feeds`).
+
+    Static, unlike dynamic, quantization lets ORT run convolutions as integer kernels (fast with VNNI).
+    """
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    if len(feeds) < 2:
+        raise ValueError("static int8 needs at least 2 calibration feeds")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    exclude = int8_nodes_to_exclude(onnx.load(str(src), load_external_data=False))
+    large = (src.parent / EXTERNAL_DATA_NAME).exists()
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        # flush the collected ranges every few feeds, not at the end: a full U-Net's activations are gigabytes
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                        per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"CalibMaxIntermediateOutputs": max(1, len(feeds) - 1)})
+    finally:
+        logging.getLogger().setLevel(level)
+    return dst
+
+
+def _alphas_cumprod(steps: int = 1000, start: float = 0.00085, end: float = 0.012) -> np.ndarray:
+    """SD's "scaled_linear" noise schedule (Rombach et al. 2022): betas linear in sqrt space."""
+    betas = np.linspace(start ** 0.5, end ** 0.5, steps) ** 2
+    return np.cumprod(1 - betas)
+
+
+def calibration_feeds(models: dict, configs, tokenizer_dir: Path, count: int = 4, latent_hw: tuple = (32, 32),
+                      seed: int = 0) -> list[dict]:
+    """U-Net inputs as a guided sampling loop sees them, drawn through our text encoder and VAE.
+
+    Each feed is [unconditional, conditional] prompts at one timestep, with x_t = sqrt(a) x0 + sqrt(1 - a) eps
+    and x0 the VAE latents of a smooth synthetic image.
+    """
+    import torch
+    from sdonnx.tokenizer import CLIPTokenizer
+
+    tokenize = CLIPTokenizer.from_dir(tokenizer_dir)
+    rng = np.random.default_rng(seed)
+    abar = _alphas_cumprod()
+    h, w = latent_hw
+    scale = configs.vae.downscale
+    feeds = []
+    with torch.no_grad():
+        for i, t in enumerate(np.linspace(950, 50, count).round()):
+            ids = torch.from_numpy(tokenize(["", CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]]))
+            context = models["text_encoder"](ids)[0]
+            image = torch.from_numpy(_smooth_image(rng, 2, h * scale, w * scale))
+            mean, _ = models["vae"].encode(image)
+            x0 = mean * configs.vae.scaling_factor
+            eps = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+            a = float(abar[int(t)])
+            sample = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+            if configs.unet.in_channels == 2 * sample.shape[1] + 1:  # inpainting: mask, masked-image latents
+                sample = torch.cat([sample, torch.ones_like(sample[:, :1]), x0], dim=1)
+            feeds.append({"sample": sample.numpy(), "timestep": np.array(t, np.float32),
+                          "encoder_hidden_states": context.numpy()})
+    return feeds
+
+
+def _smooth_image(rng: np.random.Generator, batch: int, height: int, width: int) -> np.ndarray:
+    """Random colour gradients plus a disc, in [-1, 1]: image statistics closer to photos than noise."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((batch, 3, height, width), np.float32)
+    for b in range(batch):
+        a, c = rng.uniform(-1, 1, (3, 1, 1)), rng.uniform(-1, 1, (3, 1, 1))
+        img = a * (xx / width) + c * (yy / height)
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.1, 0.4) * min(height, width)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+        img = np.where(disc, rng.uniform(-1, 1, (3, 1, 1)), img)
+        out[b] = np.clip(img, -1, 1)
+    return out

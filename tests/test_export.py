@@ -49,7 +49,8 @@ def exported(sources, tmp_path_factory):
     def get(family: str = "sd1", precision: str = "fp32") -> Path:
         if (family, precision) not in cache:
             out = root / f"{family}-{precision}"
-            result = run_cli(sources[family][1], out, "--precision", precision)
+            scheme = ["--int8-scheme", "qdq"] if precision == "int8-qdq" else []
+            result = run_cli(sources[family][1], out, "--precision", precision.split("-")[0], *scheme)
             assert result.exit_code == 0, result.output
             cache[family, precision] = out
         return cache[family, precision]
@@ -113,7 +114,7 @@ def test_graph_signatures_follow_optimum(exported):
     assert onnx.load(str(out / "unet" / "model.onnx")).opset_import[0].version == 17
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-qdq"])
 def test_each_precision_loads_and_stays_close(precision, sources, exported):
     out = exported("sd1", precision)
     meta = json.loads((out / "sdonnx.json").read_text())
@@ -123,12 +124,19 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         # the runtime feeds and reads fp32 whatever the weights are
         assert all(a.type in ("tensor(float)", "tensor(int64)") for a in s.get_inputs() + s.get_outputs())
         got = s.run(None, inputs)[0]
-        assert verify.psnr(expected[0].numpy(), got) > 30, component
+        floor = 25 if precision == "int8-qdq" else 30
+        assert verify.psnr(expected[0].numpy(), got) > floor, component
         info = meta["components"][component]
-        assert info["precision"] == quantize.scheme(component, precision, "sd1").precision
-        assert info["verify"]["psnr"] > 30
+        assert info["precision"] == quantize.scheme(component, precision[:4], "sd1").precision
+        assert info["verify"]["psnr"] > floor
     unet_ops = meta["components"]["unet"]["ops"]
-    if precision == "int8":
+    if precision == "int8-qdq":  # convolutions run as QDQ int8, conv_in/conv_out stay float
+        assert unet_ops["QuantizeLinear"] > 0 and unet_ops["DequantizeLinear"] > unet_ops["QuantizeLinear"]
+        graph = onnx.load(str(out / "unet" / "model.onnx")).graph
+        dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        first = next(n for n in graph.node if n.name.endswith("conv_in/Conv"))
+        assert first.input[1] not in dq_outputs
+    if precision.startswith("int8"):
         assert unet_ops.get("MatMulInteger", 0) + unet_ops.get("com.microsoft.DynamicQuantizeMatMul", 0) > 0
         # the time embedding stays float
         names = [n.name for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node]
@@ -138,7 +146,7 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         assert onnx.TensorProto.FLOAT16 in dtypes
     fp32 = exported("sd1", "fp32")
     # int8 touches only MatMul/Gemm weights: in this conv-heavy tiny U-Net the saving is small
-    shrink = 0.7 if precision == "fp16" else 0.97
+    shrink = {"fp16": 0.7, "int8": 0.97, "int8-qdq": 0.7}[precision]
     assert (out / "unet" / "model.onnx").stat().st_size < shrink * (fp32 / "unet" / "model.onnx").stat().st_size
 
 
