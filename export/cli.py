@@ -133,7 +133,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 scheme = bar.step(f"quantize {c}", quantize.apply, c, job.precision, ckpt.family,
                                   work / c / "opt" / "model.onnx", root / c / "model.onnx", job.int8_scheme,
                                   feeds)
-                job.components[c] = {"precision": scheme.precision, "method": scheme.method}
+                job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
             _remove(work)
             for c in graphs.COMPONENTS:
                 bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", *checks[c])

@@ -7,13 +7,12 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .onnx import EXTERNAL_DATA_BYTES, EXTERNAL_DATA_NAME
+from . import onnx as graphs
 
 
 def _needs_external_data(path: Path) -> bool:
-    data = path.parent / EXTERNAL_DATA_NAME
-    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    return size > EXTERNAL_DATA_BYTES
+    data = path.parent / graphs.EXTERNAL_DATA_NAME
+    return data.exists() or path.stat().st_size > graphs.EXTERNAL_DATA_BYTES
 
 
 def optimize(src: Path, dst: Path) -> Path:
@@ -28,7 +27,8 @@ def optimize(src: Path, dst: Path) -> Path:
     so.optimized_model_filepath = str(dst)
     so.log_severity_level = 3
     if _needs_external_data(src):
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", EXTERNAL_DATA_NAME)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    graphs.EXTERNAL_DATA_NAME)
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     return dst

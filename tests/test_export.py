@@ -130,6 +130,7 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         assert info["precision"] == quantize.scheme(component, precision[:4], "sd1").precision
         assert info["verify"]["psnr"] > floor
     unet_ops = meta["components"]["unet"]["ops"]
+    assert meta["components"]["unet"]["quantization"]["benchmark"]["setup"]  # measured choices are reported
     if precision == "int8-qdq":  # convolutions run as QDQ int8, conv_in/conv_out stay float
         assert unet_ops["QuantizeLinear"] > 0 and unet_ops["DequantizeLinear"] > unet_ops["QuantizeLinear"]
         graph = onnx.load(str(out / "unet" / "model.onnx")).graph
@@ -185,6 +186,26 @@ def test_optimum_runs_our_folder_like_diffusers(exported, sources):
     want = pipe("a red circle", latents=latents, **kwargs).images
     assert got.shape == (1, 32, 32, 3)
     np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-qdq"])
+def test_external_data_path(precision, sources, tmp_path, monkeypatch):
+    """Weights over the protobuf limit go to model.onnx_data: forced here with a limit of 0 bytes."""
+    from sdonnx.export import onnx as graphs
+
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "out"
+    scheme = ["--int8-scheme", "qdq"] if precision == "int8-qdq" else []
+    result = run_cli(sources["sd1"][1], out, "--precision", precision[:4], *scheme)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "sdonnx.json").read_text())
+    for component in COMPONENTS:
+        assert f"{component}/model.onnx_data" in meta["files"]
+        graph, data = out / component / "model.onnx", out / component / "model.onnx_data"
+        assert data.stat().st_size > graph.stat().st_size  # only tensors under 1 kB stay inline
+        session(out / component / "model.onnx")
+    assert meta["components"]["unet"]["verify"]["psnr"] > 25
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json", "model.onnx", "model.onnx_data"]
 
 
 def test_static_shape(sources, tmp_path):
