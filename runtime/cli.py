@@ -173,5 +173,29 @@ def info(model_dir: Path, verify: bool) -> None:
         raise click.ClickException(f"corrupt model folder: {', '.join(f'{r} ({s})' for r, s in bad.items())}")
 
 
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              help="Model folder (default: the bundled tiny model).")
+@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+@click.option("--size", metavar="WxH", help="Image size (default: the model's).")
+@click.option("--steps", type=int, default=5, show_default=True, help="Denoising steps of each txt2img run.")
+@click.option("--runs", type=int, default=3, show_default=True, help="Timed runs of each figure, after a warm-up.")
+@click.option("--scheduler", help="Sampler of the txt2img runs (default: the model's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, runs: int, scheduler: str | None,
+          as_json: bool) -> None:
+    """Measure load time, per-component and per-step latency and peak memory of a model on this machine."""
+    import json
+
+    from .bench import format_table, parse_size, run_bench
+
+    try:
+        report = run_bench(model_dir, provider, parse_size(size) if size else None, steps, runs, scheduler,
+                           progress=lambda msg: click.echo(msg, err=True))
+    except (ValueError, OSError) as err:
+        raise _fail(err) from None
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,215 @@
+"""`sdonnx bench`: load time, per-component latency, per-step latency and peak memory of a model on this machine."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from . import __version__
+from .model import default_model_dir
+from .pipeline import Pipeline
+from .session import SdonnxError, physical_cores
+
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
+COMPONENT_FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode")
+Progress = Callable[[str], None]
+
+
+def stats(xs: list[float]) -> dict:
+    """median / min / max / n of a list of seconds."""
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, from getrusage (psutil's peak working set on Windows)."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    except ImportError:
+        pass
+    try:
+        import psutil
+
+        mem = psutil.Process().memory_info()
+        return getattr(mem, "peak_wset", mem.rss) / 2**20
+    except ImportError:
+        return float("nan")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x512' or '512' -> (width, height)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        w = h = 0
+    if w <= 0 or h <= 0:
+        raise SdonnxError(f"size must look like WIDTHxHEIGHT (e.g. 512x512), got {text!r}")
+    return w, h
+
+
+class _StepClock:
+    """Wraps the U-Net so each step is timed from its first U-Net call to the pipeline's step callback."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.started: float | None = None
+        self.steps: list[float] = []
+
+    def __call__(self, **feeds):
+        if self.started is None:
+            self.started = time.perf_counter()
+        return self.unet(**feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def callback(self, _k: int, _total: int, _latents) -> None:
+        if self.started is not None:
+            self.steps.append(time.perf_counter() - self.started)
+        self.started = None
+
+
+def _timed(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _component_calls(pipe: Pipeline, width: int, height: int) -> dict[str, Callable[[], object]]:
+    """One zero-argument call per component figure, on random inputs of the run's shapes."""
+    info, c = pipe.info, pipe.components
+    rng = np.random.default_rng(0)
+    f, ch = info.vae_scale_factor, info.latent_channels
+    lat2 = rng.standard_normal((2, info.unet_in_channels, height // f, width // f), dtype=np.float32)
+    ctx_dim = c["unet"].inputs["encoder_hidden_states"].shape[-1]
+    if not isinstance(ctx_dim, int):  # a symbolic width: ask the text encoder
+        ctx_dim = c["text_encoder"](input_ids=pipe.tokenizer([""]))["last_hidden_state"].shape[-1]
+    ctx = rng.standard_normal((2, 77, ctx_dim), dtype=np.float32)
+    t = np.float64(info.scheduler_config.get("num_train_timesteps", 1000) // 2)
+    ids = pipe.tokenizer([NEGATIVE, PROMPT])
+    latent = rng.standard_normal((1, ch, height // f, width // f), dtype=np.float32)
+    image = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
+    calls = {
+        "text_encoder": lambda: c["text_encoder"](input_ids=ids),
+        "unet_b2": lambda: c["unet"](sample=lat2, timestep=t, encoder_hidden_states=ctx),
+        "unet_b1": lambda: c["unet"](sample=lat2[:1], timestep=t, encoder_hidden_states=ctx[:1]),
+        "vae_decode": lambda: c["vae_decoder"](latent_sample=latent),
+    }
+    if "vae_encoder" in c:
+        calls["vae_encode"] = lambda: c["vae_encoder"](sample=image)
+    return calls
+
+
+def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: tuple[int, int] | None = None,
+              steps: int = 5, runs: int = 3, scheduler: str | None = None,
+              progress: Progress | None = None) -> dict:
+    """Measure one model folder on one provider; returns the report as a JSON-ready dict (times in seconds)."""
+    if steps < 1 or runs < 1:
+        raise SdonnxError(f"steps and runs must be at least 1, got steps={steps}, runs={runs}")
+    say = progress or (lambda _msg: None)
+    say(f"loading {model_dir or 'the bundled tiny model'} on {provider}")
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(model_dir if model_dir is not None else default_model_dir(), provider=provider)
+    load_s = time.perf_counter() - t0
+    info = pipe.info
+    if info.is_inpaint:
+        raise SdonnxError(f"{info.path.name} is an inpainting model; bench measures txt2img models")
+    static = info.static_shape
+    width, height = size or ((static["width"], static["height"]) if static else
+                             (info.defaults.width, info.defaults.height))
+    pipe._setup(steps, scheduler, 0, width, height, 1)  # the pipeline's own checks, before any timing
+    components = {}
+    for name, call in _component_calls(pipe, width, height).items():
+        say(f"timing {name} ({runs} runs after a warm-up)")
+        components[name] = stats(_timed(call, runs))
+    clock = _StepClock(pipe.components["unet"])
+    pipe.components["unet"] = clock
+    end_to_end = []
+    try:
+        for r in range(runs):
+            say(f"txt2img {width}x{height}, {steps} steps: run {r + 1}/{runs}")
+            t0 = time.perf_counter()
+            pipe.txt2img(PROMPT, NEGATIVE, steps=steps, scheduler=scheduler, seed=r, width=width, height=height,
+                         callback=_echo_steps(clock, say))
+            end_to_end.append(time.perf_counter() - t0)
+    finally:
+        pipe.components["unet"] = clock.unet
+    return {
+        "sdonnx": __version__, "model": str(info.path), "family": info.family, "provider": provider,
+        "precision": {n: info.precision(n) or pipe.components[n].io_precision for n in pipe.components},
+        "size": [width, height], "steps": steps, "runs": runs, "scheduler": scheduler or info.defaults.scheduler,
+        "guidance": info.defaults.guidance, "load_s": load_s, "components_s": components,
+        "step_s": stats(clock.steps), "txt2img_s": stats(end_to_end), "peak_rss_mb": peak_rss_mb(),
+        "machine": machine(),
+    }
+
+
+def _echo_steps(clock: _StepClock, say: Progress):
+    def callback(k: int, total: int, latents) -> None:
+        clock.callback(k, total, latents)
+        say(f"  step {k + 1}/{total}: {clock.steps[-1]:.3f} s")
+
+    return callback
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
+            "onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x * 1000:.1f}"
+
+
+def format_table(report: dict) -> str:
+    """The report as a plain-text table (milliseconds)."""
+    m = report["machine"]
+    w, h = report["size"]
+    lines = [f"model     {report['model']} ({report['family']})",
+             f"provider  {report['provider']} on {m['cpu']}, {m['physical_cores']} physical cores, "
+             f"onnxruntime {m['onnxruntime']}",
+             f"run       {w}x{h}, {report['steps']} steps ({report['scheduler']}, guidance {report['guidance']}), "
+             f"{report['runs']} timed runs after a warm-up",
+             f"load      {report['load_s']:.2f} s",
+             "",
+             f"{'':<22}{'median ms':>12}{'min ms':>12}{'max ms':>12}"]
+    rows = [(f"text encoder 2x77", report["components_s"].get("text_encoder")),
+            ("U-Net batch 2", report["components_s"].get("unet_b2")),
+            ("U-Net batch 1", report["components_s"].get("unet_b1")),
+            ("VAE decode", report["components_s"].get("vae_decode")),
+            ("VAE encode", report["components_s"].get("vae_encode")),
+            ("denoising step", report["step_s"]),
+            (f"txt2img ({report['steps']} steps)", report["txt2img_s"])]
+    for label, s in rows:
+        if s:
+            lines.append(f"{label:<22}{_ms(s['median']):>12}{_ms(s['min']):>12}{_ms(s['max']):>12}")
+    lines += ["", f"peak RSS  {report['peak_rss_mb']:.0f} MB"]
+    return "\n".join(lines)
