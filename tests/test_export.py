@@ -188,7 +188,7 @@ def test_optimum_runs_our_folder_like_diffusers(exported, sources):
     np.testing.assert_allclose(got, want, atol=2e-3)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-qdq"])
+@pytest.mark.parametrize("precision", ["fp16", "int8-qdq"])  # both also export and optimize fp32 graphs
 def test_external_data_path(precision, sources, tmp_path, monkeypatch):
     """Weights over the protobuf limit go to model.onnx_data: forced here with a limit of 0 bytes."""
     from sdonnx.export import onnx as graphs
@@ -206,6 +206,10 @@ def test_external_data_path(precision, sources, tmp_path, monkeypatch):
         session(out / component / "model.onnx")
     assert meta["components"]["unet"]["verify"]["psnr"] > 25
     assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json", "model.onnx", "model.onnx_data"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777, (out / "unet" / "model.onnx_data").stat().st_mode & 0o777) == (
+        0o777 & ~mask, 0o666 & ~mask)  # not the owner-only modes of a temporary folder
 
 
 def test_static_shape(sources, tmp_path):
