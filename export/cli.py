@@ -33,6 +33,7 @@ class ExportJob:
     seed: int = 0
     prediction_type: str | None = None
     int8_scheme: str = "dynamic"
+    step_cache: int | None = None  # shallow-branch depth of the DeepCache graphs; None: not exported
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -69,26 +70,41 @@ class Progress:
         self.bar.close()
 
 
+def _inputs(job: ExportJob, component: str, models: dict, configs, batch: int, hw: tuple, seed: int) -> dict:
+    if component == "unet_shallow":
+        unet_inputs = graphs.sample_inputs("unet", configs, batch, hw, seed)
+        return graphs.with_deep_features(unet_inputs, models["unet"], job.step_cache)
+    return graphs.sample_inputs(component, configs, batch, hw, seed)
+
+
 def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, path: Path):
-    """Export one component and run PyTorch on the verification inputs while the module is alive."""
-    module = graphs.wrap(component, models)
+    """Export one component and run PyTorch on the verification inputs while the module is alive.
+
+    Returns (inputs, PyTorch's outputs) as NumPy arrays."""
+    module = graphs.wrap(component, models, job.step_cache)
+    signature = "unet_features" if component == "unet" and job.step_cache is not None else component
     batch, hw = graphs.trace_shape(component, configs, job.static)
-    graphs.export_component(component, module, graphs.sample_inputs(component, configs, batch, hw, job.seed),
+    graphs.export_component(signature, module, _inputs(job, component, models, configs, batch, hw, job.seed),
                             path, static=job.static is not None)
     if job.static is None:  # check the dynamic axes too: another batch and a non-square size
         m = graphs.latent_multiple(configs)
         batch, hw = 2, (3 * m, 2 * m)
-    inputs = graphs.sample_inputs(component, configs, batch, hw, job.seed + 1)
+    inputs = _inputs(job, component, models, configs, batch, hw, job.seed + 1)
     with torch.no_grad():
         out = module(*inputs.values())
-    first = out[0] if isinstance(out, (tuple, list)) else out
-    return {k: v.numpy() for k, v in inputs.items()}, first.numpy()
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return {k: v.numpy() for k, v in inputs.items()}, [o.numpy() for o in outs]
 
 
-def _free(models: dict, component: str) -> None:
+OWNERS = {"text_encoder": "text_encoder", "unet": "unet", "unet_shallow": "unet", "vae_encoder": "vae",
+          "vae_decoder": "vae"}
+
+
+def _free(models: dict, component: str, components: tuple[str, ...]) -> None:
     """Drop a PyTorch model once its last graph is exported, so a full SD 1.5 fits in memory."""
-    owner = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}.get(component)
-    if owner:
+    owner = OWNERS.get(component)
+    later = components[components.index(component) + 1:]
+    if owner and all(OWNERS.get(c) != owner for c in later):
         models.pop(owner, None)
         gc.collect()
 
@@ -113,7 +129,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     start = time.perf_counter()
     quantize.scheme("unet", job.precision, "sd1", job.int8_scheme)  # reject bad options before any work
     calibrate = quantize.scheme("unet", job.precision, "sd1", job.int8_scheme).method.startswith("static")
-    bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(graphs.COMPONENTS), job.timings, progress)
+    parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
+    bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
@@ -123,20 +140,25 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             feeds = bar.step("calibration data", _calibration, models, ckpt) if calibrate else None
             work = root / "_work"
             checks = {}
-            for c in graphs.COMPONENTS:
+            for c in parts:
                 checks[c] = bar.step(f"export {c}", _trace_and_reference, job, c, models, ckpt.configs,
                                      work / c / "raw" / "model.onnx")
-                _free(models, c)
-            for c in graphs.COMPONENTS:
+                _free(models, c, parts)
+            for c in parts:
                 bar.step(f"optimize {c}", _optimize, work / c)
-            for c in graphs.COMPONENTS:
+            for c in parts:
                 scheme = bar.step(f"quantize {c}", quantize.apply, c, job.precision, ckpt.family,
                                   work / c / "opt" / "model.onnx", root / c / "model.onnx", job.int8_scheme,
                                   feeds)
                 job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
             _remove(work)
-            for c in graphs.COMPONENTS:
-                bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", *checks[c])
+            step_cache = None
+            if job.step_cache is not None:
+                _, features = graphs.split_features(root / "unet" / "model.onnx")
+                step_cache = _step_cache_report(job, root, features, *checks["unet"])
+            for c in parts:
+                inputs, outputs = checks[c]
+                bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", inputs, outputs[0])
             job.timings["total"] = round(time.perf_counter() - start, 2)
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET}
@@ -145,7 +167,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 family="tiny" if job.source == "tiny" else ckpt.family,
                 prediction_type=ckpt.prediction_type, configs=ckpt.configs,
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
-                components=job.components, report=report,
+                components=job.components, report=report, step_cache=step_cache,
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -190,6 +212,18 @@ def _verify(job: ExportJob, component: str, path: Path, inputs: dict[str, np.nda
         tqdm.write(f"warning: {warning}")
 
 
+def _step_cache_report(job: ExportJob, root: Path, features: Path, inputs: dict, outputs: list) -> dict:
+    """sdonnx.json's step_cache entry: the graphs, the depth, and the deep features checked against PyTorch."""
+    result = verify.compare(outputs[1], verify.run_graph(features, inputs)[1])
+    precision = job.components["unet"]["precision"]
+    if not result["psnr"] >= verify.MIN_PSNR[precision]:
+        job.warnings.append(f"unet deep features ({precision}) PSNR {result['psnr']} dB vs PyTorch is below "
+                            f"{verify.MIN_PSNR[precision]} dB")
+    return {"method": "DeepCache (Ma et al. 2023): deep features of a full step reused by the shallow graph",
+            "depth": job.step_cache, "full_graph": f"unet/{features.name}", "shallow_graph": "unet_shallow/model.onnx",
+            "deep_features_verify": result}
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
@@ -206,15 +240,21 @@ def _one_line(err: BaseException) -> str:
               help="Override what the checkpoint is guessed to predict.")
 @click.option("--int8-scheme", default="dynamic", show_default=True,
               help="int8 only: dynamic (MatMul/Gemm) | qdq (also the U-Net's convolutions, static and calibrated).")
+@click.option("--step-cache", is_flag=True,
+              help="Also export the DeepCache graphs (unet_shallow/, unet/model_features.onnx) for --cache-interval.")
+@click.option("--step-cache-depth", default=1, show_default=True,
+              help="First-level down layers the shallow graph recomputes (0 .. layers per block).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
-           prediction_type: str | None, int8_scheme: str, quiet: bool) -> None:
+           prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int,
+           quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd21, tiny) to ONNX."""
     if precision not in quantize.PRECISIONS:
         raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
     try:
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
-                        graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme)
+                        graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
+                        step_cache_depth if step_cache else None)
         meta = run_export(job, progress=not quiet)
     except OSError as err:
         if err.errno == errno.ENOSPC:

@@ -153,7 +153,7 @@ def file_table(root: Path) -> dict:
 
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
-                   static: dict | None, report: dict) -> dict:
+                   static: dict | None, report: dict, step_cache: dict | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json."""
     copy_tokenizer(tokenizer_dir, root)
     sched = dict(scheduler_config, prediction_type=prediction_type)
@@ -172,6 +172,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "defaults": dict(DEFAULTS, width=(static or {}).get("width", pixels),
                          height=(static or {}).get("height", pixels)),
         "static_shape": static,
+        "step_cache": step_cache,
         "export_report": report,
     }
     write_json(root / "sdonnx.json", meta)

@@ -16,6 +16,9 @@ from .models.config import ModelConfigs
 OPSET = 17
 TEXT_LENGTH = 77
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# with the step cache: the shallow graph, and the full U-Net's second graph file that also hands out deep features
+STEP_CACHE_COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_encoder", "vae_decoder")
+FEATURES_FILE = "model_features.onnx"
 # protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself
 EXTERNAL_DATA_BYTES = 1_800_000_000
 EXTERNAL_DATA_NAME = "model.onnx_data"
@@ -64,6 +67,29 @@ class UNetGraph(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states)
 
 
+class UNetFeaturesGraph(nn.Module):
+    """(sample, timestep [], encoder_hidden_states) -> (out_sample, deep_features) for the step cache"""
+
+    def __init__(self, unet: nn.Module, depth: int):
+        super().__init__()
+        self.unet, self.depth = unet, unet.check_cache_depth(depth)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet.forward_with_features(sample, timestep, encoder_hidden_states, self.depth)
+
+
+class UNetShallowGraph(nn.Module):
+    """(sample, timestep [], encoder_hidden_states, deep_features) -> out_sample: the cached steps (DeepCache)"""
+
+    def __init__(self, unet: nn.Module, depth: int):
+        super().__init__()
+        self.unet, self.depth = unet, unet.check_cache_depth(depth)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                deep_features: torch.Tensor):
+        return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, deep_features, self.depth)
+
+
 class VaeEncoderGraph(nn.Module):
     """image in [-1, 1] -> latent_parameters = concat(mean, logvar) on channels, as optimum exports it"""
 
@@ -104,6 +130,16 @@ SIGNATURES = {
                       {"sample": {0: "batch_size", 2: "height", 3: "width"},
                        "encoder_hidden_states": {0: "batch_size"},
                        "out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
+    "unet_features": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample", "deep_features"),
+                               {"sample": {0: "batch_size", 2: "height", 3: "width"},
+                                "encoder_hidden_states": {0: "batch_size"},
+                                "out_sample": {0: "batch_size", 2: "height", 3: "width"},
+                                "deep_features": {0: "batch_size", 2: "height", 3: "width"}}),
+    "unet_shallow": Signature(("sample", "timestep", "encoder_hidden_states", "deep_features"), ("out_sample",),
+                              {"sample": {0: "batch_size", 2: "height", 3: "width"},
+                               "encoder_hidden_states": {0: "batch_size"},
+                               "deep_features": {0: "batch_size", 2: "height", 3: "width"},
+                               "out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
     "vae_encoder": Signature(("sample",), ("latent_parameters",),
                              {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
                               "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}),
@@ -113,8 +149,16 @@ SIGNATURES = {
 }
 
 
-def wrap(component: str, models: dict[str, nn.Module]) -> nn.Module:
-    """The export wrapper of `component` around our PyTorch models ({"text_encoder", "vae", "unet"})."""
+def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None = None) -> nn.Module:
+    """The export wrapper of `component` around our PyTorch models ({"text_encoder", "vae", "unet"}).
+
+    With a step-cache depth, `unet` also returns the deep features and `unet_shallow` is the cached-step graph."""
+    if component == "unet" and cache_depth is not None:
+        return UNetFeaturesGraph(models["unet"], cache_depth).eval()
+    if component == "unet_shallow":
+        if cache_depth is None:
+            raise ValueError("unet_shallow needs a step-cache depth")
+        return UNetShallowGraph(models["unet"], cache_depth).eval()
     if component == "text_encoder":
         return TextEncoderGraph(models["text_encoder"]).eval()
     if component == "unet":
@@ -165,13 +209,23 @@ def trace_shape(component: str, configs: ModelConfigs, static: Static | None) ->
     if static.width % (scale * latent_multiple(configs)) or static.height % (scale * latent_multiple(configs)):
         raise ValueError(f"--static {static.width}x{static.height}: sides must be multiples of "
                          f"{scale * latent_multiple(configs)} pixels for this model")
-    batch = static.batch if component == "unet" else 1
+    batch = static.batch if component.startswith("unet") else 1
     return batch, (static.height // scale, static.width // scale)
+
+
+def with_deep_features(unet_inputs: dict[str, torch.Tensor], unet: nn.Module, depth: int
+                       ) -> dict[str, torch.Tensor]:
+    """The shallow graph's inputs: U-Net inputs plus the deep features the full pass makes from them."""
+    with torch.no_grad():
+        _, deep = unet.forward_with_features(*unet_inputs.values(), depth)
+    return {**unet_inputs, "deep_features": deep}
 
 
 def export_component(component: str, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path,
                      static: bool = False) -> Path:
-    """Trace `module` with `inputs` into `path` (external data when large); returns path."""
+    """Trace `module` with `inputs` into `path` (external data when large); returns path.
+
+    `component` names the signature: a graph name, or `unet_features` for the U-Net with deep features."""
     sig = SIGNATURES[component]
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.parent / "_trace"
@@ -203,3 +257,36 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path:
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def split_features(path: Path) -> tuple[Path, Path]:
+    """A U-Net graph with outputs (out_sample, deep_features) -> `model.onnx` (optimum's one-output signature)
+    and FEATURES_FILE beside it, both reading the same weights file, so the folder holds the weights once.
+
+    optimum's pipeline takes the U-Net's first output after renaming, so an extra output would break it.
+    """
+    model = onnx.load(str(path))
+    data = path.parent / EXTERNAL_DATA_NAME
+    if data.exists():  # the writer appends to an existing data file
+        data.unlink()
+    features = path.parent / FEATURES_FILE
+    onnx.save_model(model, str(features), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA_NAME, size_threshold=1024)
+    plain = onnx.load(str(features), load_external_data=False)
+    keep = [o for o in plain.graph.output if o.name != "deep_features"]
+    del plain.graph.output[:]
+    plain.graph.output.extend(keep)
+    _prune(plain.graph)
+    onnx.save_model(plain, str(path))
+    return path, features
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nobody reads (e.g. the fp16 graph's Cast of the removed output)."""
+    while True:
+        used = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)

@@ -221,3 +221,54 @@ class UNet2DConditionModel(nn.Module):
         x, skips = self.down(sample, temb, encoder_hidden_states)
         x = self.mid(x, temb, encoder_hidden_states)
         return self.out(self.up(x, skips, temb, encoder_hidden_states))
+
+    # ---- step cache (DeepCache, Ma et al. 2023): a shallow branch at full resolution, deep features reused ----
+
+    def check_cache_depth(self, depth: int) -> int:
+        """How many first-level down layers the shallow branch keeps: 0 .. layers_per_block."""
+        most = self.config.layers_per_block
+        if not 0 <= int(depth) <= most:
+            raise ValueError(f"step-cache depth must be in 0..{most} (layers per block) for this U-Net, got {depth}")
+        return int(depth)
+
+    def forward_with_features(self, sample: torch.Tensor, timestep: torch.Tensor | float,
+                              encoder_hidden_states: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full pass -> (prediction, deep features): the input of the last up block's final depth+1 layers"""
+        temb = self.embed_time(timestep, sample)
+        context = encoder_hidden_states
+        x, skips = self.down(sample, temb, context)
+        x = self.mid(x, temb, context)
+        last = self.up_blocks[-1]
+        mine, skips = skips[:len(last.resnets)], skips[len(last.resnets):]  # the last block takes the first skips
+        for block in self.up_blocks[:-1]:
+            k = len(block.resnets)
+            theirs, skips = skips[-k:], skips[:-k]
+            x = block(x, theirs, temb, context, like=mine[-1] if not skips else skips[-1])
+        split = len(last.resnets) - 1 - self.check_cache_depth(depth)
+        deep = _up_layers(last, x, mine[depth + 1:], temb, context, 0, split)
+        return self.out(_up_layers(last, deep, mine[:depth + 1], temb, context, split, len(last.resnets))), deep
+
+    def forward_shallow(self, sample: torch.Tensor, timestep: torch.Tensor | float,
+                        encoder_hidden_states: torch.Tensor, deep: torch.Tensor, depth: int) -> torch.Tensor:
+        """conv_in and the first `depth` down layers, then the last up block's final layers on cached `deep`"""
+        temb = self.embed_time(timestep, sample)
+        context = encoder_hidden_states
+        first = self.down_blocks[0]
+        x = self.conv_in(sample)
+        skips = [x]
+        for i in range(self.check_cache_depth(depth)):
+            x = first.resnets[i](x, temb)
+            x = first.attentions[i](x, context) if len(first.attentions) else x
+            skips.append(x)
+        last = self.up_blocks[-1]
+        split = len(last.resnets) - 1 - depth
+        return self.out(_up_layers(last, deep, skips, temb, context, split, len(last.resnets)))
+
+
+def _up_layers(block: UpBlock, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
+               context: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Layers start..stop-1 of an up block without upsamplers; `skips` ends with the one layer `start` takes."""
+    for n, i in enumerate(range(start, stop)):
+        x = block.resnets[i](torch.cat([x, skips[-1 - n]], dim=1), temb)
+        x = block.attentions[i](x, context) if len(block.attentions) else x
+    return x
