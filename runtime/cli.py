@@ -78,10 +78,15 @@ def _outputs(out: Path, n: int) -> list[Path]:
 @click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--cache-interval", type=int, default=1, show_default=True,
+              help="Run the full U-Net every k-th step, the shallow graph in between (folders exported with "
+                   "--step-cache).")
+@click.option("--low-memory", is_flag=True,
+              help="Load each component only while it runs, no memory arena, VAE decoded in tiles.")
 def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: int | None, guidance: float | None,
              scheduler: str | None, seed: int | None, width: int | None, height: int | None,
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
-             num_images: int) -> None:
+             num_images: int, cache_interval: int, low_memory: bool) -> None:
     """Generate images from PROMPT and write them as PNGs carrying their parameters."""
     from .image import save_png
     from .pipeline import Pipeline
@@ -94,15 +99,16 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
         strength = 1.0 if mask is not None else 0.8
     seed = secrets.randbelow(2**32) if seed is None else seed
     options = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
-                   seed=seed, width=width, height=height, num_images=num_images)
+                   seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval)
     try:
-        pipe = Pipeline.load(model_dir, provider=provider)
+        pipe = Pipeline.load(model_dir, provider=provider, low_memory=low_memory)
         images = _with_progress(pipe, prompt, init_image, mask, strength, options)
         d = pipe.info.defaults
         params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps or d.steps,
                       guidance=d.guidance if guidance is None else guidance, scheduler=scheduler or d.scheduler,
                       seed=seed, size=f"{images[0].width}x{images[0].height}", model=pipe.info.path.name,
-                      strength=strength, init_image=init_image and init_image.name, mask=mask and mask.name)
+                      strength=strength, init_image=init_image and init_image.name, mask=mask and mask.name,
+                      cache_interval=cache_interval if cache_interval > 1 else None)
         # all images exist before the first file is written, so a failure leaves no partial set
         for k, (img, path) in enumerate(zip(images, _outputs(output, len(images)))):
             save_png(img, path, {**params, "image": f"{k + 1}/{len(images)}"} if len(images) > 1 else params)

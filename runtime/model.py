@@ -11,6 +11,8 @@ from .session import SdonnxError
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
+# the step cache's graphs (DeepCache), exported with `sdonnx export --step-cache`: used only together
+STEP_CACHE = {"unet_features": "unet/model_features.onnx", "unet_shallow": "unet_shallow/model.onnx"}
 SHA_LIMIT = 256 * 2**20  # by default only files below this are hashed; sizes are always checked
 # diffusers scheduler classes -> our names (the folder's own scheduler is the default one)
 SCHEDULER_NAMES = {
@@ -54,6 +56,10 @@ class ModelInfo:
     checks: dict = field(default_factory=dict)  # file -> "sha256 ok" | "size ok" | ...
 
     @property
+    def has_step_cache(self) -> bool:
+        return all(c in self.components for c in STEP_CACHE)
+
+    @property
     def is_inpaint(self) -> bool:
         return self.unet_in_channels > self.latent_channels
 
@@ -81,6 +87,8 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
     missing = [c for c in REQUIRED if c not in components]
     if missing:
         raise SdonnxError(f"{root} is not a model folder: missing {', '.join(c + '/model.onnx' for c in missing)}")
+    if all((root / rel).is_file() for rel in STEP_CACHE.values()):
+        components.update({c: root / rel for c, rel in STEP_CACHE.items()})
     meta = _read_json(root / "sdonnx.json")
     checks = verify_files(root, meta, verify) if meta and check else {}
     unet_cfg = _read_json(root / "unet" / "config.json")

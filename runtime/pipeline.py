@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -12,10 +14,13 @@ from PIL import Image
 from . import image as imaging
 from . import schedulers
 from .model import ModelInfo, default_model_dir, read_model
-from .session import Component, SdonnxError, session_config
+from .session import Component, SdonnxError, SessionConfig, session_config
+from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
 
 Callback = Callable[[int, int, np.ndarray], None]
+TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
+EAGER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # loaded up front unless low_memory
 
 
 @dataclass
@@ -32,32 +37,50 @@ class _Start:
 
 
 class Pipeline:
-    """A loaded model folder: tokenizer, ONNX components and the folder's defaults."""
+    """A loaded model folder: tokenizer, ONNX components and the folder's defaults.
 
-    def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, components: dict[str, Component]):
+    `components` holds the sessions kept open; others (the step-cache graphs, or all of them in low-memory
+    mode) are opened on first use. `tiles` set: the VAE decodes in overlapping tiles (tiling.py)."""
+
+    def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, components: dict[str, Component],
+                 config: SessionConfig | None = None, low_memory: bool = False, tiles: Tiles | None = None):
         self.info = info
         self.tokenizer = tokenizer
         self.components = components
+        self.config = config or SessionConfig()
+        self.low_memory = low_memory
+        self.tiles = tiles
+        self._texts: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, provider: str = "cpu", verify: bool | None = None,
-             **session_options) -> "Pipeline":
-        """Open a model folder (default: the bundled tiny model) on `cpu`, `cuda`, `dml` or `auto`."""
+             low_memory: bool = False, **session_options) -> "Pipeline":
+        """Open a model folder (default: the bundled tiny model) on `cpu`, `cuda`, `dml` or `auto`.
+
+        low_memory: each session exists only while its component runs, without ORT's memory arena and
+        patterns, and the VAE decodes in tiles."""
         info = read_model(model_dir if model_dir is not None else default_model_dir(), verify=verify)
+        if low_memory:  # arena and patterns keep peak-sized buffers for the session's lifetime
+            session_options = {"cpu_arena": False, "mem_pattern": False, **session_options}
         config = session_config(provider, **session_options)
-        components = {name: Component(path, config) for name, path in info.components.items()}
+        components = {} if low_memory else {name: Component(path, config) for name, path in info.components.items()
+                                            if name in EAGER}
         tokenizer = CLIPTokenizer.from_dir(info.path / "tokenizer")
-        return cls(info, tokenizer, components)
+        return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None)
 
     # ---- the three public tasks ------------------------------------------------------------------
 
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                 guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
                 width: int | None = None, height: int | None = None, num_images: int = 1,
-                latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil"):
-        """Images from a prompt; `latents` are unit-variance noise (N, C, H/f, W/f), as in diffusers."""
-        run = self._setup(steps, scheduler, seed, width, height, num_images)
-        sched, rng, shape = run
+                latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil",
+                cache_interval: int = 1):
+        """Images from a prompt; `latents` are unit-variance noise (N, C, H/f, W/f), as in diffusers.
+
+        cache_interval k > 1: the full U-Net runs every k-th step, the shallow graph reuses its deep features
+        in between (DeepCache; needs a folder exported with --step-cache)."""
+        run = self._setup(steps, scheduler, seed, width, height, num_images, cache_interval)
+        sched, rng, shape = run[:3]
         noise = self._noise(rng, shape, latents)
         start = _Start(0, noise * sched.init_noise_sigma)
         return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
@@ -65,11 +88,12 @@ class Pipeline:
     def img2img(self, prompt: str, image, strength: float = 0.8, negative_prompt: str = "", steps: int | None = None,
                 guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
                 width: int | None = None, height: int | None = None, num_images: int = 1,
-                latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil"):
+                latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil",
+                cache_interval: int = 1):
         """Images from a prompt and a starting image; `strength` in (0, 1] is how much of it to repaint."""
         _check_strength(strength)
         img = imaging.fit(imaging.load_image(image), width, height)
-        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images)
+        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images, cache_interval)
         start = self._noised_start(run, img, strength, latents, pure_at_max=False)
         return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
 
@@ -77,13 +101,13 @@ class Pipeline:
                 steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                 seed: int | None = None, width: int | None = None, height: int | None = None,
                 num_images: int = 1, latents: np.ndarray | None = None, callback: Callback | None = None,
-                output_type: str = "pil"):
+                output_type: str = "pil", cache_interval: int = 1):
         """Repaint the white part of `mask`; pixels outside it come back unchanged."""
         _check_strength(strength)
         src = imaging.load_image(image)
         msk = imaging.load_mask(mask, src)
         img, msk = imaging.fit(src, width, height), imaging.fit(msk, width, height)
-        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images)
+        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images, cache_interval)
         pixel_mask = imaging.mask_array(msk)
         start = self._noised_start(run, img, strength, latents, pure_at_max=True)
         h, w = start.latents.shape[-2:]
@@ -99,8 +123,8 @@ class Pipeline:
 
     # ---- set-up ------------------------------------------------------------------------------------
 
-    def _setup(self, steps, scheduler, seed, width, height, num_images):
-        """(scheduler, rng, latent shape) for one call, after checking the sizes."""
+    def _setup(self, steps, scheduler, seed, width, height, num_images, cache_interval=1):
+        """(scheduler, rng, latent shape, cache interval) for one call, after checking the sizes."""
         d = self.info.defaults
         width, height = width or d.width, height or d.height
         imaging.check_size(width, height)
@@ -116,10 +140,19 @@ class Pipeline:
         name = (scheduler or d.scheduler).lower()
         if name not in schedulers.NAMES:
             raise SdonnxError(f"unknown scheduler {name!r}; choose one of {', '.join(schedulers.NAMES)}")
+        interval = self._check_interval(cache_interval)
         sched = schedulers.create(name, self.info.scheduler_config, steps)
         f = self.info.vae_scale_factor
         shape = (int(num_images), self.info.latent_channels, height // f, width // f)
-        return sched, np.random.default_rng(seed), shape
+        return sched, np.random.default_rng(seed), shape, interval
+
+    def _check_interval(self, cache_interval) -> int:
+        if isinstance(cache_interval, bool) or int(cache_interval) != cache_interval or cache_interval < 1:
+            raise SdonnxError(f"cache_interval must be a whole number >= 1, got {cache_interval!r}")
+        if cache_interval > 1 and not self.info.has_step_cache:
+            raise SdonnxError(f"cache_interval {cache_interval} needs the step-cache graphs, which {self.info.path.name} "
+                              "lacks: export it with `sdonnx export ... --step-cache`")
+        return int(cache_interval)
 
     @staticmethod
     def _noise(rng: np.random.Generator, shape: tuple, latents: np.ndarray | None) -> np.ndarray:
@@ -132,7 +165,7 @@ class Pipeline:
 
     def _noised_start(self, run, img: Image.Image, strength: float, latents, pure_at_max: bool) -> _Start:
         """Encode the image and noise it to the level where `strength` of the schedule remains."""
-        sched, rng, shape = run
+        sched, rng, shape = run[:3]
         clean = np.repeat(self._encode(imaging.to_array(img)), shape[0], axis=0)
         noise = self._noise(rng, shape, latents)
         index = sched.start_index(strength)
@@ -146,18 +179,46 @@ class Pipeline:
 
     # ---- models ------------------------------------------------------------------------------------
 
-    def _component(self, name: str) -> Component:
-        if name not in self.components:
+    @contextlib.contextmanager
+    def _using(self, name: str) -> Iterator[Component]:
+        """The component `name`: an open one, else opened now; low-memory mode closes it after the block."""
+        if name in self.components:
+            yield self.components[name]
+            return
+        if name not in self.info.components:
             raise SdonnxError(f"{self.info.path} has no {name}/model.onnx, which this task needs")
-        return self.components[name]
+        component = Component(self.info.components[name], self.config)
+        if not self.low_memory:
+            self.components[name] = component
+            yield component
+            return
+        try:
+            yield component
+        finally:
+            component.close()
 
-    def _encode_text(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts)
-        return self._component("text_encoder")(input_ids=ids)["last_hidden_state"]
+    def _encode_texts(self, prompts: list[str]) -> list[np.ndarray]:
+        """[1, 77, D] text encodings; a small LRU keyed by the token ids saves re-encoding repeated prompts."""
+        ids = [self.tokenizer([p]) for p in prompts]
+        missing = {i.tobytes(): i for i in ids if i.tobytes() not in self._texts}
+        if missing:  # one session for all of them, which matters in low-memory mode
+            with self._using("text_encoder") as encoder:
+                for key, i in missing.items():
+                    hidden = encoder(input_ids=i)["last_hidden_state"]
+                    hidden.setflags(write=False)  # shared between calls
+                    self._texts[key] = hidden
+        out = []
+        for i in ids:
+            self._texts.move_to_end(i.tobytes())
+            out.append(self._texts[i.tobytes()])
+        while len(self._texts) > max(TEXT_CACHE_SIZE, len(prompts)):
+            self._texts.popitem(last=False)
+        return out
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         """[-1, 1] pixels -> scaled latents; the mean of the latent distribution, so img2img is deterministic."""
-        out = self._component("vae_encoder")(sample=pixels)
+        with self._using("vae_encoder") as encoder:
+            out = encoder(sample=pixels)
         if "latent_parameters" in out:
             moments = out["latent_parameters"]
             latents = moments[:, : moments.shape[1] // 2]
@@ -166,33 +227,46 @@ class Pipeline:
         return (latents * self.info.scaling_factor).astype(np.float32)
 
     def _decode(self, latents: np.ndarray) -> np.ndarray:
-        sample = self._component("vae_decoder")(latent_sample=latents / self.info.scaling_factor)["sample"]
+        raw = latents / self.info.scaling_factor
+        with self._using("vae_decoder") as decoder:
+            if self.tiles is None:
+                sample = decoder(latent_sample=raw)["sample"]
+            else:
+                sample = decode_tiled(lambda z: decoder(latent_sample=z)["sample"], raw, self.tiles,
+                                      self.info.vae_scale_factor)
         if not np.isfinite(sample).all():
             raise SdonnxError("the VAE decoder produced NaN/inf (an fp16 overflow?): use an fp32 vae_decoder; "
                               "no image was written")
         return imaging.decoded_to_unit(sample)
 
-    def _guided(self, unet: Component, sample: np.ndarray, t: float, context: np.ndarray, w: float) -> np.ndarray:
-        """Classifier-free guidance (Ho & Salimans 2022): one U-Net call on [uncond, cond], then combine."""
+    @staticmethod
+    def _guided(unet, sample: np.ndarray, t: float, context: np.ndarray, w: float, **extra
+                ) -> tuple[np.ndarray, dict]:
+        """Classifier-free guidance (Ho & Salimans 2022): one U-Net call on [uncond, cond], then combine.
+
+        Returns (prediction, all the graph's outputs)."""
+        batch = sample if w <= 1.0 else np.concatenate([sample, sample])
+        out = unet(sample=batch, timestep=np.float64(t), encoder_hidden_states=context, **extra)
         if w <= 1.0:
-            return unet(sample=sample, timestep=np.float64(t), encoder_hidden_states=context)["out_sample"]
-        both = unet(sample=np.concatenate([sample, sample]), timestep=np.float64(t),
-                    encoder_hidden_states=context)["out_sample"]
-        uncond, cond = np.split(both, 2)
-        return uncond + w * (cond - uncond)
+            return out["out_sample"], out
+        uncond, cond = np.split(out["out_sample"], 2)
+        return uncond + w * (cond - uncond), out
 
     # ---- the loop ----------------------------------------------------------------------------------
 
     def _generate(self, prompt, negative_prompt, guidance, run, start: _Start, callback, output_type):
-        sched, rng, shape = run
+        sched, rng, shape, interval = run
         if self.info.is_inpaint and start.extra is None:
             raise SdonnxError(f"{self.info.path.name} is an inpainting model ({self.info.unet_in_channels}-channel "
                               "U-Net): use inpaint() / --init-image with --mask")
         n = shape[0]
         w = float(guidance if guidance is not None else self.info.defaults.guidance)
-        cond = np.repeat(self._encode_text([prompt]), n, axis=0)
-        context = cond if w <= 1.0 else np.concatenate([np.repeat(self._encode_text([negative_prompt]), n, 0), cond])
-        latents = self._denoise(sched, rng, start, context, w, callback)
+        if w <= 1.0:
+            context = np.repeat(self._encode_texts([prompt])[0], n, axis=0)
+        else:
+            negative, positive = self._encode_texts([negative_prompt, prompt])
+            context = np.concatenate([np.repeat(negative, n, 0), np.repeat(positive, n, 0)])
+        latents = self._denoise(sched, rng, start, context, w, callback, interval)
         pixels = self._decode(latents)
         if start.paste is not None:
             original, mask = start.paste
@@ -201,16 +275,34 @@ class Pipeline:
             return pixels.astype(np.float32)
         return imaging.to_pil(pixels)
 
-    def _denoise(self, sched, rng, start: _Start, context, w, callback) -> np.ndarray:
+    def _denoise(self, sched, rng, start: _Start, context, w, callback, interval: int = 1) -> np.ndarray:
         """The one denoising loop; the three tasks differ only in `start` (initial latents, mask blending)."""
-        unet = self._component("unet")
+        with contextlib.ExitStack() as stack:
+            if interval == 1:
+                unet = stack.enter_context(self._using("unet"))
+                return self._loop(sched, rng, start, context, w, callback, lambda k, *a: self._guided(unet, *a)[0])
+            full = stack.enter_context(self._using("unet_features"))
+            shallow = stack.enter_context(self._using("unet_shallow"))
+            deep = {}
+
+            def predict(k: int, sample, t, context, w):
+                """DeepCache (Ma et al. 2023): deep features from every interval-th full step, reused between."""
+                if k % interval == 0:
+                    pred, out = self._guided(full, sample, t, context, w)
+                    deep["features"] = out["deep_features"]
+                    return pred
+                return self._guided(shallow, sample, t, context, w, deep_features=deep["features"])[0]
+
+            return self._loop(sched, rng, start, context, w, callback, predict)
+
+    def _loop(self, sched, rng, start: _Start, context, w, callback, predict) -> np.ndarray:
         latents = start.latents
         total = len(sched.timesteps) - start.index
         for k, i in enumerate(range(start.index, len(sched.timesteps))):
             sample = sched.scale_model_input(latents, i)
             if start.extra is not None:
                 sample = np.concatenate([sample, start.extra], axis=1)
-            pred = self._guided(unet, sample, sched.timesteps[i], context, w)
+            pred = predict(k, sample, sched.timesteps[i], context, w)
             noise = rng.standard_normal(latents.shape, dtype=np.float32) if sched.needs_noise else None
             latents = sched.step(pred, i, latents, noise).astype(np.float32)
             if start.keep_mask is not None:

@@ -154,6 +154,10 @@ class Component:
                        for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
+    def close(self) -> None:
+        """Release the ORT session and its memory now (low-memory mode); the component cannot run after."""
+        self.session = None
+
     @property
     def io_precision(self) -> str:
         """fp16 when the graph's float inputs are float16, else fp32 (graphs may compute in fp16 behind fp32 I/O)."""
@@ -168,6 +172,8 @@ class Component:
 
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph; float outputs come back as float32."""
+        if self.session is None:
+            raise SdonnxError(f"{self.path.parent.name}: session was closed")
         missing = sorted(set(self.inputs) - set(feeds))
         if missing:
             raise SdonnxError(f"{self.path.parent.name}: graph input(s) {', '.join(missing)} not fed")
