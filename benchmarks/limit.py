@@ -1,0 +1,133 @@
+"""The fastest possible U-Net call on this machine: its FLOPs over the measured matrix-multiply peak.
+
+FLOPs are counted once with torch.utils.flop_counter on our U-Net (built on the meta device, so no weights are
+allocated); the peak is the best of several large ORT MatMul (fp32) and MatMulInteger (u8 x s8 -> int32)
+products, one thread per physical core as our sessions use.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONV_OPS = ("convolution",)  # what dynamic int8 leaves in fp32 (it quantizes MatMul/Gemm only)
+
+
+def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2)) -> dict:
+    """{"<size>x<batch>": {"total": flops, "conv": ..., "matmul": ...}} for one U-Net call."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdonnx.export.models.config import UNetConfig
+    from sdonnx.export.models.unet import UNet2DConditionModel
+
+    cfg = UNetConfig.from_dict(json.loads((weights / "unet" / "config.json").read_text()))
+    vae = json.loads((weights / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cfg).eval()
+    out = {}
+    for size in sizes:
+        for batch in batches:
+            lat = size // factor
+            with torch.device("meta"):
+                x = torch.empty(batch, cfg.in_channels, lat, lat)
+                ctx = torch.empty(batch, 77, cfg.cross_attention_dim)
+                t = torch.tensor(500.0)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                unet(x, t, ctx)
+            by_op = {str(k).split(".")[-1]: int(v) for k, v in counter.get_flop_counts()["Global"].items()}
+            conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
+            total = int(counter.get_total_flops())
+            out[f"{size}x{batch}"] = {"total": total, "conv": conv, "matmul": total - conv, "by_op": by_op}
+    return out
+
+
+def _matmul_model(n: int, integer: bool):
+    from onnx import TensorProto, helper
+
+    a_type, b_type, y_type = ((TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32) if integer else
+                              (TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT))
+    node = helper.make_node("MatMulInteger" if integer else "MatMul", ["A", "B"], ["Y"])
+    graph = helper.make_graph([node], "mm", [helper.make_tensor_value_info("A", a_type, [n, n]),
+                                             helper.make_tensor_value_info("B", b_type, [n, n])],
+                              [helper.make_tensor_value_info("Y", y_type, [n, n])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def matmul_peak(n: int = 2048, runs: int = 7) -> dict:
+    """Best observed ops/s of an n x n x n product: ORT fp32, ORT u8s8 int8, and numpy fp32 for reference."""
+    import onnxruntime as ort
+
+    from sdonnx.session import physical_cores
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = physical_cores()
+    rng = np.random.default_rng(0)
+    cases = {
+        "fp32": (False, rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)),
+        "int8": (True, rng.integers(0, 255, (n, n), dtype=np.uint8), rng.integers(-127, 127, (n, n), dtype=np.int8)),
+    }
+    peak = {}
+    for name, (integer, a, b) in cases.items():
+        sess = ort.InferenceSession(_matmul_model(n, integer), so, providers=["CPUExecutionProvider"])
+        peak[name] = 2 * n**3 / _best(lambda: sess.run(None, {"A": a, "B": b}), runs)
+    a, b = cases["fp32"][1:]
+    peak["numpy_fp32"] = 2 * n**3 / _best(lambda: a @ b, runs)
+    return {k: float(v) for k, v in peak.items()}
+
+
+def _best(fn, runs: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine() -> dict:
+    """CPU model, cores, SIMD flags that matter for these kernels, library versions."""
+    import os
+
+    import onnxruntime as ort
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "logical_cpus": os.cpu_count(),
+            "onnxruntime": ort.__version__, "numpy": np.__version__}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")))
+        info["cpu"] = model
+        info["flags"] = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
+                                                          "avx512_bf16", "amx_int8", "amx_bf16", "avx512_fp16"))
+        mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        info["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    from sdonnx.session import physical_cores
+
+    info["physical_cores"] = physical_cores()
+    for lib in ("torch", "diffusers", "transformers", "optimum", "onnx"):
+        try:
+            from importlib.metadata import version
+
+            info[lib] = version("optimum-onnx" if lib == "optimum" else lib)
+        except Exception:  # not installed: say so rather than fail the run
+            info[lib] = None
+    return info
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--peak-only":
+        print(json.dumps(matmul_peak()))
+    else:
+        weights, sizes = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")]
+        print(json.dumps({"machine": machine(), "matmul_peak": matmul_peak(), "unet_flops": unet_flops(weights, sizes)}))

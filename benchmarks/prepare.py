@@ -1,0 +1,94 @@
+"""Model folders for the comparison: one diffusers folder of random weights, and each system's export of it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# every system reads these folders, so all of them run the SAME weights
+FOLDERS = {
+    "weights": "diffusers",  # the PyTorch weights (diffusers layout), read by diffusers and by both exporters
+    "sdonnx-fp32": "sdonnx-fp32",
+    "sdonnx-int8": "sdonnx-int8",
+    "optimum-fp32": "optimum-fp32",
+}
+
+
+def write_random_sd15(out: Path, seed: int = 0) -> Path:
+    """SD 1.5's architecture with random weights (the exporter's `random:sd15`) written as a diffusers folder."""
+    from safetensors.torch import save_file
+    from sdonnx.export import folder
+    from sdonnx.export.weights import load_checkpoint
+
+    ckpt = load_checkpoint("random:sd15", seed=seed)
+    tmp = out.with_name(out.name + ".tmp")
+    files = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+    configs = {"unet": ckpt.configs.unet, "vae": ckpt.configs.vae, "text_encoder": ckpt.configs.clip}
+    for name, stem in files.items():
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        folder.write_json(tmp / name / "config.json", configs[name].to_dict())
+        # safetensors refuses tensors that share storage; the random state dicts own theirs, contiguous
+        save_file({k: v.contiguous() for k, v in ckpt.state_dicts[name].items()}, str(tmp / name / f"{stem}.safetensors"))
+        ckpt.state_dicts[name].clear()
+    folder.copy_tokenizer(Path(ckpt.tokenizer_dir), tmp)
+    folder.write_json(tmp / "scheduler" / "scheduler_config.json", ckpt.scheduler_config)
+    folder.write_json(tmp / "model_index.json", folder.model_index(ckpt.family, ckpt.scheduler_config["_class_name"]))
+    tmp.rename(out)
+    return out
+
+
+def write_tiny(out: Path) -> Path:
+    """A tiny random diffusers pipeline (tests/tiny_sd.py) to develop the harness on: seconds per round."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_sd import save_pipeline
+
+    save_pipeline(out, "sd1")
+    return out
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    """Each export in its own process, so its memory is returned before the next one starts."""
+    start = time.perf_counter()
+    print(f"  $ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+    print(f"    done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+OPTIMUM_EXPORT = "from optimum.exporters.onnx import main_export; import sys; " \
+                 "main_export(sys.argv[1], sys.argv[2], task='text-to-image')"
+
+
+def prepare(work: Path, weights: str) -> dict[str, Path]:
+    """Create whatever of the four folders is missing; returns name -> folder."""
+    work.mkdir(parents=True, exist_ok=True)
+    paths = {k: work / v for k, v in FOLDERS.items()}
+    src = paths["weights"]
+    if not (src / "model_index.json").is_file():
+        print(f"writing {weights} weights -> {src}", file=sys.stderr, flush=True)
+        (write_random_sd15 if weights == "sd15" else write_tiny)(src)
+    for precision in ("fp32", "int8"):
+        out = paths[f"sdonnx-{precision}"]
+        if not (out / "sdonnx.json").is_file():
+            _run(["sdonnx", "export", str(src), str(out), "--precision", precision, "--force", "--quiet"],
+                 work / f"export-{precision}.log")
+    out = paths["optimum-fp32"]
+    if not (out / "model_index.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        _run([sys.executable, "-c", OPTIMUM_EXPORT, str(src), str(tmp)], work / "export-optimum.log")
+        tmp.rename(out)
+    return paths
+
+
+def folder_sizes(paths: dict[str, Path]) -> dict[str, float]:
+    """MiB on disk per folder."""
+    return {k: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20, 1) for k, p in paths.items()}
+
+
+if __name__ == "__main__":
+    print(json.dumps({k: str(v) for k, v in prepare(Path(sys.argv[1]), sys.argv[2]).items()}))

@@ -1,0 +1,144 @@
+"""Summaries of the raw runs: medians per system and size, the U-Net bound, a Markdown table and a chart."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode", "txt2img")
+LABELS = {"text_encoder": "text enc 2x77", "unet_b2": "U-Net b2", "unet_b1": "U-Net b1", "vae_decode": "VAE dec",
+          "vae_encode": "VAE enc", "txt2img": "txt2img"}
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else {}
+
+
+def bounds(report: dict, size: int, batch: int) -> dict:
+    """Seconds of the fastest possible U-Net call: all FLOPs at the fp32 peak; for int8, matmuls at the int8 peak
+    and convolutions at the fp32 peak (dynamic int8 quantizes MatMul/Gemm only), and everything at int8."""
+    flops = report["unet_flops"].get(f"{size}x{batch}")
+    peak = report["matmul_peak"]
+    if not flops:
+        return {}
+    fp32 = max(peak["fp32"], peak.get("numpy_fp32", 0.0))
+    return {"fp32": flops["total"] / fp32, "int8_matmul_fp32_conv": flops["conv"] / fp32 + flops["matmul"] / peak["int8"],
+            "int8_all": flops["total"] / peak["int8"]}
+
+
+def _bound_for(system: str, b: dict) -> float | None:
+    return b.get("int8_matmul_fp32_conv" if "int8" in system else "fp32")
+
+
+def summarize(report: dict) -> dict:
+    """{size: {system: {figure: stats, step: stats, peak_rss_mb: max, load_s: median, unet_b2_of_bound: ...}}}"""
+    out: dict = {}
+    for res in report["runs"]:
+        if "error" in res:
+            continue
+        cell = out.setdefault(str(res["size"]), {}).setdefault(res["system"], {"_runs": []})
+        cell["_runs"].append(res)
+    for size, systems in out.items():
+        b2, b1 = bounds(report, int(size), 2), bounds(report, int(size), 1)
+        for system, cell in systems.items():
+            runs = cell.pop("_runs")
+            for fig in FIGURES:
+                cell[fig] = _stats([t for r in runs for t in r["times_s"][fig]])
+            # the first interval also encodes the prompts, so a step is the time between consecutive callbacks
+            cell["step"] = _stats([t for r in runs for t in r["step_s"][1:]])
+            cell["load_s"] = statistics.median(r["load_s"] for r in runs)
+            cell["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+            cell["runs"] = len(runs)
+            for fig, b in (("unet_b2", b2), ("unet_b1", b1)):
+                bound = _bound_for(system, b)
+                if bound and cell[fig]:
+                    cell[f"{fig}_bound_s"] = bound
+                    cell[f"{fig}_efficiency"] = bound / cell[fig]["median"]  # 1.0 = at the machine's peak
+    return out
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1000:.0f}" if x >= 0.1 else f"{x * 1000:.1f}"
+
+
+def markdown(report: dict) -> str:
+    s = report["summary"]
+    m = report["machine"]
+    peak = report["matmul_peak"]
+    lines = [f"# Benchmark `{report['name']}`: {report['weights']} weights, {report['settings']['steps']}-step txt2img",
+             "",
+             f"Machine: {m.get('cpu')}, {m.get('physical_cores')} physical cores ({m.get('logical_cpus')} logical), "
+             f"{m.get('memory_gb')} GB; flags {', '.join(m.get('flags', []))}.  ",
+             f"onnxruntime {m['onnxruntime']}, torch {m['torch']}, diffusers {m['diffusers']}, "
+             f"transformers {m['transformers']}, optimum-onnx {m['optimum']}, numpy {m['numpy']}.  ",
+             f"Measured matmul peak: fp32 {max(peak['fp32'], peak.get('numpy_fp32', 0)) / 1e9:.0f} GFLOP/s, "
+             f"int8 (u8s8) {peak['int8'] / 1e9:.0f} GOP/s.  ",
+             f"Started {report['started']}, finished {report.get('finished', '(unfinished)')}.  ",
+             f"Command: `{report['command']}`", ""]
+    for size, systems in s.items():
+        flops = report["unet_flops"].get(f"{size}x2", {}).get("total", 0)
+        lines += [f"## {size}x{size} (U-Net batch 2: {flops / 1e9:.1f} GFLOP)", "",
+                  "Milliseconds, median of the timed runs (min-max for the step). "
+                  "Bound = fastest possible U-Net batch-2 call at the measured peak; efficiency = bound / measured.", "",
+                  "| system | runs | " + " | ".join(LABELS[f] for f in FIGURES) +
+                  " | step (min-max) | U-Net b2 bound | efficiency | load s | peak RSS MB |",
+                  "|---" * (len(FIGURES) + 7) + "|"]
+        for system in report["systems"]:
+            c = systems.get(system)
+            if not c:
+                continue
+            figs = " | ".join(_ms(c[f]["median"]) if c[f] else "-" for f in FIGURES)
+            st = c["step"]
+            step = f"{_ms(st['median'])} ({_ms(st['min'])}-{_ms(st['max'])})" if st else "-"
+            eff = c.get("unet_b2_efficiency")
+            lines.append(f"| {system} | {c['runs']} | {figs} | {step} | {_ms(c.get('unet_b2_bound_s', 0))} | "
+                         f"{eff * 100:.0f}% | {c['load_s']:.1f} | {c['peak_rss_mb']:.0f} |" if eff else
+                         f"| {system} | {c['runs']} | {figs} | {step} | - | - | {c['load_s']:.1f} | "
+                         f"{c['peak_rss_mb']:.0f} |")
+        lines.append("")
+    failed = [r for r in report["runs"] if "error" in r]
+    if failed:
+        lines += [f"{len(failed)} worker run(s) failed: " +
+                  ", ".join(f"{r['system']} {r['size']} round {r['round'] + 1}" for r in failed), ""]
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> Path | None:
+    """Per-step latency by system and size, with the fp32 and int8 bounds of a guided step drawn."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["summary"]
+    sizes = list(s)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    colors = {"sdonnx-fp32": "#1f77b4", "sdonnx-int8": "#17becf", "optimum-fp32": "#ff7f0e", "diffusers-fp32": "#d62728"}
+    for ax, size in zip(axes[0], sizes):
+        names = [n for n in report["systems"] if n in s[size] and s[size][n]["step"]]
+        med = [s[size][n]["step"]["median"] for n in names]
+        lo = [m - s[size][n]["step"]["min"] for m, n in zip(med, names)]
+        hi = [s[size][n]["step"]["max"] - m for m, n in zip(med, names)]
+        ax.bar(names, med, yerr=[lo, hi], capsize=4, color=[colors.get(n, "grey") for n in names])
+        b = bounds(report, int(size), 2)
+        for key, style, label in (("fp32", "--", "fp32 bound"), ("int8_matmul_fp32_conv", ":", "int8 bound")):
+            if key in b:
+                ax.axhline(b[key], color="black", linestyle=style, linewidth=1, label=f"{label} {b[key]:.2f} s")
+        ax.set_title(f"{size}x{size}: one guided denoising step")
+        ax.set_ylabel("seconds per step (median, min-max)")
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['weights']} weights on {report['machine'].get('cpu')}, "
+                 f"{report['machine'].get('physical_cores')} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(report: dict, folder: Path) -> tuple[Path, Path | None]:
+    md = folder / f"{report['name']}.md"
+    md.write_text(markdown(report))
+    return md, chart(report, folder / f"{report['name']}.png")

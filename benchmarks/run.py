@@ -1,0 +1,140 @@
+"""Compare sdonnx (fp32, int8), optimum's ORT pipeline and diffusers on the same weights; write JSON, table, chart.
+
+    python benchmarks/run.py --weights sd15 --sizes 256,512 --runs 5 --steps 3
+
+Each timed run is a fresh worker process per system (load, warm up, time every figure once, exit), and the
+systems take turns in a rotating order, so drift on this shared machine hits all of them alike and only one
+system's memory is resident at a time. Results are saved after every worker, so an interrupted run keeps
+what it measured; `--report-only` redraws the table and chart from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SYSTEMS = ("sdonnx-fp32", "sdonnx-int8", "optimum-fp32", "diffusers-fp32")
+FOLDER_OF = {"sdonnx-fp32": "sdonnx-fp32", "sdonnx-int8": "sdonnx-int8", "optimum-fp32": "optimum-fp32",
+             "diffusers-fp32": "weights"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def python(args: list[str], timeout: float | None = None) -> str:
+    """Run a helper script; its stdout, or exit with its stderr tail."""
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if done.returncode:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(args[:3])} failed ({done.returncode}):\n{tail}")
+    return done.stdout
+
+
+def worker(system: str, folder: Path, size: int, steps: int, warmup: int) -> dict:
+    out = python([str(HERE / "worker.py"), system, str(folder), "--size", str(size), "--steps", str(steps),
+                  "--warmup", str(warmup)])
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = Path(args.work or ROOT / "models" / "bench" / args.weights)
+    out_json = HERE / "results" / f"{args.name}.json"
+    log(f"preparing model folders in {work}")
+    folders = {k: Path(v) for k, v in json.loads(python([str(HERE / "prepare.py"), str(work), args.weights])).items()}
+    sys.path.insert(0, str(HERE))
+    from prepare import folder_sizes
+
+    log("machine, matrix-multiply peak, U-Net FLOPs")
+    limit = json.loads(python([str(HERE / "limit.py"), str(folders["weights"]), args.sizes]))
+    report = {"name": args.name, "weights": args.weights, "command": " ".join(["python", *sys.argv]),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(args),
+              "systems": list(args.systems), "folder_mib": folder_sizes(folders), **limit, "runs": []}
+    for size in (int(s) for s in args.sizes.split(",")):
+        for r in range(args.runs):
+            order = [args.systems[(r + k) % len(args.systems)] for k in range(len(args.systems))]
+            for system in order:
+                if args.stop_at and time.strftime("%H:%M") >= args.stop_at and not _wraps(args.stop_at):
+                    if "stopped_early" not in report:
+                        log(f"{args.stop_at} reached: no more runs")
+                    report["stopped_early"] = f"no worker started after {args.stop_at}"
+                    continue
+                log(f"{size}x{size} round {r + 1}/{args.runs}: {system}")
+                try:
+                    res = worker(system, folders[FOLDER_OF[system]], size, args.steps, args.warmup)
+                except (RuntimeError, subprocess.SubprocessError) as err:
+                    log(f"  failed: {err}")
+                    res = {"system": system, "size": size, "error": str(err)[-2000:]}
+                res.update(round=r, load_average=load_average())
+                report["runs"].append(res)
+                save(report, out_json)
+    # the peak again at the end: other work on a shared machine can only make a measured peak lower
+    again = json.loads(python([str(HERE / "limit.py"), "--peak-only"]))
+    report["matmul_peak"] = {k: max(v, again[k]) for k, v in report["matmul_peak"].items()}
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    save(report, out_json)
+    return report
+
+
+def _wraps(stop_at: str) -> bool:
+    """True while the clock has not yet passed midnight towards a stop time set just after it."""
+    return time.strftime("%H:%M") > "12:00" and stop_at < "12:00"
+
+
+def save(report: dict, path: Path) -> None:
+    from report import summarize
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report["summary"] = summarize(report)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", choices=["sd15", "tiny"], default="sd15",
+                    help="sd15: SD 1.5 architecture, random weights; tiny: tests/tiny_sd.py (harness check)")
+    ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels, comma-separated")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs (fresh worker each) per system and size")
+    ap.add_argument("--steps", type=int, default=3, help="denoising steps of the whole txt2img")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each figure before the timed one")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--work", default=None, help="model folders (default: models/bench/WEIGHTS, git-ignored)")
+    ap.add_argument("--name", default=None, help="results/<name>.{json,md,png} (default: <weights>-cpu)")
+    ap.add_argument("--stop-at", default=None, metavar="HH:MM",
+                    help="start no worker after this local time (the runs so far are kept and reported)")
+    ap.add_argument("--report-only", action="store_true", help="redraw table and chart from results/<name>.json")
+    args = ap.parse_args()
+    args.systems = [s for s in args.systems.split(",") if s]
+    args.name = args.name or f"{args.weights}-cpu"
+    sys.path.insert(0, str(HERE))
+    from report import write_outputs
+
+    path = HERE / "results" / f"{args.name}.json"
+    if args.report_only:
+        report = json.loads(path.read_text())
+        save(report, path)
+    else:
+        report = run(args)
+    md, png = write_outputs(report, HERE / "results")
+    log(f"wrote {path}, {md}, {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""One system in its own process: load, warm up, time each figure, print one JSON line, exit.
+
+    python benchmarks/worker.py SYSTEM FOLDER --size 256 --steps 3 [--repeat 1]
+
+SYSTEM: sdonnx-fp32 | sdonnx-int8 (our runtime on our exports), optimum-fp32 (ORTStableDiffusionPipeline on
+optimum's export), diffusers-fp32 (StableDiffusionPipeline on PyTorch, CPU, torch.inference_mode).
+A fresh process per run makes the peak RSS this system's own; run.py interleaves the systems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
+GUIDANCE, TIMESTEP, SEED = 7.5, 500, 0
+FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode", "txt2img")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def inputs(size: int, factor: int, channels: int, context_dim: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The same random inputs for every system (batch 2 = [uncond, cond] as guidance runs it)."""
+    rng = np.random.default_rng(SEED)
+    lat = size // factor
+    return {
+        "ids": np.repeat(ids[None], 2, axis=0).astype(np.int64),
+        "latents2": rng.standard_normal((2, channels, lat, lat), dtype=np.float32),
+        "context2": rng.standard_normal((2, 77, context_dim), dtype=np.float32),
+        "latents1": rng.standard_normal((1, channels, lat, lat), dtype=np.float32),
+        "image": rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32),
+    }
+
+
+class Steps:
+    """Per-step wall time from the pipelines' own step callbacks."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def start(self) -> None:
+        self.marks = [time.perf_counter()]
+
+    def tick(self, *_args, **_kwargs):
+        self.marks.append(time.perf_counter())
+        return _kwargs.get("callback_kwargs", _args[-1] if _args else None)
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+# ---- the systems: each returns {figure: zero-argument callable}, and the Steps recorder of its txt2img
+
+def sdonnx_system(folder: str, size: int, steps: int) -> tuple[dict[str, Callable], Steps]:
+    from sdonnx.pipeline import Pipeline
+
+    pipe = Pipeline.load(folder, provider="cpu")
+    c = pipe.components
+    ctx_dim = c["unet"].inputs["encoder_hidden_states"].shape[-1]
+    x = inputs(size, pipe.info.vae_scale_factor, pipe.info.latent_channels, ctx_dim, pipe.tokenizer([PROMPT])[0])
+    t = np.float64(TIMESTEP)
+    rec = Steps()
+
+    def txt2img():
+        rec.start()
+        # PNDM, the folder's scheduler for the diffusers/optimum systems too
+        pipe.txt2img(PROMPT, NEGATIVE, steps=steps, guidance=GUIDANCE, scheduler="pndm", seed=SEED,
+                     width=size, height=size, callback=lambda k, n, lat: rec.tick(), output_type="np")
+
+    return {
+        "text_encoder": lambda: c["text_encoder"](input_ids=x["ids"]),
+        "unet_b2": lambda: c["unet"](sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"]),
+        "unet_b1": lambda: c["unet"](sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1]),
+        "vae_decode": lambda: c["vae_decoder"](latent_sample=x["latents1"]),
+        "vae_encode": lambda: c["vae_encoder"](sample=x["image"]),
+        "txt2img": txt2img,
+    }, rec
+
+
+def torch_system(system: str, folder: str, size: int, steps: int) -> tuple[dict[str, Callable], Steps]:
+    """diffusers on PyTorch, or optimum's ORT pipeline (which runs diffusers' loop over ORT components)."""
+    import torch
+
+    if system == "optimum-fp32":
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        pipe = ORTStableDiffusionPipeline.from_pretrained(folder)
+        te, unet, dec, enc = pipe.text_encoder, pipe.unet, pipe.vae_decoder, pipe.vae_encoder
+        ctx_dim = int(pipe.unet.config.cross_attention_dim)
+        decode = lambda z: dec(latent_sample=z)  # noqa: E731
+        encode = lambda im: enc(sample=im)  # noqa: E731
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        te, unet = pipe.text_encoder, pipe.unet
+        ctx_dim = int(pipe.unet.config.cross_attention_dim)
+        decode = lambda z: pipe.vae.decode(z).sample  # noqa: E731
+        encode = lambda im: pipe.vae.encode(im).latent_dist.mean  # noqa: E731
+    pipe.set_progress_bar_config(disable=True)
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    x = {k: torch.from_numpy(v) for k, v in
+         inputs(size, pipe.vae_scale_factor, int(pipe.unet.config.in_channels), ctx_dim, ids[0]).items()}
+    t = torch.tensor(TIMESTEP)
+    rec = Steps()
+
+    def txt2img():
+        rec.start()
+        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size,
+             width=size, generator=torch.Generator().manual_seed(SEED), output_type="np",
+             callback_on_step_end=lambda p, i, ts, kw: rec.tick(callback_kwargs=kw))
+
+    return {
+        "text_encoder": lambda: te(input_ids=x["ids"]),
+        "unet_b2": lambda: unet(sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"]),
+        "unet_b1": lambda: unet(sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1]),
+        "vae_decode": lambda: decode(x["latents1"]),
+        "vae_encode": lambda: encode(x["image"]),
+        "txt2img": txt2img,
+    }, rec
+
+
+def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup: int) -> dict:
+    start = time.perf_counter()
+    if system.startswith("sdonnx"):
+        figures, rec = sdonnx_system(folder, size, steps)
+        guard = _nullcontext
+    else:
+        import torch
+
+        figures, rec = torch_system(system, folder, size, steps)
+        guard = torch.inference_mode
+    load_s = time.perf_counter() - start
+    times: dict[str, list[float]] = {f: [] for f in FIGURES}
+    step_s: list[float] = []
+    with guard():
+        for name in FIGURES:
+            # txt2img reuses the shapes the component warm-ups just ran, so it needs none of its own
+            for _ in range(warmup if name != "txt2img" else 0):
+                figures[name]()
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                figures[name]()
+                times[name].append(time.perf_counter() - t0)
+                if name == "txt2img":
+                    step_s.extend(rec.durations())
+    return {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
+            "peak_rss_mb": peak_rss_mb(), "threads": _threads(system)}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _threads(system: str) -> int | None:
+    if system.startswith("diffusers"):
+        import torch
+
+        return torch.get_num_threads()
+    if system.startswith("sdonnx"):
+        from sdonnx.session import physical_cores
+
+        return physical_cores()
+    return None  # optimum leaves ORT's default (one thread per physical core)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("system", choices=["sdonnx-fp32", "sdonnx-int8", "optimum-fp32", "diffusers-fp32"])
+    ap.add_argument("folder")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs of each figure in this process")
+    ap.add_argument("--warmup", type=int, default=1)
+    a = ap.parse_args()
+    result = measure(a.system, a.folder, a.size, a.steps, a.repeat, a.warmup)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
