@@ -34,6 +34,7 @@ class ExportJob:
     prediction_type: str | None = None
     int8_scheme: str = "dynamic"
     step_cache: int | None = None  # shallow-branch depth of the DeepCache graphs; None: not exported
+    attention: str = "standard"  # "mha": U-Net attention as ORT's MultiHeadAttention (flash attention on CPU)
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -128,6 +129,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
 
     start = time.perf_counter()
     quantize.scheme("unet", job.precision, "sd1", job.int8_scheme)  # reject bad options before any work
+    _check_attention(job)
     calibrate = quantize.scheme("unet", job.precision, "sd1", job.int8_scheme).method.startswith("static")
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
     bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
@@ -136,6 +138,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
             models = bar.step("build models", build_models, ckpt)
+            if job.attention == "mha":
+                graphs.use_fused_attention(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
             feeds = bar.step("calibration data", _calibration, models, ckpt) if calibrate else None
             work = root / "_work"
@@ -161,7 +165,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", inputs, outputs[0])
             job.timings["total"] = round(time.perf_counter() - start, 2)
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
-                      "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET}
+                      "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET,
+                      "attention": job.attention}
             return folder.write_metadata(
                 root, version=__version__, source=job.source,
                 family="tiny" if job.source == "tiny" else ckpt.family,
@@ -172,6 +177,14 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
         bar.close()
+
+
+def _check_attention(job: ExportJob) -> None:
+    if job.attention not in graphs.ATTENTION:
+        raise ValueError(f"unknown attention {job.attention!r}; choose one of {', '.join(graphs.ATTENTION)}")
+    if job.attention == "mha" and job.precision == "fp16":
+        raise ValueError("--attention mha is for the CPU provider, whose MultiHeadAttention kernel is fp32 only: "
+                         "use it with --precision fp32 or int8")
 
 
 def _drop_state_dicts(ckpt):
@@ -244,9 +257,12 @@ def _one_line(err: BaseException) -> str:
               help="Also export the DeepCache graphs (unet_shallow/, unet/model_features.onnx) for --cache-interval.")
 @click.option("--step-cache-depth", default=1, show_default=True,
               help="First-level down layers the shallow graph recomputes (0 .. layers per block).")
+@click.option("--attention", default="standard", show_default=True,
+              help="standard | mha: U-Net attention as ORT's MultiHeadAttention, which the CPU provider runs as "
+                   "flash attention (no full score matrix); fp32/int8 only.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
-           prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int,
+           prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
            quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd21, tiny) to ONNX."""
     if precision not in quantize.PRECISIONS:
@@ -254,7 +270,7 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
     try:
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
-                        step_cache_depth if step_cache else None)
+                        step_cache_depth if step_cache else None, attention=attention)
         meta = run_export(job, progress=not quiet)
     except OSError as err:
         if err.errno == errno.ENOSPC:

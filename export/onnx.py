@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .models.config import ModelConfigs
+from .models.layers import Attention, merge_heads, split_heads
 
 OPSET = 17
 TEXT_LENGTH = 77
@@ -22,6 +23,7 @@ FEATURES_FILE = "model_features.onnx"
 # protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself
 EXTERNAL_DATA_BYTES = 1_800_000_000
 EXTERNAL_DATA_NAME = "model.onnx_data"
+ATTENTION = ("standard", "mha")  # how U-Net attention is exported (see FusedAttention)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,46 @@ class VaeDecoderGraph(nn.Module):
 
     def forward(self, latent_sample: torch.Tensor):
         return self.vae.decode(latent_sample)
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """q, k, v [B, S, heads * d] -> [B, S, heads * d]; traced as one com.microsoft.MultiHeadAttention node."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool) -> torch.Tensor:
+        q, k, v = (split_heads(t.float() if upcast else t, heads) for t in (q, k, v))
+        return merge_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v)).to(v.dtype)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int, upcast: bool):
+        # no scale attribute: the kernel's default is 1/sqrt(head size), as in scaled_dot_product_attention
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        out.setType(q.type())
+        return out
+
+
+class FusedAttention(nn.Module):
+    """An Attention whose core exports as MultiHeadAttention: ORT's CPU kernel for it (fp32) runs flash
+    attention (Dao et al. 2022) in L2-sized blocks, so the [B*heads, S, S] score matrix never exists."""
+
+    def __init__(self, attention: Attention):
+        super().__init__()
+        self.heads, self.upcast = attention.heads, attention.upcast
+        self.to_q, self.to_k, self.to_v, self.to_out = attention.to_q, attention.to_k, attention.to_v, attention.to_out
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = _MultiHeadAttention.apply(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        return self.to_out[0](out)
+
+
+def use_fused_attention(model: nn.Module) -> int:
+    """Swap each plain Attention inside `model` for a FusedAttention on the same weights; returns how many."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is Attention]  # the VAE's AttnBlock subclass keeps its own forward
+    for parent, name, child in swaps:
+        setattr(parent, name, FusedAttention(child))
+    return len(swaps)
 
 
 @dataclass(frozen=True)
