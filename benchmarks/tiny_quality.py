@@ -1,0 +1,112 @@
+"""Quality of the bundled tiny model, judged by the shapes evaluator on fresh captions.
+
+    python benchmarks/tiny_quality.py [--model DIR] [--int8 DIR] [--n 200] [--seed 2026]
+
+Reports background colour, shape colour, shape and position accuracy (%) at the folder's default
+settings, at guidance 1 (no guidance) and, given an int8 folder, for it too; writes
+benchmarks/results/tiny_quality.{json,md} and a captioned grid PNG of a dozen prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sdonnx import Pipeline
+from sdonnx.export.tiny.shapes import Scene, random_scene, score
+
+RESULTS = Path(__file__).parent / "results"
+GRID_PROMPTS = [
+    "a red circle on a blue background",
+    "a small yellow square in the top left on a black background",
+    "a large green triangle on a white background",
+    "a purple circle in the bottom right on an orange background",
+    "a small white triangle in the top right on a red background",
+    "a large blue square on a yellow background",
+    "an orange circle in the bottom left on a green background",
+    "a black square in the center on a white background",
+    "a small red triangle in the bottom right on a purple background",
+    "a large yellow circle on a blue background",
+    "a green square in the top right on a black background",
+    "a small blue triangle in the top left on an orange background",
+]
+
+
+def fresh_scenes(n: int, seed: int) -> list[Scene]:
+    """Captions drawn with a seed used nowhere in training or tuning."""
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+def generate(pipe: Pipeline, scenes: list[Scene], guidance: float | None, seed: int) -> list[Image.Image]:
+    images = []
+    for k, scene in enumerate(scenes):
+        images += pipe.txt2img(scene.caption(), guidance=guidance, seed=seed + k)
+    return images
+
+
+def evaluate(pipe: Pipeline, scenes: list[Scene], guidance: float | None, seed: int) -> dict:
+    start = time.perf_counter()
+    acc = score(scenes, generate(pipe, scenes, guidance, seed))
+    acc["seconds"] = round(time.perf_counter() - start, 1)
+    return acc
+
+
+def grid(pipe: Pipeline, prompts: list[str], seed: int, cols: int = 4, scale: int = 2) -> Image.Image:
+    """Each prompt's picture, enlarged, above its caption."""
+    tiles = [pipe.txt2img(p, seed=seed)[0] for p in prompts]
+    w, h = tiles[0].width * scale, tiles[0].height * scale
+    cell_w, text_h = max(w, 220), 34
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * cell_w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (tile, prompt) in enumerate(zip(tiles, prompts)):
+        x, y = (k % cols) * cell_w, (k // cols) * (h + text_h)
+        sheet.paste(tile.resize((w, h), Image.NEAREST), (x + (cell_w - w) // 2, y))
+        draw.multiline_text((x + 4, y + h + 2), "\n".join(textwrap.wrap(prompt, 36)[:2]), fill="black", spacing=1)
+    return sheet
+
+
+def table(results: dict) -> str:
+    rows = ["| setting | background colour | shape colour | shape | position |", "|---|---|---|---|---|"]
+    for name, acc in results.items():
+        rows.append(f"| {name} | {acc['background']:.1f}% | {acc['color']:.1f}% | {acc['shape']:.1f}% | "
+                    f"{acc['position']:.1f}% |")
+    return "\n".join(rows)
+
+
+@click.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="fp32 folder (default: bundled).")
+@click.option("--int8", "int8_dir", type=click.Path(path_type=Path), default=None, help="int8 export of it.")
+@click.option("--n", default=200, show_default=True, help="Fresh captions to judge.")
+@click.option("--seed", default=2026, show_default=True, help="Seed of the captions (and, offset, the noise).")
+def main(model: Path | None, int8_dir: Path | None, n: int, seed: int) -> None:
+    pipe = Pipeline.load(model)
+    scenes = fresh_scenes(n, seed)
+    d = pipe.info.defaults
+    results = {f"fp32, defaults ({d.scheduler}, {d.steps} steps, guidance {d.guidance})":
+               evaluate(pipe, scenes, None, seed * 1000)}
+    results["fp32, guidance 1 (none)"] = evaluate(pipe, scenes, 1.0, seed * 1000)
+    if int8_dir is not None:
+        results["int8, defaults"] = evaluate(Pipeline.load(int8_dir), scenes, None, seed * 1000)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"model": str(pipe.info.path), "captions": n, "caption_seed": seed, "results": results,
+              "python": sys.version.split()[0], "machine": platform.machine()}
+    (RESULTS / "tiny_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = (f"Tiny model, {n} fresh captions (seed {seed}), judged by `sdonnx.export.tiny.shapes.judge`.\n\n"
+          + table(results) + "\n")
+    (RESULTS / "tiny_quality.md").write_text(md)
+    grid(pipe, GRID_PROMPTS, seed=7).save(RESULTS / "tiny_grid.png")
+    click.echo(md)
+
+
+if __name__ == "__main__":
+    main()
