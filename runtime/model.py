@@ -64,7 +64,8 @@ class ModelInfo:
         return self.unet_in_channels > self.latent_channels
 
     def precision(self, component: str) -> str | None:
-        return self.meta.get("components", {}).get(component, {}).get("precision")
+        owner = "unet" if component == "unet_features" else component  # the same U-Net, one more output
+        return self.meta.get("components", {}).get(owner, {}).get("precision")
 
 
 def _read_json(path: Path) -> dict:
