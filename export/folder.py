@@ -17,6 +17,7 @@ from .models.config import ModelConfigs
 FORMAT = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "dpmpp_2m_karras"}
+DEFAULTS_FILE = "sdonnx_defaults.json"
 
 
 class FolderExistsError(ValueError):
@@ -151,10 +152,23 @@ def file_table(root: Path) -> dict:
     return table
 
 
+def source_defaults(source: str) -> dict:
+    """Generation defaults a source folder suggests in its sdonnx_defaults.json (the tiny trainer writes one)."""
+    path = Path(source) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    suggested = json.loads(path.read_text(encoding="utf-8"))
+    return {k: suggested[k] for k in DEFAULTS if k in suggested}
+
+
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
-                   static: dict | None, report: dict, step_cache: dict | None = None) -> dict:
-    """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json."""
+                   static: dict | None, report: dict, step_cache: dict | None = None,
+                   defaults: dict | None = None) -> dict:
+    """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
+
+    `defaults` (steps, guidance, scheduler) override the generic ones for models that know better.
+    """
     copy_tokenizer(tokenizer_dir, root)
     sched = dict(scheduler_config, prediction_type=prediction_type)
     write_json(root / "scheduler" / "scheduler_config.json", sched)
@@ -169,7 +183,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "scaling_factor": configs.vae.scaling_factor, "sample_size": pixels,
         "tokenizer": {"pad_token_id": pad_token_id(root / "tokenizer"), "max_length": 77},
         "files": file_table(root), "components": components,
-        "defaults": dict(DEFAULTS, width=(static or {}).get("width", pixels),
+        "defaults": dict(DEFAULTS, **(defaults or {}), width=(static or {}).get("width", pixels),
                          height=(static or {}).get("height", pixels)),
         "static_shape": static,
         "step_cache": step_cache,
