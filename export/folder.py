@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -11,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from sdonnx.model import sha256
 
 from .models.config import ModelConfigs
 
@@ -132,14 +133,6 @@ def model_index(family: str, scheduler_class: str) -> dict:
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_table(root: Path) -> dict:
