@@ -155,16 +155,29 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() / w, ys.mean() / h
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
-    return Judgement(background, color, _classify(mask, xs, ys), position)
+    return Judgement(background, color, _classify(mask), position)
 
 
-def _classify(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> str:
-    """Fill ratio of the bounding box: square ~1, circle ~pi/4, triangle ~1/2."""
-    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-    fill = mask.sum() / box
-    # The top row of a triangle is far narrower than its bottom row; a circle's are equal.
-    top = mask[ys.min() : ys.min() + max(1, (ys.max() - ys.min()) // 4)].sum()
-    bottom = mask[ys.max() - max(1, (ys.max() - ys.min()) // 4) + 1 : ys.max() + 1].sum()
+def _open(mask: np.ndarray) -> np.ndarray:
+    """Morphological opening with a 3x3 square: drops stray pixels, keeps the shape's outline."""
+    def shifts(m: np.ndarray):
+        p = np.pad(m, 1)
+        return [p[1 + dy : 1 + dy + m.shape[0], 1 + dx : 1 + dx + m.shape[1]] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+    eroded = np.logical_and.reduce(shifts(mask))
+    return np.logical_or.reduce(shifts(eroded))
+
+
+def _classify(mask: np.ndarray) -> str:
+    """Fill ratio of the bounding box (square ~1, circle ~pi/4, triangle ~1/2) and how much narrower the
+    top quarter is than the bottom one (a triangle points up)."""
+    cleaned = _open(mask)
+    mask = cleaned if cleaned.any() else mask
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    quarter = max(1, box.shape[0] // 4)
+    top, bottom = box[:quarter].sum(), box[-quarter:].sum()
+    fill = box.mean()
     if fill > 0.9:
         return "square"
     if top < 0.5 * bottom:
