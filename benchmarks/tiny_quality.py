@@ -46,16 +46,16 @@ def fresh_scenes(n: int, seed: int) -> list[Scene]:
     return [random_scene(rng) for _ in range(n)]
 
 
-def generate(pipe: Pipeline, scenes: list[Scene], guidance: float | None, seed: int) -> list[Image.Image]:
+def generate(pipe: Pipeline, scenes: list[Scene], seed: int, **options) -> list[Image.Image]:
     images = []
     for k, scene in enumerate(scenes):
-        images += pipe.txt2img(scene.caption(), guidance=guidance, seed=seed + k)
+        images += pipe.txt2img(scene.caption(), seed=seed + k, **options)
     return images
 
 
-def evaluate(pipe: Pipeline, scenes: list[Scene], guidance: float | None, seed: int) -> dict:
+def evaluate(pipe: Pipeline, scenes: list[Scene], seed: int, **options) -> dict:
     start = time.perf_counter()
-    acc = score(scenes, generate(pipe, scenes, guidance, seed))
+    acc = score(scenes, generate(pipe, scenes, seed, **options))
     acc["seconds"] = round(time.perf_counter() - start, 1)
     return acc
 
@@ -76,10 +76,11 @@ def grid(pipe: Pipeline, prompts: list[str], seed: int, cols: int = 4, scale: in
 
 
 def table(results: dict) -> str:
-    rows = ["| setting | background colour | shape colour | shape | position |", "|---|---|---|---|---|"]
+    rows = ["| setting | background colour | shape colour | shape | position | seconds |",
+            "|---|---|---|---|---|---|"]
     for name, acc in results.items():
         rows.append(f"| {name} | {acc['background']:.1f}% | {acc['color']:.1f}% | {acc['shape']:.1f}% | "
-                    f"{acc['position']:.1f}% |")
+                    f"{acc['position']:.1f}% | {acc['seconds']} |")
     return "\n".join(rows)
 
 
@@ -88,15 +89,19 @@ def table(results: dict) -> str:
 @click.option("--int8", "int8_dir", type=click.Path(path_type=Path), default=None, help="int8 export of it.")
 @click.option("--n", default=200, show_default=True, help="Fresh captions to judge.")
 @click.option("--seed", default=2026, show_default=True, help="Seed of the captions (and, offset, the noise).")
-def main(model: Path | None, int8_dir: Path | None, n: int, seed: int) -> None:
+@click.option("--cache-interval", default=0, help="Also judge the step cache at this interval (folders with it).")
+def main(model: Path | None, int8_dir: Path | None, n: int, seed: int, cache_interval: int) -> None:
     pipe = Pipeline.load(model)
     scenes = fresh_scenes(n, seed)
     d = pipe.info.defaults
-    results = {f"fp32, defaults ({d.scheduler}, {d.steps} steps, guidance {d.guidance})":
-               evaluate(pipe, scenes, None, seed * 1000)}
-    results["fp32, guidance 1 (none)"] = evaluate(pipe, scenes, 1.0, seed * 1000)
+    noise = seed * 1000
+    results = {f"fp32, defaults ({d.scheduler}, {d.steps} steps, guidance {d.guidance})": evaluate(pipe, scenes, noise)}
+    results["fp32, guidance 1 (none)"] = evaluate(pipe, scenes, noise, guidance=1.0)
+    if cache_interval > 1:
+        results[f"fp32, step cache interval {cache_interval}"] = evaluate(pipe, scenes, noise,
+                                                                         cache_interval=cache_interval)
     if int8_dir is not None:
-        results["int8, defaults"] = evaluate(Pipeline.load(int8_dir), scenes, None, seed * 1000)
+        results["int8, defaults"] = evaluate(Pipeline.load(int8_dir), scenes, noise)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"model": str(pipe.info.path), "captions": n, "caption_seed": seed, "results": results,
               "python": sys.version.split()[0], "machine": platform.machine()}

@@ -25,7 +25,7 @@ import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..models import AutoencoderKL, CLIPConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
@@ -78,8 +78,6 @@ def images_and_captions() -> tuple[torch.Tensor, list[str]]:
 
 def load_vae(folder: Path) -> AutoencoderKL:
     """The VAE of an earlier run's output folder (with the scaling factor it measured)."""
-    from safetensors.torch import load_file
-
     vae = AutoencoderKL(VAEConfig.from_dict(json.loads((folder / "vae" / "config.json").read_text())))
     vae.load_state_dict(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"), strict=True)
     return vae.eval()
@@ -122,7 +120,7 @@ def encode_all(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 def train_denoiser(
     latents: torch.Tensor, captions: list[str], tokenizer_dir: Path, steps: int, batch: int, gen: torch.Generator,
-    checkpoint=None, every: int = 1000,
+    checkpoint=None, every: int = 1000, init: Path | None = None, peak_lr: float = 5e-4,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
     """Text encoder and U-Net together on the v-prediction loss; EMA weights are what ships."""
     from sdonnx.tokenizer import CLIPTokenizer
@@ -132,18 +130,21 @@ def train_denoiser(
     vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
     clip = CLIPTextModel(clip_config(len(vocab)))
     unet = UNet2DConditionModel(UNET)
+    if init is not None:  # continue an earlier run (its EMA weights) instead of starting from scratch
+        clip.load_state_dict(load_file(init / "text_encoder" / "model.safetensors"), strict=True)
+        unet.load_state_dict(load_file(init / "unet" / "diffusion_pytorch_model.safetensors"), strict=True)
     ids = torch.from_numpy(tokenizer(captions))
     empty = torch.from_numpy(tokenizer([""]))[0]
     betas = torch.linspace(SCHEDULER["beta_start"], SCHEDULER["beta_end"], SCHEDULER["num_train_timesteps"],
                            dtype=torch.float64)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float()
     params = list(clip.parameters()) + list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=1e-2)
     ema = [copy.deepcopy(clip).eval().requires_grad_(False), copy.deepcopy(unet).eval().requires_grad_(False)]
     bar = tqdm(range(steps), desc="unet+clip", unit="step")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 5e-4)
+            group["lr"] = lr_at(step, steps, peak_lr)
         pick = torch.randint(len(latents), (batch,), generator=gen)
         x0, tokens = latents[pick], ids[pick].clone()
         tokens[torch.rand(batch, generator=gen) < CAPTION_DROPOUT] = empty
@@ -218,9 +219,12 @@ def write_folder(out: Path, tokenizer_dir: Path, clip: CLIPTextModel, vae: Autoe
 @click.option("--save-every", default=0, help="Also write intermediate folders OUT.stepN every N steps.")
 @click.option("--vae-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Reuse the VAE of an earlier run's folder instead of training one (same seed: same result).")
+@click.option("--continue-from", "continue_from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Start the text encoder and U-Net (and VAE) from an earlier run's folder.")
+@click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate of the denoiser stage.")
 @click.option("--threads", default=0, help="Torch threads (0: torch's default). One thread is fastest on a busy machine.")
 def main(out: Path, vae_steps: int, unet_steps: int, batch: int, seed: int, save_every: int, threads: int,
-         vae_from: Path | None) -> None:
+         vae_from: Path | None, continue_from: Path | None, lr: float) -> None:
     """Train the tiny shapes model from scratch and write its diffusers-layout folder."""
     if threads:
         torch.set_num_threads(threads)
@@ -230,6 +234,7 @@ def main(out: Path, vae_steps: int, unet_steps: int, batch: int, seed: int, save
     tokenizer_dir = out.with_name(out.name + ".tokenizer")
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     write_tokenizer(tokenizer_dir, vocabulary(), num_merges=200)
+    vae_from = vae_from or continue_from
     if vae_from is None:
         vae = train_vae(images, vae_steps, 16, torch.Generator().manual_seed(seed))
         latents = encode_all(vae, images)
@@ -241,7 +246,8 @@ def main(out: Path, vae_steps: int, unet_steps: int, batch: int, seed: int, save
     with torch.no_grad():
         recon_err = float((vae.decode(latents[:64]) - images[:64]).abs().mean())
     report = {
-        "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch,
+        "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch, "lr": lr,
+        "continued_from": None if continue_from is None else json.loads((continue_from / "training.json").read_text()),
         "vae_l1_on_training_images": round(recon_err, 5), "scaling_factor": vae.config.scaling_factor,
         "vae_seconds": round(vae_seconds),
         "threads": torch.get_num_threads(),
@@ -252,7 +258,7 @@ def main(out: Path, vae_steps: int, unet_steps: int, batch: int, seed: int, save
 
     gen = torch.Generator().manual_seed(seed + 1)
     clip, unet = train_denoiser(latents * vae.config.scaling_factor, captions, tokenizer_dir, unet_steps, batch, gen,
-                                checkpoint if save_every else None, save_every)
+                                checkpoint if save_every else None, save_every, continue_from, lr)
     report["total_seconds"] = round(time.time() - start)
     write_folder(out, tokenizer_dir, clip, vae, unet, report)
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
