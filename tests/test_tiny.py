@@ -14,3 +14,65 @@ def test_source_defaults_read_from_a_folder(tmp_path):
     (tmp_path / "sdonnx_defaults.json").write_text(json.dumps({"steps": 12, "guidance": 3.0, "colour": "x"}))
     assert source_defaults(str(tmp_path)) == {"steps": 12, "guidance": 3.0}
     assert set(source_defaults(str(tmp_path))) <= set(DEFAULTS)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from sdonnx import Pipeline
+
+    return Pipeline.load()
+
+
+def test_bundled_folder_is_intact(bundled):
+    from sdonnx.model import read_model
+
+    info = read_model(bundled.info.path, verify=True)  # every checksum in sdonnx.json
+    assert info.family == "tiny"
+    assert (info.defaults.width, info.defaults.height) == (64, 64)
+    assert info.prediction_type == "v_prediction"
+
+
+def test_generate_with_no_model_uses_the_bundled_one(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sdonnx.cli import main
+
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a red circle on a blue background", "--seed", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert "a red circle on a blue background" in image.info["parameters"]
+
+
+def test_bundled_model_draws_what_it_is_asked(bundled):
+    from sdonnx.export.tiny.shapes import random_scene, score
+
+    rng = np.random.default_rng(123)
+    scenes = [random_scene(rng) for _ in range(16)]
+    images = [bundled.txt2img(s.caption(), seed=k)[0] for k, s in enumerate(scenes)]
+    acc = score(scenes, images)
+    # Measured on 200 captions in benchmarks/results/tiny_quality.md; loose bounds for 16 of them.
+    assert acc["background"] >= 85 and acc["color"] >= 70, acc
+
+
+def test_bundled_graphs_are_the_bundled_weights(bundled):
+    """The committed ONNX folder is an export of the committed PyTorch weights."""
+    import torch
+
+    from sdonnx.export.cli import TINY_WEIGHTS
+    from sdonnx.export.weights import build_models, load_checkpoint
+
+    models = build_models(load_checkpoint(TINY_WEIGHTS))
+    ids = bundled.tokenizer(["a small green triangle in the top left on a white background"])
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+    with torch.no_grad():
+        context = models["text_encoder"](torch.from_numpy(ids))[0]
+        expected = models["unet"](torch.from_numpy(sample), torch.tensor(500.0), context.repeat(2, 1, 1)).numpy()
+    got_context = bundled.components["text_encoder"](input_ids=ids)["last_hidden_state"]
+    np.testing.assert_allclose(got_context, context.numpy(), atol=1e-4)
+    got = bundled.components["unet"](sample=sample, timestep=np.float64(500.0),
+                                      encoder_hidden_states=np.repeat(got_context, 2, 0))["out_sample"]
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -66,7 +66,7 @@ UNET = UNetConfig(
 CAPTION_DROPOUT = 0.1
 # What the bundled folder generates with when the user names nothing (chosen on the step-count/guidance
 # sweep in benchmarks/tiny_quality.py; the exporter copies them into sdonnx.json).
-GENERATION_DEFAULTS = {"steps": 20, "guidance": 4.0, "scheduler": "ddim"}
+GENERATION_DEFAULTS = {"steps": 20, "guidance": 3.0, "scheduler": "ddim"}
 
 
 def images_and_captions() -> tuple[torch.Tensor, list[str]]:
