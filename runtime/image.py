@@ -98,6 +98,12 @@ def parameters_text(params: dict) -> str:
     return "\n".join(lines)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_png(image: Image.Image, path: str | Path, params: dict | None = None) -> Path:
     """Write a PNG with a `parameters` tEXt chunk, atomically: a failed write leaves no partial file."""
     path = Path(path)
@@ -109,6 +115,7 @@ def save_png(image: Image.Image, path: str | Path, params: dict | None = None) -
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a saved picture is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -397,3 +398,6 @@ def test_image_sizing_masks_and_png(tmp_path):
     text = Image.open(path).text["parameters"]
     assert text == "cat\nNegative prompt: dog\nSteps: 3, Seed: 9"
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's owner-only one
