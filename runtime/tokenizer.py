@@ -103,6 +103,19 @@ def _token_spec(value) -> dict:
     return {"content": str(value)}
 
 
+def merge_pair(symbols: list[str] | tuple[str, ...], pair: tuple[str, str]) -> list[str]:
+    """Join every non-overlapping occurrence of `pair`, left to right (one BPE merge)."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 class CLIPTokenizer:
     """Prompts -> int64 ids (N, max_length): start token, BPE ids, end token, padding."""
 
@@ -177,15 +190,7 @@ class CLIPTokenizer:
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         self.cache[word] = symbols
         return symbols
 

@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from sdonnx.tokenizer import merge_pair
+
 START, END = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -43,15 +45,7 @@ def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
         merges.append(best)
         merged = Counter()
         for symbols, n in corpus.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged[tuple(out)] += n
+            merged[tuple(merge_pair(symbols, best))] += n
         corpus = merged
     return merges
 
