@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import gc
 import re
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
+from ..bench import peak_rss_mb
 from . import folder, onnx as graphs, optimize as opt, quantize, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
@@ -44,11 +44,6 @@ def default_out_dir(source: str, precision: str) -> Path:
     """models/<name>-<precision>: name from a folder/file name, or `random-sd15` for `random:sd15`."""
     name = source.replace(":", "-") if source.startswith("random:") else Path(source.rstrip("/\\")).stem or "model"
     return Path("models") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{precision}"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 class Progress:
