@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -20,7 +21,9 @@ from .pipeline import Pipeline
 from .session import SdonnxError, physical_cores
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
-COMPONENT_FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode")
+COMPONENT_FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode",
+                     "unet_features_b2", "unet_shallow_b2")  # the last two for folders with the step cache
+UNETS = ("unet", "unet_features", "unet_shallow")  # the graphs whose first call in a step starts its clock
 Progress = Callable[[str], None]
 
 
@@ -62,25 +65,55 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 class _StepClock:
-    """Wraps the U-Net so each step is timed from its first U-Net call to the pipeline's step callback."""
+    """Times each denoising step from its first U-Net call to the pipeline's step callback.
 
-    def __init__(self, unet):
-        self.unet = unet
+    While entered it hooks the pipeline's `_using`, through which the loop gets its U-Net graphs ("unet", or
+    "unet_features" and "unet_shallow" with the step cache), whether kept open or opened per run (low memory).
+    It also notes the I/O precision of every component the runs use."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
         self.started: float | None = None
         self.steps: list[float] = []
+        self.precision: dict[str, str] = {}
 
-    def __call__(self, **feeds):
+    def __enter__(self) -> "_StepClock":
+        using = self.pipe._using
+
+        @contextlib.contextmanager
+        def hooked(name: str):
+            with using(name) as component:
+                self.precision[name] = self.pipe.info.precision(name) or component.io_precision
+                yield _Starter(component, self) if name in UNETS else component
+
+        self.pipe._using = hooked  # an instance attribute shadows the method until __exit__
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        del self.pipe._using
+
+    def start(self) -> None:
         if self.started is None:
             self.started = time.perf_counter()
-        return self.unet(**feeds)
-
-    def __getattr__(self, name):
-        return getattr(self.unet, name)
 
     def callback(self, _k: int, _total: int, _latents) -> None:
         if self.started is not None:
             self.steps.append(time.perf_counter() - self.started)
         self.started = None
+
+
+class _Starter:
+    """A U-Net component that starts the step clock when called."""
+
+    def __init__(self, unet, clock: _StepClock):
+        self.unet, self.clock = unet, clock
+
+    def __call__(self, **feeds):
+        self.clock.start()
+        return self.unet(**feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
 
 
 def _timed(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
@@ -116,19 +149,30 @@ def _component_calls(pipe: Pipeline, width: int, height: int) -> dict[str, Calla
     }
     if "vae_encoder" in c:
         calls["vae_encode"] = lambda: c["vae_encoder"](sample=image)
+    if info.has_step_cache:
+        with pipe._using("unet_features") as features, pipe._using("unet_shallow") as shallow:  # kept open
+            deep = features(sample=lat2, timestep=t, encoder_hidden_states=ctx)["deep_features"]
+        calls["unet_features_b2"] = lambda: features(sample=lat2, timestep=t, encoder_hidden_states=ctx)
+        calls["unet_shallow_b2"] = lambda: shallow(sample=lat2, timestep=t, encoder_hidden_states=ctx,
+                                                   deep_features=deep)
     return calls
 
 
 def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: tuple[int, int] | None = None,
-              steps: int = 5, runs: int = 3, scheduler: str | None = None,
-              progress: Progress | None = None) -> dict:
-    """Measure one model folder on one provider; returns the report as a JSON-ready dict (times in seconds)."""
+              steps: int = 5, runs: int = 3, scheduler: str | None = None, cache_interval: int = 1,
+              low_memory: bool = False, progress: Progress | None = None) -> dict:
+    """Measure one model folder on one provider; returns the report as a JSON-ready dict (times in seconds).
+
+    cache_interval > 1 runs txt2img with the step cache; low_memory loads with Pipeline.load(low_memory=True)
+    and then times only the txt2img runs and their steps (standalone component figures would keep sessions
+    open and distort the peak memory)."""
     if steps < 1 or runs < 1:
         raise SdonnxError(f"steps and runs must be at least 1, got steps={steps}, runs={runs}")
     say = progress or (lambda _msg: None)
-    say(f"loading {model_dir or 'the bundled tiny model'} on {provider}")
+    say(f"loading {model_dir or 'the bundled tiny model'} on {provider}" + (" (low memory)" if low_memory else ""))
     t0 = time.perf_counter()
-    pipe = Pipeline.load(model_dir if model_dir is not None else default_model_dir(), provider=provider)
+    pipe = Pipeline.load(model_dir if model_dir is not None else default_model_dir(), provider=provider,
+                         low_memory=low_memory)
     load_s = time.perf_counter() - t0
     info = pipe.info
     if info.is_inpaint:
@@ -136,28 +180,28 @@ def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: 
     static = info.static_shape
     width, height = size or ((static["width"], static["height"]) if static else
                              (info.defaults.width, info.defaults.height))
-    pipe._setup(steps, scheduler, 0, width, height, 1)  # the pipeline's own checks, before any timing
+    pipe._setup(steps, scheduler, 0, width, height, 1, cache_interval)  # the pipeline's own checks, before timing
     components = {}
-    for name, call in _component_calls(pipe, width, height).items():
-        say(f"timing {name} ({runs} runs after a warm-up)")
-        components[name] = stats(_timed(call, runs))
-    clock = _StepClock(pipe.components["unet"])
-    pipe.components["unet"] = clock
+    if not low_memory:
+        for name, call in _component_calls(pipe, width, height).items():
+            say(f"timing {name} ({runs} runs after a warm-up)")
+            components[name] = stats(_timed(call, runs))
     end_to_end = []
-    try:
+    cached = f" (cache interval {cache_interval})" if cache_interval != 1 else ""
+    with _StepClock(pipe) as clock:
         for r in range(runs):
-            say(f"txt2img {width}x{height}, {steps} steps: run {r + 1}/{runs}")
+            say(f"txt2img {width}x{height}, {steps} steps{cached}: run {r + 1}/{runs}")
             t0 = time.perf_counter()
             pipe.txt2img(PROMPT, NEGATIVE, steps=steps, scheduler=scheduler, seed=r, width=width, height=height,
-                         callback=_echo_steps(clock, say))
+                         callback=_echo_steps(clock, say), cache_interval=cache_interval)
             end_to_end.append(time.perf_counter() - t0)
-    finally:
-        pipe.components["unet"] = clock.unet
+    precision = {n: info.precision(n) or pipe.components[n].io_precision for n in pipe.components}
     return {
         "sdonnx": __version__, "model": str(info.path), "family": info.family, "provider": provider,
-        "precision": {n: info.precision(n) or pipe.components[n].io_precision for n in pipe.components},
+        "precision": {**clock.precision, **precision},
         "size": [width, height], "steps": steps, "runs": runs, "scheduler": scheduler or info.defaults.scheduler,
-        "guidance": info.defaults.guidance, "load_s": load_s, "components_s": components,
+        "guidance": info.defaults.guidance, "cache_interval": int(cache_interval), "low_memory": low_memory,
+        "load_s": load_s, "components_s": components,
         "step_s": stats(clock.steps), "txt2img_s": stats(end_to_end), "peak_rss_mb": peak_rss_mb(),
         "machine": machine(),
     }
@@ -196,8 +240,11 @@ def format_table(report: dict) -> str:
     lines = [f"model     {report['model']} ({report['family']})",
              f"provider  {report['provider']} on {m['cpu']}, {m['physical_cores']} physical cores, "
              f"onnxruntime {m['onnxruntime']}",
-             f"run       {w}x{h}, {report['steps']} steps ({report['scheduler']}, guidance {report['guidance']}), "
-             f"{report['runs']} timed runs after a warm-up",
+             f"run       {w}x{h}, {report['steps']} steps ({report['scheduler']}, guidance {report['guidance']}, "
+             f"cache interval {report.get('cache_interval', 1)}), {report['runs']} timed runs"
+             + ("" if report.get("low_memory") else " after a warm-up"),
+             f"memory    low_memory {'true' if report.get('low_memory') else 'false'}"
+             + (" (sessions opened per use; no component figures)" if report.get("low_memory") else ""),
              f"load      {report['load_s']:.2f} s",
              "",
              f"{'':<22}{'median ms':>12}{'min ms':>12}{'max ms':>12}"]
@@ -206,6 +253,8 @@ def format_table(report: dict) -> str:
             ("U-Net batch 1", report["components_s"].get("unet_b1")),
             ("VAE decode", report["components_s"].get("vae_decode")),
             ("VAE encode", report["components_s"].get("vae_encode")),
+            ("U-Net features batch 2", report["components_s"].get("unet_features_b2")),
+            ("U-Net shallow batch 2", report["components_s"].get("unet_shallow_b2")),
             ("denoising step", report["step_s"]),
             (f"txt2img ({report['steps']} steps)", report["txt2img_s"])]
     for label, s in rows:

@@ -187,9 +187,14 @@ def info(model_dir: Path, verify: bool) -> None:
 @click.option("--steps", type=int, default=5, show_default=True, help="Denoising steps of each txt2img run.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed runs of each figure, after a warm-up.")
 @click.option("--scheduler", help="Sampler of the txt2img runs (default: the model's).")
+@click.option("--cache-interval", type=int, default=1, show_default=True,
+              help="Time the txt2img runs with the step cache: the full U-Net every k-th step (folders exported "
+                   "with --step-cache).")
+@click.option("--low-memory", is_flag=True,
+              help="Load as `generate --low-memory` does and time only the txt2img runs and their steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, runs: int, scheduler: str | None,
-          as_json: bool) -> None:
+          cache_interval: int, low_memory: bool, as_json: bool) -> None:
     """Measure load time, per-component and per-step latency and peak memory of a model on this machine."""
     import json
 
@@ -197,6 +202,7 @@ def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, r
 
     try:
         report = run_bench(model_dir, provider, parse_size(size) if size else None, steps, runs, scheduler,
+                           cache_interval=cache_interval, low_memory=low_memory,
                            progress=lambda msg: click.echo(msg, err=True))
     except (ValueError, OSError) as err:
         raise _fail(err) from None

@@ -17,16 +17,31 @@ FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random diffusers pipeline, exported with `sdonnx export`."""
+def diffusers_dir(tmp_path_factory) -> Path:
+    """A tiny random diffusers pipeline."""
     from tiny_sd import save_pipeline
 
-    base = tmp_path_factory.mktemp("bench")
-    save_pipeline(base / "diffusers", "sd1")
-    out = base / "onnx"
-    result = CliRunner().invoke(main, ["export", str(base / "diffusers"), str(out), "--quiet"])
+    out = tmp_path_factory.mktemp("bench") / "diffusers"
+    save_pipeline(out, "sd1")
+    return out
+
+
+def _export(source: Path, out: Path, *options: str) -> Path:
+    result = CliRunner().invoke(main, ["export", str(source), str(out), "--quiet", *options])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(diffusers_dir) -> Path:
+    """The tiny pipeline exported with `sdonnx export` (no step-cache graphs)."""
+    return _export(diffusers_dir, diffusers_dir.parent / "onnx")
+
+
+@pytest.fixture(scope="module")
+def cache_model(diffusers_dir) -> Path:
+    """The same pipeline exported with `--step-cache`, as tests/test_perf_features.py does."""
+    return _export(diffusers_dir, diffusers_dir.parent / "onnx-cache", "--step-cache")
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +116,71 @@ def test_parse_size():
         parse_size("axb")
     with pytest.raises(SdonnxError, match="runs"):
         run_bench("/nonexistent", runs=0)
+
+
+def bench_json(model: Path, *args: str) -> dict:
+    result = CliRunner().invoke(main, ["bench", "--model", str(model), "--size", "32x24", "--steps", "3",
+                                       "--runs", "2", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def steps_timed(report: dict) -> None:
+    """Every step of every run timed (a step whose U-Net call the clock missed would be left out), all > 0."""
+    s = report["step_s"]
+    assert s["n"] == report["steps"] * report["runs"], s
+    assert all(positive(s[k]) for k in ("median", "min", "max")), s
+    assert report["step_s"]["max"] < report["txt2img_s"]["max"]
+
+
+@pytest.fixture(scope="module")
+def cache_report(cache_model) -> dict:
+    return bench_json(cache_model, "--cache-interval", "2")
+
+
+def test_cache_interval(cache_report):
+    r = cache_report
+    assert r["cache_interval"] == 2 and r["low_memory"] is False
+    steps_timed(r)  # steps 2 of 3 runs only the shallow graph: the clock starts on it too
+    assert set(r["components_s"]) == set(FIGURES) | {"unet_features_b2", "unet_shallow_b2"}
+    for name in ("unet_features_b2", "unet_shallow_b2"):
+        s = r["components_s"][name]
+        assert s["n"] == 2 and all(positive(s[k]) for k in ("median", "min", "max")), (name, s)
+    assert {"unet_features", "unet_shallow"} <= set(r["precision"])
+    text = format_table(r)
+    for label in ("U-Net features batch 2", "U-Net shallow batch 2", "cache interval 2", "low_memory false"):
+        assert label in text
+
+
+def test_step_cache_figures_at_interval_1(cache_model):
+    """The figures come with the folder's step-cache graphs; the runs then use the plain U-Net."""
+    r = run_bench(cache_model, size=(32, 24), steps=2, runs=1)
+    assert r["cache_interval"] == 1 and {"unet_features_b2", "unet_shallow_b2"} <= set(r["components_s"])
+    steps_timed(r)
+
+
+@pytest.mark.parametrize("folder, interval", [("tiny_model", 1), ("cache_model", 2)])
+def test_low_memory(request, folder, interval):
+    r = bench_json(request.getfixturevalue(folder), "--low-memory", "--cache-interval", str(interval))
+    assert r["low_memory"] is True and r["cache_interval"] == interval
+    assert r["components_s"] == {}  # no standalone figures: they would hold sessions open
+    steps_timed(r)  # the clock works though low-memory components are opened per run
+    assert r["txt2img_s"]["n"] == 2 and positive(r["txt2img_s"]["median"])
+    assert {"text_encoder", "vae_decoder", "unet" if interval == 1 else "unet_shallow"} <= set(r["precision"])
+    text = format_table(r)
+    assert "low_memory true" in text and "denoising step" in text and "U-Net batch 2" not in text
+    if interval == 2:
+        assert "cache interval 2" in text
+
+
+def test_cache_interval_needs_the_graphs(tiny_model):
+    result = CliRunner().invoke(main, ["bench", "--model", str(tiny_model), "--cache-interval", "2"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "needs the step-cache graphs" in errors[0], result.output
+    assert "txt2img" not in result.stderr  # refused before any timing
+
+
+def test_bad_cache_interval(tiny_model):
+    result = CliRunner().invoke(main, ["bench", "--model", str(tiny_model), "--cache-interval", "0"])
+    assert result.exit_code != 0 and "whole number >= 1" in result.output and "Traceback" not in result.output
