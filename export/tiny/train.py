@@ -113,6 +113,33 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, gen: torch.Generator
     return vae.eval()
 
 
+def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch: int,
+                     gen: torch.Generator) -> AutoencoderKL:
+    """More reconstruction training for the decoder alone, the encoder frozen: the latent space (and so a
+    U-Net trained on it) stays valid. A short joint VAE run decodes small circles as rounded squares."""
+    with torch.no_grad():
+        moments = [vae.encode(chunk) for chunk in images.split(256)]
+    means = torch.cat([m for m, _ in moments])
+    stds = torch.cat([torch.exp(0.5 * lv) for _, lv in moments])
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(steps), desc="vae decoder", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 5e-4)
+        pick = torch.randint(len(images), (batch,), generator=gen)
+        z = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=gen)
+        recon, x = vae.decode(z), images[pick]
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval()
+
+
 @torch.no_grad()
 def encode_all(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(chunk)[0] for chunk in images.split(256)])
@@ -213,6 +240,8 @@ def write_folder(out: Path, tokenizer_dir: Path, clip: CLIPTextModel, vae: Autoe
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True)
 @click.option("--vae-steps", default=800, show_default=True)
+@click.option("--decoder-steps", default=1500, show_default=True,
+              help="Decoder-only fine-tuning after the VAE stage (0: none; the latent space does not change).")
 @click.option("--unet-steps", default=3000, show_default=True)
 @click.option("--batch", default=64, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -223,7 +252,7 @@ def write_folder(out: Path, tokenizer_dir: Path, clip: CLIPTextModel, vae: Autoe
               default=None, help="Start the text encoder and U-Net (and VAE) from an earlier run's folder.")
 @click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate of the denoiser stage.")
 @click.option("--threads", default=0, help="Torch threads (0: torch's default). One thread is fastest on a busy machine.")
-def main(out: Path, vae_steps: int, unet_steps: int, batch: int, seed: int, save_every: int, threads: int,
+def main(out: Path, vae_steps: int, decoder_steps: int, unet_steps: int, batch: int, seed: int, save_every: int, threads: int,
          vae_from: Path | None, continue_from: Path | None, lr: float) -> None:
     """Train the tiny shapes model from scratch and write its diffusers-layout folder."""
     if threads:
@@ -242,11 +271,13 @@ def main(out: Path, vae_steps: int, unet_steps: int, batch: int, seed: int, save
     else:
         vae = load_vae(vae_from)
         latents = encode_all(vae, images)
+    if decoder_steps:
+        vae = finetune_decoder(vae, images, decoder_steps, 32, torch.Generator().manual_seed(seed + 2))
     vae_seconds = time.time() - start
     with torch.no_grad():
         recon_err = float((vae.decode(latents[:64]) - images[:64]).abs().mean())
     report = {
-        "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch, "lr": lr,
+        "seed": seed, "vae_steps": vae_steps, "decoder_steps": decoder_steps, "unet_steps": unet_steps, "batch": batch, "lr": lr,
         "continued_from": None if continue_from is None else json.loads((continue_from / "training.json").read_text()),
         "vae_l1_on_training_images": round(recon_err, 5), "scaling_factor": vae.config.scaling_factor,
         "vae_seconds": round(vae_seconds),
