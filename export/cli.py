@@ -248,7 +248,8 @@ def _one_line(err: BaseException) -> str:
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override what the checkpoint is guessed to predict.")
 @click.option("--int8-scheme", default="dynamic", show_default=True,
-              help="int8 only: dynamic (MatMul/Gemm) | qdq (also the U-Net's convolutions, static and calibrated).")
+              help="int8 only: dynamic (MatMul/Gemm) | qdq (also the U-Net's convolutions, static and calibrated) "
+                   "| compact (dynamic + the U-Net's conv weights stored int8, dequantized per call: least memory).")
 @click.option("--step-cache", is_flag=True,
               help="Also export the DeepCache graphs (unet_shallow/, unet/model_features.onnx) for --cache-interval.")
 @click.option("--step-cache-depth", default=1, show_default=True,

@@ -15,7 +15,8 @@ import onnx
 from .onnx import EXTERNAL_DATA_NAME, save_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
-INT8_SCHEMES = ("dynamic", "qdq")
+INT8_SCHEMES = ("dynamic", "qdq", "compact")
+COMPACT_COMPONENTS = ("unet", "unet_shallow")  # where the compact scheme also stores convolution weights int8
 
 # Ops whose fp16 results overflow or lose too much: normalisations reduce over thousands of values, and
 # Softmax of SD 2.x attention scores exceeds fp16's range (its U-Net sets upcast_attention for this reason).
@@ -87,6 +88,10 @@ def scheme(component: str, precision: str, family: str, int8_scheme: str = "dyna
         raise ValueError(f"unknown int8 scheme {int8_scheme!r}; one of {', '.join(INT8_SCHEMES)}")
     dynamic = ("dynamic int8 MatMul/Gemm (per-channel 7-bit weights, activations quantized per call); "
                "time embedding and normalisations kept fp32")
+    if int8_scheme == "compact" and component in COMPACT_COMPONENTS:
+        return Scheme("int8", dynamic + "; convolution weights stored int8 (per output channel) and dequantized "
+                              "per call (DequantizeLinear -> fp32 Conv): a third of the size and memory, "
+                              "conv_in/conv_out kept fp32")
     if int8_scheme == "qdq" and component == "unet":
         return Scheme("int8", "static QDQ int8 convolutions (per-channel, calibrated on activations drawn through "
                               "our models; conv_in/conv_out kept fp32) + " + dynamic)
@@ -110,6 +115,8 @@ def apply(component: str, precision: str, family: str, src: Path, dst: Path, int
         shutil.rmtree(convs.parent)
     elif chosen.precision == "int8":
         to_int8_dynamic(src, dst)
+        if int8_scheme == "compact" and component in COMPACT_COMPONENTS:
+            int8_conv_weights(dst)
     else:
         move_model(src, dst)
     return chosen
@@ -166,6 +173,45 @@ def to_int8_dynamic(src: Path, dst: Path, reduce_range: bool = True) -> Path:
     finally:
         logging.getLogger().setLevel(level)
     return dst
+
+
+def int8_conv_weights(path: Path) -> Path:
+    """Store each Conv's fp32 weight as int8 per output channel (symmetric) behind a DequantizeLinear.
+
+    ONNX Runtime does not constant-fold DequantizeLinear, so the weights stay int8 in memory and each Conv
+    gets its fp32 weight from a small per-call dequantization; the convolution itself runs in fp32, so the
+    error is only the weights' rounding (unlike static QDQ, which also quantizes the activations)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    keep = set(int8_nodes_to_exclude(model))
+    nodes = []
+    for node in model.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if w is None or node.name in keep or uses[w.name] != 1 or w.data_type != onnx.TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(w)
+        scale = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(weight / scale.reshape(-1, *[1] * (weight.ndim - 1))), -127, 127).astype(np.int8)
+        base = w.name
+        model.graph.initializer.remove(w)
+        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_int8"),
+                                        numpy_helper.from_array(scale, base + "_scale"),
+                                        numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), base + "_zero")])
+        nodes.append(onnx.helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero"],
+                                           [base + "_dq"], name=base + "_DequantizeLinear", axis=0))
+        node.input[1] = base + "_dq"
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return save_model(model, path)
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ def exported(sources, tmp_path_factory):
     def get(family: str = "sd1", precision: str = "fp32") -> Path:
         if (family, precision) not in cache:
             out = root / f"{family}-{precision}"
-            scheme = ["--int8-scheme", "qdq"] if precision == "int8-qdq" else []
+            scheme = ["--int8-scheme", precision.split("-")[1]] if precision.startswith("int8-") else []
             result = run_cli(sources[family][1], out, "--precision", precision.split("-")[0], *scheme)
             assert result.exit_code == 0, result.output
             cache[family, precision] = out
@@ -114,7 +114,7 @@ def test_graph_signatures_follow_optimum(exported):
     assert onnx.load(str(out / "unet" / "model.onnx")).opset_import[0].version == 17
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-qdq"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-qdq", "int8-compact"])
 def test_each_precision_loads_and_stays_close(precision, sources, exported):
     out = exported("sd1", precision)
     meta = json.loads((out / "sdonnx.json").read_text())
@@ -137,6 +137,15 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         first = next(n for n in graph.node if n.name.endswith("conv_in/Conv"))
         assert first.input[1] not in dq_outputs
+    if precision == "int8-compact":  # every conv but conv_in/conv_out reads an int8 weight through a DQ node
+        graph = onnx.load(str(out / "unet" / "model.onnx")).graph
+        inits = {t.name: t for t in graph.initializer}
+        dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        kept = [n for n in convs if n.input[1] not in dq]
+        assert sorted(n.name.split("/")[-2] for n in kept) == ["conv_in", "conv_out"], [n.name for n in kept]
+        assert all(inits[dq[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8 for n in convs if n not in kept)
+        assert "QuantizeLinear" not in unet_ops  # activations stay fp32
     if precision.startswith("int8"):
         assert unet_ops.get("MatMulInteger", 0) + unet_ops.get("com.microsoft.DynamicQuantizeMatMul", 0) > 0
         # the time embedding stays float
@@ -147,7 +156,7 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         assert onnx.TensorProto.FLOAT16 in dtypes
     fp32 = exported("sd1", "fp32")
     # int8 touches only MatMul/Gemm weights: in this conv-heavy tiny U-Net the saving is small
-    shrink = {"fp16": 0.7, "int8": 0.97, "int8-qdq": 0.7}[precision]
+    shrink = {"fp16": 0.7, "int8": 0.97, "int8-qdq": 0.7, "int8-compact": 0.5}[precision]
     assert (out / "unet" / "model.onnx").stat().st_size < shrink * (fp32 / "unet" / "model.onnx").stat().st_size
 
 
