@@ -14,7 +14,7 @@ from PIL import Image
 from . import image as imaging
 from . import schedulers
 from .model import ModelInfo, default_model_dir, read_model
-from .session import Component, SdonnxError, SessionConfig, session_config
+from .session import Component, SdonnxError, SessionConfig, return_freed_memory, session_config, trim_heap
 from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
 
@@ -58,10 +58,12 @@ class Pipeline:
         """Open a model folder (default: the bundled tiny model) on `cpu`, `cuda`, `dml` or `auto`.
 
         low_memory: each session exists only while its component runs, without ORT's memory arena and
-        patterns, and the VAE decodes in tiles."""
+        patterns, and the VAE decodes in tiles. On Linux (glibc) it also makes the process return large freed
+        buffers to the system at once (`session.return_freed_memory`), a process-wide allocator setting."""
         info = read_model(model_dir if model_dir is not None else default_model_dir(), verify=verify)
         if low_memory:  # arena and patterns keep peak-sized buffers for the session's lifetime
             session_options = {"cpu_arena": False, "mem_pattern": False, **session_options}
+            return_freed_memory()
         config = session_config(provider, **session_options)
         components = {} if low_memory else {name: Component(path, config) for name, path in info.components.items()
                                             if name in EAGER}
@@ -196,6 +198,7 @@ class Pipeline:
             yield component
         finally:
             component.close()
+            trim_heap()
 
     def _encode_texts(self, prompts: list[str]) -> list[np.ndarray]:
         """[1, 77, D] text encodings; a small LRU keyed by the token ids saves re-encoding repeated prompts."""

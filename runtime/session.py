@@ -57,6 +57,42 @@ def resolve_provider(name: str) -> str:
     return PROVIDERS[name]
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_freed_memory() -> bool:
+    """glibc only: serve every allocation over 128 KiB with its own mapping, so buffers freed by a closed session
+    or a finished layer go back to the system at once instead of staying in a fragmented heap.
+
+    glibc otherwise raises this threshold as large blocks are freed (up to 32 MiB), after which the U-Net's and
+    the VAE's activations come from the heap and its peak stays resident: measured on a 512x512 SD 1.5 int8
+    low-memory generation, peak RSS 1.84 GB without, 1.33 GB with. Returns whether the setting was applied."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
+def trim_heap() -> None:
+    """glibc only: give the heap's free pages back to the system (after a low-memory component closes)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def physical_cores() -> int:
     """Physical cores (hyper-threads share one FPU, and ORT's matmuls run slower across them)."""
     try:

@@ -4,6 +4,9 @@ and the text-encoding cache. Speed itself is measured by the benchmarks, not her
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -380,3 +383,33 @@ def test_cpu_multihead_attention_never_holds_the_score_matrix():
 
     assert growth("plain") > 60  # the probe can see the score matrix
     assert growth("mha") < 20
+
+HEAP_CHURN = """
+import sys, numpy as np
+from sdonnx.session import return_freed_memory
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+np.ones(48 << 20, np.uint8)  # freeing a mapped 48 MiB block raises glibc's dynamic mmap threshold to 32 MiB
+if sys.argv[1] == "pin":
+    assert return_freed_memory()
+before = rss_mb()
+keep = []
+for _ in range(8):
+    big = np.ones(24 << 20, np.uint8)  # 24 MiB: from the heap once the threshold has grown
+    keep.append(np.ones(200_000, np.uint8))  # a small survivor above it fragments the heap
+    del big
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the allocator setting is glibc's")
+def test_low_memory_returns_freed_buffers_to_the_system():
+    """Low-memory mode pins glibc's mmap threshold, so freed large buffers leave the resident set at once."""
+    def retained(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", HEAP_CHURN, mode], capture_output=True, text=True, check=True)
+        return float(done.stdout)
+
+    assert retained("default") > 16  # the heap keeps a freed 24 MiB buffer (what the setting is for)
+    assert retained("pin") < 8
