@@ -14,6 +14,15 @@ FOLDERS = {
     "sdonnx-fp32": "sdonnx-fp32",
     "sdonnx-int8": "sdonnx-int8",
     "optimum-fp32": "optimum-fp32",
+    "sdonnx-int8-cache": "sdonnx-int8-cache",
+    "sdonnx-int8-compact": "sdonnx-int8-compact",
+}
+# sdonnx export options of our folders
+EXPORTS = {
+    "sdonnx-fp32": ["--precision", "fp32"],
+    "sdonnx-int8": ["--precision", "int8"],
+    "sdonnx-int8-cache": ["--precision", "int8", "--attention", "mha", "--step-cache"],
+    "sdonnx-int8-compact": ["--precision", "int8", "--int8-scheme", "compact", "--attention", "mha", "--step-cache"],
 }
 
 
@@ -64,21 +73,21 @@ OPTIMUM_EXPORT = "from optimum.exporters.onnx import main_export; import sys; " 
                  "main_export(sys.argv[1], sys.argv[2], task='text-to-image')"
 
 
-def prepare(work: Path, weights: str) -> dict[str, Path]:
-    """Create whatever of the four folders is missing; returns name -> folder."""
+def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[str, Path]:
+    """Create whatever of the `needed` folders (default: all) is missing; returns name -> folder."""
     work.mkdir(parents=True, exist_ok=True)
-    paths = {k: work / v for k, v in FOLDERS.items()}
+    paths = {k: work / v for k, v in FOLDERS.items() if needed is None or k in needed or k == "weights"}
     src = paths["weights"]
     if not (src / "model_index.json").is_file():
         print(f"writing {weights} weights -> {src}", file=sys.stderr, flush=True)
         (write_random_sd15 if weights == "sd15" else write_tiny)(src)
-    for precision in ("fp32", "int8"):
-        out = paths[f"sdonnx-{precision}"]
-        if not (out / "sdonnx.json").is_file():
-            _run(["sdonnx", "export", str(src), str(out), "--precision", precision, "--force", "--quiet"],
-                 work / f"export-{precision}.log")
-    out = paths["optimum-fp32"]
-    if not (out / "model_index.json").is_file():
+    for name, options in EXPORTS.items():
+        out = paths.get(name)
+        if out is not None and not (out / "sdonnx.json").is_file():
+            _run(["sdonnx", "export", str(src), str(out), *options, "--force", "--quiet"],
+                 work / f"export-{name.removeprefix('sdonnx-')}.log")
+    out = paths.get("optimum-fp32")
+    if out is not None and not (out / "model_index.json").is_file():
         tmp = out.with_name(out.name + ".tmp")
         _run([sys.executable, "-c", OPTIMUM_EXPORT, str(src), str(tmp)], work / "export-optimum.log")
         tmp.rename(out)
@@ -91,4 +100,4 @@ def folder_sizes(paths: dict[str, Path]) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    print(json.dumps({k: str(v) for k, v in prepare(Path(sys.argv[1]), sys.argv[2]).items()}))
+    print(json.dumps({k: str(v) for k, v in prepare(Path(sys.argv[1]), sys.argv[2], sys.argv[3:] or None).items()}))

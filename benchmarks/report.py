@@ -43,9 +43,18 @@ def summarize(report: dict) -> dict:
         for system, cell in systems.items():
             runs = cell.pop("_runs")
             for fig in FIGURES:
-                cell[fig] = _stats([t for r in runs for t in r["times_s"][fig]])
+                cell[fig] = _stats([t for r in runs for t in r["times_s"].get(fig, [])])
             # the first interval also encodes the prompts, so a step is the time between consecutive callbacks
             cell["step"] = _stats([t for r in runs for t in r["step_s"][1:]])
+            # with a step cache the steps differ (full / cached): the mean over ALL intervals of a run (the first
+            # one, which also encodes the prompts, included), then the median over runs, is the per-step cost
+            cell["step_mean"] = _stats([statistics.fmean(r["step_s"]) for r in runs if r["step_s"]])
+            k = max(r.get("cache_interval", 1) for r in runs)
+            if k > 1:
+                cell["cache_interval"] = k
+                cell["step_full"] = _stats([t for r in runs for j, t in enumerate(r["step_s"]) if j and j % k == 0])
+                cell["step_cached"] = _stats([t for r in runs for j, t in enumerate(r["step_s"]) if j % k])
+            cell["low_memory"] = any(r.get("low_memory") for r in runs)
             cell["load_s"] = statistics.median(r["load_s"] for r in runs)
             cell["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
             cell["runs"] = len(runs)
@@ -77,6 +86,9 @@ def markdown(report: dict) -> str:
              f"int8 (u8s8) {peak['int8'] / 1e9:.0f} GOP/s.  ",
              f"Started {report['started']}, finished {report.get('finished', '(unfinished)')}.  ",
              f"Command: `{report['command']}`", ""]
+    for extra in report.get("appended", []):
+        lines[-1:-1] = [f"Runs appended {extra['started']} to {extra.get('finished', '(unfinished)')} by "
+                        f"`{extra['command']}`.  "]
     for size, systems in s.items():
         flops = report["unet_flops"].get(f"{size}x2", {}).get("total", 0)
         lines += [f"## {size}x{size} (U-Net batch 2: {flops / 1e9:.1f} GFLOP)", "",
@@ -100,11 +112,41 @@ def markdown(report: dict) -> str:
                          f"| {system} | {c['runs']} | {figs} | {step} | - | - | {c['load_s']:.1f} | "
                          f"{c['peak_rss_mb']:.0f} |")
         lines.append("")
+        lines += against(report, size, systems)
     failed = [r for r in report["runs"] if "error" in r]
     if failed:
         lines += [f"{len(failed)} worker run(s) failed: " +
                   ", ".join(f"{r['system']} {r['size']} round {r['round'] + 1}" for r in failed), ""]
     return "\n".join(lines)
+
+
+def against(report: dict, size: str, systems: dict, base: str = "optimum-fp32") -> list[str]:
+    """Each system's figures as a fraction of the baseline's (medians over runs), for the performance targets."""
+    b = systems.get(base)
+    if not b or len(systems) < 2:
+        return []
+    steps = report["settings"]["steps"]
+    lines = [f"Against {base} (fraction of its time; below 1 is faster). Mean step = a whole {steps}-step "
+             "generation's step intervals averaged (prompt encoding in the first), median over runs; full / cached "
+             "step = step-cache steps that run the whole U-Net / only its shallow part.", "",
+             f"| system | U-Net b2 | median step | mean step | full step | cached step | txt2img ({steps} steps) | "
+             "VAE dec | peak RSS MB |", "|---" * 9 + "|"]
+
+    def ratio(c: dict, key: str, base_key: str | None = None) -> str:
+        mine, theirs = c.get(key), b.get(base_key or key)
+        if not mine or not theirs:
+            return "-"
+        return f"{mine['median'] / theirs['median']:.2f}"
+
+    for system in report["systems"]:
+        c = systems.get(system)
+        if not c:
+            continue
+        name = system + (f" (interval {c['cache_interval']})" if c.get("cache_interval") else "")
+        lines.append(f"| {name} | {ratio(c, 'unet_b2')} | {ratio(c, 'step')} | {ratio(c, 'step_mean')} | "
+                     f"{ratio(c, 'step_full', 'step')} | {ratio(c, 'step_cached', 'step')} | {ratio(c, 'txt2img')} | "
+                     f"{ratio(c, 'vae_decode')} | {c['peak_rss_mb']:.0f} |")
+    return lines + [""]
 
 
 def chart(report: dict, path: Path) -> Path | None:
@@ -119,19 +161,23 @@ def chart(report: dict, path: Path) -> Path | None:
     s = report["summary"]
     sizes = list(s)
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
-    colors = {"sdonnx-fp32": "#1f77b4", "sdonnx-int8": "#17becf", "optimum-fp32": "#ff7f0e", "diffusers-fp32": "#d62728"}
+    colors = {"sdonnx-fp32": "#1f77b4", "sdonnx-int8": "#17becf", "optimum-fp32": "#ff7f0e", "diffusers-fp32": "#d62728",
+              "sdonnx-int8-cache": "#2ca02c", "sdonnx-int8-lowmem": "#98df8a"}
     for ax, size in zip(axes[0], sizes):
-        names = [n for n in report["systems"] if n in s[size] and s[size][n]["step"]]
-        med = [s[size][n]["step"]["median"] for n in names]
-        lo = [m - s[size][n]["step"]["min"] for m, n in zip(med, names)]
-        hi = [s[size][n]["step"]["max"] - m for m, n in zip(med, names)]
+        # with a step cache the steps differ, so every system is drawn by its mean step
+        key = "step_mean" if any(c.get("cache_interval") for c in s[size].values()) else "step"
+        names = [n for n in report["systems"] if n in s[size] and s[size][n][key]]
+        med = [s[size][n][key]["median"] for n in names]
+        lo = [m - s[size][n][key]["min"] for m, n in zip(med, names)]
+        hi = [s[size][n][key]["max"] - m for m, n in zip(med, names)]
         ax.bar(names, med, yerr=[lo, hi], capsize=4, color=[colors.get(n, "grey") for n in names])
         b = bounds(report, int(size), 2)
         for key, style, label in (("fp32", "--", "fp32 bound"), ("int8_matmul_fp32_conv", ":", "int8 bound")):
             if key in b:
                 ax.axhline(b[key], color="black", linestyle=style, linewidth=1, label=f"{label} {b[key]:.2f} s")
         ax.set_title(f"{size}x{size}: one guided denoising step")
-        ax.set_ylabel("seconds per step (median, min-max)")
+        ax.set_ylabel("seconds per step (median, min-max)" if key == "step" else
+                      f"seconds per step, mean over {report['settings']['steps']} steps (median of runs, min-max)")
         ax.tick_params(axis="x", labelrotation=20)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['weights']} weights on {report['machine'].get('cpu')}, "

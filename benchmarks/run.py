@@ -21,8 +21,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SYSTEMS = ("sdonnx-fp32", "sdonnx-int8", "optimum-fp32", "diffusers-fp32")
-FOLDER_OF = {"sdonnx-fp32": "sdonnx-fp32", "sdonnx-int8": "sdonnx-int8", "optimum-fp32": "optimum-fp32",
-             "diffusers-fp32": "weights"}
+# system -> (model folder, extra worker options); `{k}` is --cache-interval
+KNOWN = {
+    "sdonnx-fp32": ("sdonnx-fp32", []),
+    "sdonnx-int8": ("sdonnx-int8", []),
+    "optimum-fp32": ("optimum-fp32", []),
+    "diffusers-fp32": ("weights", []),
+    # int8 + MultiHeadAttention + DeepCache graphs, run with the step cache
+    "sdonnx-int8-cache": ("sdonnx-int8-cache", ["--cache-interval", "{k}"]),
+    # the compact int8 export (conv weights int8 too) with the step cache, in low-memory mode (sessions opened
+    # per use, no arena, tiled VAE decode, freed buffers returned to the system)
+    "sdonnx-int8-lowmem": ("sdonnx-int8-compact", ["--cache-interval", "{k}", "--low-memory"]),
+}
 
 
 def log(msg: str) -> None:
@@ -38,9 +48,10 @@ def python(args: list[str], timeout: float | None = None) -> str:
     return done.stdout
 
 
-def worker(system: str, folder: Path, size: int, steps: int, warmup: int) -> dict:
-    out = python([str(HERE / "worker.py"), system, str(folder), "--size", str(size), "--steps", str(steps),
-                  "--warmup", str(warmup)])
+def worker(system: str, folder: Path, size: int, args: argparse.Namespace) -> dict:
+    extra = [x.format(k=args.cache_interval) for x in KNOWN[system][1]]
+    out = python([str(HERE / "worker.py"), system, str(folder), "--size", str(size), "--steps", str(args.steps),
+                  "--warmup", str(args.warmup), "--figures", args.figures, *extra])
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -55,17 +66,32 @@ def load_average() -> float | None:
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.work or ROOT / "models" / "bench" / args.weights)
     out_json = HERE / "results" / f"{args.name}.json"
-    log(f"preparing model folders in {work}")
-    folders = {k: Path(v) for k, v in json.loads(python([str(HERE / "prepare.py"), str(work), args.weights])).items()}
+    needed = sorted({"weights"} | {KNOWN[s][0] for s in args.systems})
+    log(f"preparing model folders in {work}: {', '.join(needed)}")
+    folders = {k: Path(v) for k, v in
+               json.loads(python([str(HERE / "prepare.py"), str(work), args.weights, *needed])).items()}
     sys.path.insert(0, str(HERE))
     from prepare import folder_sizes
 
-    log("machine, matrix-multiply peak, U-Net FLOPs")
-    limit = json.loads(python([str(HERE / "limit.py"), str(folders["weights"]), args.sizes]))
-    report = {"name": args.name, "weights": args.weights, "command": " ".join(["python", *sys.argv]),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(args),
-              "systems": list(args.systems), "folder_mib": folder_sizes(folders), **limit, "runs": []}
+    command = " ".join(["python", *sys.argv])
+    if args.append:  # more runs into an existing result (the machine facts and limit stay those measured then)
+        report = json.loads(out_json.read_text())
+        same = ("steps", "warmup", "weights")
+        if any(report["settings"].get(k) != getattr(args, k) for k in same):
+            raise SystemExit(f"--append: {', '.join(same)} must equal those of {out_json.name} "
+                             f"({', '.join(f'{k}={report['settings'].get(k)}' for k in same)})")
+        report.setdefault("appended", []).append({"command": command,
+                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        report["systems"] += [s for s in args.systems if s not in report["systems"]]
+        report["folder_mib"].update(folder_sizes(folders))
+    else:
+        log("machine, matrix-multiply peak, U-Net FLOPs")
+        limit = json.loads(python([str(HERE / "limit.py"), str(folders["weights"]), args.sizes]))
+        report = {"name": args.name, "weights": args.weights, "command": command,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(args),
+                  "systems": list(args.systems), "folder_mib": folder_sizes(folders), **limit, "runs": []}
     for size in (int(s) for s in args.sizes.split(",")):
+        done_rounds = 1 + max((r["round"] for r in report["runs"] if r["size"] == size), default=-1)
         for r in range(args.runs):
             order = [args.systems[(r + k) % len(args.systems)] for k in range(len(args.systems))]
             for system in order:
@@ -76,17 +102,21 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 log(f"{size}x{size} round {r + 1}/{args.runs}: {system}")
                 try:
-                    res = worker(system, folders[FOLDER_OF[system]], size, args.steps, args.warmup)
+                    res = worker(system, folders[KNOWN[system][0]], size, args)
                 except (RuntimeError, subprocess.SubprocessError) as err:
                     log(f"  failed: {err}")
                     res = {"system": system, "size": size, "error": str(err)[-2000:]}
-                res.update(round=r, load_average=load_average())
+                res.update(round=done_rounds + r, load_average=load_average(),
+                           finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
                 report["runs"].append(res)
                 save(report, out_json)
     # the peak again at the end: other work on a shared machine can only make a measured peak lower
     again = json.loads(python([str(HERE / "limit.py"), "--peak-only"]))
     report["matmul_peak"] = {k: max(v, again[k]) for k, v in report["matmul_peak"].items()}
-    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if args.append:
+        report["appended"][-1]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    else:
+        report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     save(report, out_json)
     return report
 
@@ -114,7 +144,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="timed runs (fresh worker each) per system and size")
     ap.add_argument("--steps", type=int, default=3, help="denoising steps of the whole txt2img")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each figure before the timed one")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(KNOWN))
+    ap.add_argument("--figures", default="text_encoder,unet_b2,unet_b1,vae_decode,vae_encode,txt2img",
+                    help="which figures each worker times (a subset saves time on long generations)")
+    ap.add_argument("--cache-interval", type=int, default=3, help="step-cache interval of sdonnx-int8-cache/lowmem")
+    ap.add_argument("--append", action="store_true",
+                    help="add the runs to results/<name>.json instead of starting it afresh (rounds continue)")
     ap.add_argument("--work", default=None, help="model folders (default: models/bench/WEIGHTS, git-ignored)")
     ap.add_argument("--name", default=None, help="results/<name>.{json,md,png} (default: <weights>-cpu)")
     ap.add_argument("--stop-at", default=None, metavar="HH:MM",
@@ -122,6 +157,9 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="redraw table and chart from results/<name>.json")
     args = ap.parse_args()
     args.systems = [s for s in args.systems.split(",") if s]
+    unknown = [s for s in args.systems if s not in KNOWN]
+    if unknown:
+        ap.error(f"unknown systems: {', '.join(unknown)} (known: {', '.join(KNOWN)})")
     args.name = args.name or f"{args.weights}-cpu"
     sys.path.insert(0, str(HERE))
     from report import write_outputs

@@ -1,9 +1,12 @@
 """One system in its own process: load, warm up, time each figure, print one JSON line, exit.
 
-    python benchmarks/worker.py SYSTEM FOLDER --size 256 --steps 3 [--repeat 1]
+    python benchmarks/worker.py SYSTEM FOLDER --size 256 --steps 3 [--repeat 1] [--figures unet_b2,txt2img]
+                                [--cache-interval K] [--low-memory]
 
-SYSTEM: sdonnx-fp32 | sdonnx-int8 (our runtime on our exports), optimum-fp32 (ORTStableDiffusionPipeline on
-optimum's export), diffusers-fp32 (StableDiffusionPipeline on PyTorch, CPU, torch.inference_mode).
+SYSTEM: sdonnx-* (our runtime on one of our exports, e.g. sdonnx-fp32, sdonnx-int8, sdonnx-int8-cache),
+optimum-fp32 (ORTStableDiffusionPipeline on optimum's export), diffusers-fp32 (StableDiffusionPipeline on
+PyTorch, CPU, torch.inference_mode). --cache-interval and --low-memory apply to our runtime only; in low-memory
+mode only the txt2img figure is timed (standalone component calls would keep sessions open).
 A fresh process per run makes the peak RSS this system's own; run.py interleaves the systems.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
 GUIDANCE, TIMESTEP, SEED = 7.5, 500, 0
 FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode", "txt2img")
+PEERS = ("optimum-fp32", "diffusers-fp32")
 
 
 def peak_rss_mb() -> float:
@@ -60,22 +64,26 @@ class Steps:
 
 # ---- the systems: each returns {figure: zero-argument callable}, and the Steps recorder of its txt2img
 
-def sdonnx_system(folder: str, size: int, steps: int) -> tuple[dict[str, Callable], Steps]:
+def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
+                  low_memory: bool = False) -> tuple[dict[str, Callable], Steps]:
     from sdonnx.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, provider="cpu")
+    pipe = Pipeline.load(folder, provider="cpu", low_memory=low_memory)
+    rec = Steps()
+
+    def txt2img(n: int = steps):
+        rec.start()
+        # PNDM, the folder's scheduler for the diffusers/optimum systems too
+        pipe.txt2img(PROMPT, NEGATIVE, steps=n, guidance=GUIDANCE, scheduler="pndm", seed=SEED,
+                     width=size, height=size, callback=lambda k, n, lat: rec.tick(), output_type="np",
+                     cache_interval=cache_interval)
+
+    if low_memory:  # no component stays open between calls: only the whole generation is meaningful
+        return {"txt2img": txt2img}, rec
     c = pipe.components
     ctx_dim = c["unet"].inputs["encoder_hidden_states"].shape[-1]
     x = inputs(size, pipe.info.vae_scale_factor, pipe.info.latent_channels, ctx_dim, pipe.tokenizer([PROMPT])[0])
     t = np.float64(TIMESTEP)
-    rec = Steps()
-
-    def txt2img():
-        rec.start()
-        # PNDM, the folder's scheduler for the diffusers/optimum systems too
-        pipe.txt2img(PROMPT, NEGATIVE, steps=steps, guidance=GUIDANCE, scheduler="pndm", seed=SEED,
-                     width=size, height=size, callback=lambda k, n, lat: rec.tick(), output_type="np")
-
     return {
         "text_encoder": lambda: c["text_encoder"](input_ids=x["ids"]),
         "unet_b2": lambda: c["unet"](sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"]),
@@ -113,9 +121,9 @@ def torch_system(system: str, folder: str, size: int, steps: int) -> tuple[dict[
     t = torch.tensor(TIMESTEP)
     rec = Steps()
 
-    def txt2img():
+    def txt2img(n: int = steps):
         rec.start()
-        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size,
+        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n, guidance_scale=GUIDANCE, height=size,
              width=size, generator=torch.Generator().manual_seed(SEED), output_type="np",
              callback_on_step_end=lambda p, i, ts, kw: rec.tick(callback_kwargs=kw))
 
@@ -129,10 +137,11 @@ def torch_system(system: str, folder: str, size: int, steps: int) -> tuple[dict[
     }, rec
 
 
-def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup: int) -> dict:
+def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup: int,
+            wanted: tuple[str, ...] = FIGURES, cache_interval: int = 1, low_memory: bool = False) -> dict:
     start = time.perf_counter()
     if system.startswith("sdonnx"):
-        figures, rec = sdonnx_system(folder, size, steps)
+        figures, rec = sdonnx_system(folder, size, steps, cache_interval, low_memory)
         guard = _nullcontext
     else:
         import torch
@@ -140,13 +149,19 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
         figures, rec = torch_system(system, folder, size, steps)
         guard = torch.inference_mode
     load_s = time.perf_counter() - start
-    times: dict[str, list[float]] = {f: [] for f in FIGURES}
+    names = [f for f in FIGURES if f in wanted and f in figures]
+    times: dict[str, list[float]] = {f: [] for f in names}
     step_s: list[float] = []
     with guard():
-        for name in FIGURES:
-            # txt2img reuses the shapes the component warm-ups just ran, so it needs none of its own
-            for _ in range(warmup if name != "txt2img" else 0):
-                figures[name]()
+        for name in names:
+            if name == "txt2img":
+                # after every component figure's warm-up the whole generation needs none of its own; otherwise
+                # (a subset of figures, the step-cache graphs, sessions opened per call) a 2-step one
+                if warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory):
+                    figures[name](2)
+            else:
+                for _ in range(warmup):
+                    figures[name]()
             for _ in range(repeat):
                 t0 = time.perf_counter()
                 figures[name]()
@@ -154,7 +169,8 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
                 if name == "txt2img":
                     step_s.extend(rec.durations())
     return {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
-            "peak_rss_mb": peak_rss_mb(), "threads": _threads(system)}
+            "peak_rss_mb": peak_rss_mb(), "threads": _threads(system), "cache_interval": cache_interval,
+            "low_memory": low_memory}
 
 
 class _nullcontext:
@@ -179,14 +195,25 @@ def _threads(system: str) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("system", choices=["sdonnx-fp32", "sdonnx-int8", "optimum-fp32", "diffusers-fp32"])
+    ap.add_argument("system", help="sdonnx-<anything> (our runtime), optimum-fp32 or diffusers-fp32")
     ap.add_argument("folder")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1, help="timed runs of each figure in this process")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of " + ", ".join(FIGURES))
+    ap.add_argument("--cache-interval", type=int, default=1, help="sdonnx only: the step cache's interval")
+    ap.add_argument("--low-memory", action="store_true", help="sdonnx only: Pipeline.load(low_memory=True)")
     a = ap.parse_args()
-    result = measure(a.system, a.folder, a.size, a.steps, a.repeat, a.warmup)
+    if not a.system.startswith("sdonnx-") and a.system not in PEERS:
+        ap.error(f"unknown system {a.system!r}")
+    if (a.cache_interval > 1 or a.low_memory) and not a.system.startswith("sdonnx-"):
+        ap.error("--cache-interval and --low-memory are options of our runtime (sdonnx-* systems)")
+    wanted = tuple(f for f in a.figures.split(",") if f)
+    unknown = set(wanted) - set(FIGURES)
+    if unknown:
+        ap.error(f"unknown figures: {', '.join(sorted(unknown))}")
+    result = measure(a.system, a.folder, a.size, a.steps, a.repeat, a.warmup, wanted, a.cache_interval, a.low_memory)
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 
