@@ -1,9 +1,9 @@
 """Quality of the bundled tiny model, judged by the shapes evaluator on fresh captions.
 
-    python benchmarks/tiny_quality.py [--model DIR] [--int8 DIR] [--n 200] [--seed 2026]
+    python benchmarks/tiny_quality.py [--model DIR] [--int8 DIR ...] [--cache-interval K] [--n 200] [--seed 2026]
 
 Reports background colour, shape colour, shape and position accuracy (%) at the folder's default
-settings, at guidance 1 (no guidance) and, given an int8 folder, for it too; writes
+settings, at guidance 1 (no guidance), with the step cache and, given int8 folders, for each; writes
 benchmarks/results/tiny_quality.{json,md} and a captioned grid PNG of a dozen prompts.
 """
 
@@ -75,6 +75,14 @@ def grid(pipe: Pipeline, prompts: list[str], seed: int, cols: int = 4, scale: in
     return sheet
 
 
+def int8_scheme(folder: Path) -> str:
+    """The U-Net's int8 scheme, as `sdonnx export --int8-scheme` names it, read off the folder's sdonnx.json."""
+    method = json.loads((folder / "sdonnx.json").read_text())["components"]["unet"]["quantization"]["method"]
+    if method.startswith("static"):
+        return "qdq"
+    return "compact" if "dequantized per call" in method else "dynamic"
+
+
 def table(results: dict) -> str:
     rows = ["| setting | background colour | shape colour | shape | position | seconds |",
             "|---|---|---|---|---|---|"]
@@ -86,11 +94,12 @@ def table(results: dict) -> str:
 
 @click.command()
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="fp32 folder (default: bundled).")
-@click.option("--int8", "int8_dir", type=click.Path(path_type=Path), default=None, help="int8 export of it.")
+@click.option("--int8", "int8_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="An int8 export of it (repeatable: one per int8 scheme).")
 @click.option("--n", default=200, show_default=True, help="Fresh captions to judge.")
 @click.option("--seed", default=2026, show_default=True, help="Seed of the captions (and, offset, the noise).")
 @click.option("--cache-interval", default=0, help="Also judge the step cache at this interval (folders with it).")
-def main(model: Path | None, int8_dir: Path | None, n: int, seed: int, cache_interval: int) -> None:
+def main(model: Path | None, int8_dirs: tuple[Path, ...], n: int, seed: int, cache_interval: int) -> None:
     pipe = Pipeline.load(model)
     scenes = fresh_scenes(n, seed)
     d = pipe.info.defaults
@@ -100,8 +109,8 @@ def main(model: Path | None, int8_dir: Path | None, n: int, seed: int, cache_int
     if cache_interval > 1:
         results[f"fp32, step cache interval {cache_interval}"] = evaluate(pipe, scenes, noise,
                                                                          cache_interval=cache_interval)
-    if int8_dir is not None:
-        results["int8, defaults"] = evaluate(Pipeline.load(int8_dir), scenes, noise)
+    for int8_dir in int8_dirs:
+        results[f"int8 ({int8_scheme(int8_dir)}), defaults"] = evaluate(Pipeline.load(int8_dir), scenes, noise)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"model": str(pipe.info.path), "captions": n, "caption_seed": seed, "results": results,
               "python": sys.version.split()[0], "machine": platform.machine()}
