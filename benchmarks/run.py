@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> dict:
         report = json.loads(out_json.read_text())
         same = ("steps", "warmup", "weights")
         if any(report["settings"].get(k) != getattr(args, k) for k in same):
-            raise SystemExit(f"--append: {', '.join(same)} must equal those of {out_json.name} "
-                             f"({', '.join(f'{k}={report['settings'].get(k)}' for k in same)})")
+            theirs = ", ".join(f"{k}={report['settings'].get(k)}" for k in same)
+            raise SystemExit(f"--append: {', '.join(same)} must equal those of {out_json.name} ({theirs})")
         report.setdefault("appended", []).append({"command": command,
                                                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
         report["systems"] += [s for s in args.systems if s not in report["systems"]]
