@@ -58,6 +58,19 @@ def write_tiny(out: Path) -> Path:
     return out
 
 
+def copy_bundled(out: Path) -> Path:
+    """The bundled tiny model's trained PyTorch weights (a diffusers folder) as every system's source."""
+    import shutil
+
+    from sdonnx.export.cli import TINY_WEIGHTS
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(TINY_WEIGHTS, tmp)
+    tmp.rename(out)
+    return out
+
+
 def _run(cmd: list[str], log: Path) -> None:
     """Each export in its own process, so its memory is returned before the next one starts."""
     start = time.perf_counter()
@@ -80,7 +93,7 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
     src = paths["weights"]
     if not (src / "model_index.json").is_file():
         print(f"writing {weights} weights -> {src}", file=sys.stderr, flush=True)
-        (write_random_sd15 if weights == "sd15" else write_tiny)(src)
+        {"sd15": write_random_sd15, "bundled": copy_bundled, "tiny": write_tiny}[weights](src)
     for name, options in EXPORTS.items():
         out = paths.get(name)
         if out is not None and not (out / "sdonnx.json").is_file():

@@ -138,8 +138,9 @@ def save(report: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", choices=["sd15", "tiny"], default="sd15",
-                    help="sd15: SD 1.5 architecture, random weights; tiny: tests/tiny_sd.py (harness check)")
+    ap.add_argument("--weights", choices=["sd15", "bundled", "tiny"], default="sd15",
+                    help="sd15: SD 1.5 architecture, random weights; bundled: the trained tiny model that ships "
+                         "with sdonnx (export/tiny/weights); tiny: tests/tiny_sd.py (harness check)")
     ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels, comma-separated")
     ap.add_argument("--runs", type=int, default=5, help="timed runs (fresh worker each) per system and size")
     ap.add_argument("--steps", type=int, default=3, help="denoising steps of the whole txt2img")

@@ -243,15 +243,24 @@ class Pipeline:
         return imaging.decoded_to_unit(sample)
 
     @staticmethod
-    def _guided(unet, sample: np.ndarray, t: float, context: np.ndarray, w: float, **extra
+    def _guided(unet, sample: np.ndarray, t: float, context: np.ndarray, w: float, split: bool = False, **extra
                 ) -> tuple[np.ndarray, dict]:
         """Classifier-free guidance (Ho & Salimans 2022): one U-Net call on [uncond, cond], then combine.
 
+        split: two calls of half the batch instead (half the activation memory; low-memory mode).
         Returns (prediction, all the graph's outputs)."""
-        batch = sample if w <= 1.0 else np.concatenate([sample, sample])
-        out = unet(sample=batch, timestep=np.float64(t), encoder_hidden_states=context, **extra)
+        timestep = np.float64(t)
         if w <= 1.0:
+            out = unet(sample=sample, timestep=timestep, encoder_hidden_states=context, **extra)
             return out["out_sample"], out
+        if split:
+            halves = [unet(sample=sample, timestep=timestep, encoder_hidden_states=part,
+                           **{k: np.split(v, 2)[i] for k, v in extra.items()})
+                      for i, part in enumerate(np.split(context, 2))]
+            out = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
+        else:
+            out = unet(sample=np.concatenate([sample, sample]), timestep=timestep, encoder_hidden_states=context,
+                       **extra)
         uncond, cond = np.split(out["out_sample"], 2)
         return uncond + w * (cond - uncond), out
 
@@ -283,7 +292,7 @@ class Pipeline:
         with contextlib.ExitStack() as stack:
             if interval == 1:
                 unet = stack.enter_context(self._using("unet"))
-                return self._loop(sched, rng, start, context, w, callback, lambda k, *a: self._guided(unet, *a)[0])
+                return self._loop(sched, rng, start, context, w, callback, lambda k, *a: self._guided(unet, *a, split=self.low_memory)[0])
             full = stack.enter_context(self._using("unet_features"))
             shallow = stack.enter_context(self._using("unet_shallow"))
             deep = {}
@@ -291,10 +300,11 @@ class Pipeline:
             def predict(k: int, sample, t, context, w):
                 """DeepCache (Ma et al. 2023): deep features from every interval-th full step, reused between."""
                 if k % interval == 0:
-                    pred, out = self._guided(full, sample, t, context, w)
+                    pred, out = self._guided(full, sample, t, context, w, split=self.low_memory)
                     deep["features"] = out["deep_features"]
                     return pred
-                return self._guided(shallow, sample, t, context, w, deep_features=deep["features"])[0]
+                return self._guided(shallow, sample, t, context, w, split=self.low_memory,
+                                    deep_features=deep["features"])[0]
 
             return self._loop(sched, rng, start, context, w, callback, predict)
 
