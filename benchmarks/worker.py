@@ -156,9 +156,10 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
         for name in names:
             if name == "txt2img":
                 # after every component figure's warm-up the whole generation needs none of its own; otherwise
-                # (a subset of figures, the step-cache graphs, sessions opened per call) a 2-step one
+                # (a subset of figures, the step-cache graphs, sessions opened per call) a short one: 4 steps,
+                # PNDM's minimum without skip_prk_steps
                 if warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory):
-                    figures[name](2)
+                    figures[name](4)
             else:
                 for _ in range(warmup):
                     figures[name]()
