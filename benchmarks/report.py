@@ -180,7 +180,7 @@ def chart(report: dict, path: Path) -> Path | None:
                 ax.axhline(b[key], color="black", linestyle=style, linewidth=1, label=f"{label} {b[key]:.2f} s")
         ax.set_title(f"{size}x{size}: one guided denoising step")
         ax.set_ylabel("seconds per step (median, min-max)" if key == "step" else
-                      f"seconds per step, mean over {report['settings']['steps']} steps (median of runs, min-max)")
+                      f"s per step (mean of {report['settings']['steps']}; median, min-max of runs)")
         ax.tick_params(axis="x", labelrotation=20)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['weights']} weights on {report['machine'].get('cpu')}, "
