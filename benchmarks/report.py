@@ -175,9 +175,9 @@ def chart(report: dict, path: Path) -> Path | None:
         hi = [s[size][n][key]["max"] - m for m, n in zip(med, names)]
         ax.bar(names, med, yerr=[lo, hi], capsize=4, color=[colors.get(n, "grey") for n in names])
         b = bounds(report, int(size), 2)
-        for key, style, label in (("fp32", "--", "fp32 bound"), ("int8_matmul_fp32_conv", ":", "int8 bound")):
-            if key in b:
-                ax.axhline(b[key], color="black", linestyle=style, linewidth=1, label=f"{label} {b[key]:.2f} s")
+        for bound, style, label in (("fp32", "--", "fp32 bound"), ("int8_matmul_fp32_conv", ":", "int8 bound")):
+            if bound in b:
+                ax.axhline(b[bound], color="black", linestyle=style, linewidth=1, label=f"{label} {b[bound]:.2f} s")
         ax.set_title(f"{size}x{size}: one guided denoising step")
         ax.set_ylabel("seconds per step (median, min-max)" if key == "step" else
                       f"s per step (mean of {report['settings']['steps']}; median, min-max of runs)")
