@@ -292,7 +292,8 @@ class Pipeline:
         with contextlib.ExitStack() as stack:
             if interval == 1:
                 unet = stack.enter_context(self._using("unet"))
-                return self._loop(sched, rng, start, context, w, callback, lambda k, *a: self._guided(unet, *a, split=self.low_memory)[0])
+                return self._loop(sched, rng, start, context, w, callback,
+                                  lambda k, *a: self._guided(unet, *a, split=self.low_memory)[0])
             full = stack.enter_context(self._using("unet_features"))
             shallow = stack.enter_context(self._using("unet_shallow"))
             deep = {}

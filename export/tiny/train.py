@@ -94,23 +94,32 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
 def train_vae(images: torch.Tensor, steps: int, batch: int, gen: torch.Generator) -> AutoencoderKL:
     """Reconstruction (L1 + MSE) with a small KL term, as the SD VAE was trained (minus the GAN)."""
     vae = AutoencoderKL(VAE)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    bar = tqdm(range(steps), desc="vae", unit="step")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3)
+
+    def loss() -> torch.Tensor:
         x = images[torch.randint(len(images), (batch,), generator=gen)]
         mean, logvar = vae.encode(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
         recon = vae.decode(z)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-5 * kl
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-5 * kl
+
+    _minimize(list(vae.parameters()), loss, steps, 1e-3, "vae")
+    return vae.eval()
+
+
+def _minimize(params: list[torch.Tensor], loss, steps: int, peak_lr: float, desc: str) -> None:
+    """AdamW (no weight decay) on `loss()` for `steps` steps at the `lr_at` schedule, with a progress bar."""
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, peak_lr)
+        value = loss()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return vae.eval()
+            bar.set_postfix(loss=f"{value.item():.4f}")
 
 
 def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch: int,
@@ -121,22 +130,16 @@ def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch
         moments = [vae.encode(chunk) for chunk in images.split(256)]
     means = torch.cat([m for m, _ in moments])
     stds = torch.cat([torch.exp(0.5 * lv) for _, lv in moments])
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-    vae.train()
-    bar = tqdm(range(steps), desc="vae decoder", unit="step")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 5e-4)
+
+    def loss() -> torch.Tensor:
         pick = torch.randint(len(images), (batch,), generator=gen)
         z = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=gen)
         recon, x = vae.decode(z), images[pick]
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+
+    vae.train()
+    _minimize(list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()), loss, steps, 5e-4,
+              "vae decoder")
     return vae.eval()
 
 
