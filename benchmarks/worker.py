@@ -1,11 +1,13 @@
 """One system in its own process: load, warm up, time each figure, print one JSON line, exit.
 
     python benchmarks/worker.py SYSTEM FOLDER --size 256 --steps 3 [--repeat 1] [--figures unet_b2,txt2img]
-                                [--cache-interval K] [--low-memory]
+                                [--cache-interval K] [--low-memory] [--provider cuda]
 
 SYSTEM: sdonnx-* (our runtime on one of our exports, e.g. sdonnx-fp32, sdonnx-int8, sdonnx-int8-cache),
 optimum-fp32 (ORTStableDiffusionPipeline on optimum's export), diffusers-fp32 (StableDiffusionPipeline on
-PyTorch, CPU, torch.inference_mode). --cache-interval and --low-memory apply to our runtime only; in low-memory
+PyTorch, CPU, torch.inference_mode), diffusers-fp16 (the same in half precision; on a GPU only).
+--provider cuda runs our runtime on ONNX Runtime's CUDA execution provider and diffusers on the GPU (each call
+synchronised before its clock stops). --cache-interval and --low-memory apply to our runtime only; in low-memory
 mode only the txt2img figure is timed (standalone component calls would keep sessions open).
 A fresh process per run makes the peak RSS this system's own; run.py interleaves the systems.
 """
@@ -24,12 +26,23 @@ import numpy as np
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
 GUIDANCE, TIMESTEP, SEED = 7.5, 500, 0
 FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode", "txt2img")
-PEERS = ("optimum-fp32", "diffusers-fp32")
+PEERS = ("optimum-fp32", "diffusers-fp32", "diffusers-fp16")
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_used_mb() -> float | None:
+    """Memory in use on GPU 0 (NVML), or None without an NVIDIA GPU and nvidia-ml-py."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+    except Exception:  # no driver, no GPU, no pynvml: the figure is simply absent
+        return None
 
 
 def inputs(size: int, factor: int, channels: int, context_dim: int, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -65,10 +78,10 @@ class Steps:
 # ---- the systems: each returns {figure: zero-argument callable}, and the Steps recorder of its txt2img
 
 def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
-                  low_memory: bool = False) -> tuple[dict[str, Callable], Steps]:
+                  low_memory: bool = False, provider: str = "cpu") -> tuple[dict[str, Callable], Steps]:
     from sdonnx.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, provider="cpu", low_memory=low_memory)
+    pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory)
     rec = Steps()
 
     def txt2img(n: int = steps):
@@ -94,9 +107,15 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
     }, rec
 
 
-def torch_system(system: str, folder: str, size: int, steps: int) -> tuple[dict[str, Callable], Steps]:
+def torch_system(system: str, folder: str, size: int, steps: int,
+                 provider: str = "cpu") -> tuple[dict[str, Callable], Steps]:
     """diffusers on PyTorch, or optimum's ORT pipeline (which runs diffusers' loop over ORT components)."""
     import torch
+
+    device = "cuda" if provider == "cuda" else "cpu"
+    dtype = torch.float16 if system.endswith("fp16") else torch.float32
+    if dtype == torch.float16 and device == "cpu":
+        raise SystemExit(f"{system} runs on a GPU only: add --provider cuda")
 
     if system == "optimum-fp32":
         from optimum.onnxruntime import ORTStableDiffusionPipeline
@@ -109,44 +128,58 @@ def torch_system(system: str, folder: str, size: int, steps: int) -> tuple[dict[
     else:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                       torch_dtype=dtype).to(device)
         te, unet = pipe.text_encoder, pipe.unet
         ctx_dim = int(pipe.unet.config.cross_attention_dim)
         decode = lambda z: pipe.vae.decode(z).sample  # noqa: E731
         encode = lambda im: pipe.vae.encode(im).latent_dist.mean  # noqa: E731
     pipe.set_progress_bar_config(disable=True)
     ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
-    x = {k: torch.from_numpy(v) for k, v in
-         inputs(size, pipe.vae_scale_factor, int(pipe.unet.config.in_channels), ctx_dim, ids[0]).items()}
+    x = {k: torch.from_numpy(v).to(device, dtype if v.dtype == np.float32 and system.startswith("diffusers") else None)
+         for k, v in inputs(size, pipe.vae_scale_factor, int(pipe.unet.config.in_channels), ctx_dim, ids[0]).items()}
     t = torch.tensor(TIMESTEP)
     rec = Steps()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step_end(p, i, ts, kw):
+        sync()  # the clock of a step stops when its GPU work is done
+        return rec.tick(callback_kwargs=kw)
 
     def txt2img(n: int = steps):
         rec.start()
         pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n, guidance_scale=GUIDANCE, height=size,
-             width=size, generator=torch.Generator().manual_seed(SEED), output_type="np",
-             callback_on_step_end=lambda p, i, ts, kw: rec.tick(callback_kwargs=kw))
+             width=size, generator=torch.Generator().manual_seed(SEED), output_type="np", callback_on_step_end=step_end)
+
+    def synced(fn: Callable) -> Callable:
+        def call():
+            out = fn()
+            sync()
+            return out
+        return call
 
     return {
-        "text_encoder": lambda: te(input_ids=x["ids"]),
-        "unet_b2": lambda: unet(sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"]),
-        "unet_b1": lambda: unet(sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1]),
-        "vae_decode": lambda: decode(x["latents1"]),
-        "vae_encode": lambda: encode(x["image"]),
+        "text_encoder": synced(lambda: te(input_ids=x["ids"])),
+        "unet_b2": synced(lambda: unet(sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"])),
+        "unet_b1": synced(lambda: unet(sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1])),
+        "vae_decode": synced(lambda: decode(x["latents1"])),
+        "vae_encode": synced(lambda: encode(x["image"])),
         "txt2img": txt2img,
     }, rec
 
 
 def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup: int,
-            wanted: tuple[str, ...] = FIGURES, cache_interval: int = 1, low_memory: bool = False) -> dict:
+            wanted: tuple[str, ...] = FIGURES, cache_interval: int = 1, low_memory: bool = False,
+            provider: str = "cpu") -> dict:
+    gpu_before = gpu_used_mb() if provider == "cuda" else None
     start = time.perf_counter()
     if system.startswith("sdonnx"):
-        figures, rec = sdonnx_system(folder, size, steps, cache_interval, low_memory)
+        figures, rec = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider)
         guard = _nullcontext
     else:
         import torch
 
-        figures, rec = torch_system(system, folder, size, steps)
+        figures, rec = torch_system(system, folder, size, steps, provider)
         guard = torch.inference_mode
     load_s = time.perf_counter() - start
     names = [f for f in FIGURES if f in wanted and f in figures]
@@ -157,8 +190,12 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
             if name == "txt2img":
                 # after every component figure's warm-up the whole generation needs none of its own; otherwise
                 # (a subset of figures, the step-cache graphs, sessions opened per call) a short one: 4 steps,
-                # PNDM's minimum without skip_prk_steps
-                if warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory):
+                # PNDM's minimum without skip_prk_steps. On a GPU, a whole warm-up generation: without one, the first
+                # step of the timed one took ~300 ms against ~23 ms for the others (H200, ORT CUDA, after the batch-1
+                # figures)
+                if warmup and provider != "cpu":
+                    figures[name]()
+                elif warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory):
                     figures[name](4)
             else:
                 for _ in range(warmup):
@@ -169,9 +206,14 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
                 times[name].append(time.perf_counter() - t0)
                 if name == "txt2img":
                     step_s.extend(rec.durations())
-    return {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
-            "peak_rss_mb": peak_rss_mb(), "threads": _threads(system), "cache_interval": cache_interval,
-            "low_memory": low_memory}
+    result = {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
+              "peak_rss_mb": peak_rss_mb(), "threads": _threads(system), "cache_interval": cache_interval,
+              "low_memory": low_memory, "provider": provider}
+    if gpu_before is not None:
+        # ORT's CUDA arena and PyTorch's caching allocator keep what they took, so at the end this is the peak
+        after = gpu_used_mb()
+        result["gpu_mem_mb"] = None if after is None else after - gpu_before
+    return result
 
 
 class _nullcontext:
@@ -205,6 +247,8 @@ def main() -> None:
     ap.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of " + ", ".join(FIGURES))
     ap.add_argument("--cache-interval", type=int, default=1, help="sdonnx only: the step cache's interval")
     ap.add_argument("--low-memory", action="store_true", help="sdonnx only: Pipeline.load(low_memory=True)")
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: ONNX Runtime's CUDA execution provider / PyTorch on the GPU")
     a = ap.parse_args()
     if not a.system.startswith("sdonnx-") and a.system not in PEERS:
         ap.error(f"unknown system {a.system!r}")
@@ -214,7 +258,8 @@ def main() -> None:
     unknown = set(wanted) - set(FIGURES)
     if unknown:
         ap.error(f"unknown figures: {', '.join(sorted(unknown))}")
-    result = measure(a.system, a.folder, a.size, a.steps, a.repeat, a.warmup, wanted, a.cache_interval, a.low_memory)
+    result = measure(a.system, a.folder, a.size, a.steps, a.repeat, a.warmup, wanted, a.cache_interval, a.low_memory,
+                     a.provider)
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 

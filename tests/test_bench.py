@@ -184,3 +184,25 @@ def test_cache_interval_needs_the_graphs(tiny_model):
 def test_bad_cache_interval(tiny_model):
     result = CliRunner().invoke(main, ["bench", "--model", str(tiny_model), "--cache-interval", "0"])
     assert result.exit_code != 0 and "whole number >= 1" in result.output and "Traceback" not in result.output
+
+
+def test_benchmark_worker_on_the_bundled_model(tmp_path):
+    """benchmarks/worker.py (the comparison harness's timed process): figures, steps and the provider recorded;
+    a half-precision PyTorch system asked for on the CPU is refused with one line."""
+    import subprocess
+    import sys
+
+    from sdonnx.model import default_model_dir
+
+    worker = Path(__file__).resolve().parent.parent / "benchmarks" / "worker.py"
+    done = subprocess.run([sys.executable, str(worker), "sdonnx-fp32", str(default_model_dir()), "--size", "64",
+                           "--steps", "4", "--warmup", "1", "--figures", "unet_b2,txt2img"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert set(res["times_s"]) == {"unet_b2", "txt2img"} and res["provider"] == "cpu"
+    assert len(res["step_s"]) >= 4 and all(t > 0 for t in res["step_s"])  # one interval per callback
+    assert "gpu_mem_mb" not in res
+    done = subprocess.run([sys.executable, str(worker), "diffusers-fp16", str(tmp_path), "--size", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "runs on a GPU only" in done.stderr
