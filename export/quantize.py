@@ -180,7 +180,12 @@ def int8_conv_weights(path: Path) -> Path:
 
     ONNX Runtime does not constant-fold DequantizeLinear, so the weights stay int8 in memory and each Conv
     gets its fp32 weight from a small per-call dequantization; the convolution itself runs in fp32, so the
-    error is only the weights' rounding (unlike static QDQ, which also quantizes the activations)."""
+    error is only the weights' rounding (unlike static QDQ, which also quantizes the activations).
+
+    The DequantizeLinear nodes go first in the node list. ORT orders execution by a reverse depth-first walk
+    from the outputs that enters a node's higher-indexed inputs first, so a dequantization listed after its
+    Conv's activation producer ran long before the Conv and its fp32 weight stayed alive all that while
+    (SD 1.5 U-Net at 512x512: +147 MiB peak; listed first, each runs right before its Conv)."""
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
@@ -190,7 +195,7 @@ def int8_conv_weights(path: Path) -> Path:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     keep = set(int8_nodes_to_exclude(model))
-    nodes = []
+    dequantize, nodes = [], []
     for node in model.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         if w is None or node.name in keep or uses[w.name] != 1 or w.data_type != onnx.TensorProto.FLOAT:
@@ -205,12 +210,12 @@ def int8_conv_weights(path: Path) -> Path:
         model.graph.initializer.extend([numpy_helper.from_array(q, base + "_int8"),
                                         numpy_helper.from_array(scale, base + "_scale"),
                                         numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), base + "_zero")])
-        nodes.append(onnx.helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero"],
-                                           [base + "_dq"], name=base + "_DequantizeLinear", axis=0))
+        dequantize.append(onnx.helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero"],
+                                                [base + "_dq"], name=base + "_DequantizeLinear", axis=0))
         node.input[1] = base + "_dq"
         nodes.append(node)
     del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    model.graph.node.extend(dequantize + nodes)
     return save_model(model, path)
 
 

@@ -146,6 +146,9 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         assert sorted(n.name.split("/")[-2] for n in kept) == ["conv_in", "conv_out"], [n.name for n in kept]
         assert all(inits[dq[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8 for n in convs if n not in kept)
         assert "QuantizeLinear" not in unet_ops  # activations stay fp32
+        # listed first, so ORT runs each dequantization right before its Conv (not all early: the peak memory)
+        ops = [n.op_type for n in graph.node]
+        assert ops[:len(dq)] == ["DequantizeLinear"] * len(dq)
     if precision.startswith("int8"):
         assert unet_ops.get("MatMulInteger", 0) + unet_ops.get("com.microsoft.DynamicQuantizeMatMul", 0) > 0
         # the time embedding stays float
