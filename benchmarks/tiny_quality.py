@@ -1,10 +1,11 @@
 """Quality of the bundled tiny model, judged by the shapes evaluator on fresh captions.
 
     python benchmarks/tiny_quality.py [--model DIR] [--int8 DIR ...] [--cache-interval K] [--n 200] [--seed 2026]
+                                      [--name tiny_quality] [--no-grid]
 
 Reports background colour, shape colour, shape and position accuracy (%) at the folder's default
 settings, at guidance 1 (no guidance), with the step cache and, given int8 folders, for each; writes
-benchmarks/results/tiny_quality.{json,md} and a captioned grid PNG of a dozen prompts.
+benchmarks/results/<name>.{json,md} (default tiny_quality) and a captioned grid PNG of a dozen prompts.
 """
 
 from __future__ import annotations
@@ -99,7 +100,10 @@ def table(results: dict) -> str:
 @click.option("--n", default=200, show_default=True, help="Fresh captions to judge.")
 @click.option("--seed", default=2026, show_default=True, help="Seed of the captions (and, offset, the noise).")
 @click.option("--cache-interval", default=0, help="Also judge the step cache at this interval (folders with it).")
-def main(model: Path | None, int8_dirs: tuple[Path, ...], n: int, seed: int, cache_interval: int) -> None:
+@click.option("--name", default="tiny_quality", show_default=True, help="results/<name>.{json,md}.")
+@click.option("--no-grid", is_flag=True, help="Skip the grid picture (results/tiny_grid.png).")
+def main(model: Path | None, int8_dirs: tuple[Path, ...], n: int, seed: int, cache_interval: int, name: str,
+         no_grid: bool) -> None:
     pipe = Pipeline.load(model)
     scenes = fresh_scenes(n, seed)
     d = pipe.info.defaults
@@ -114,11 +118,12 @@ def main(model: Path | None, int8_dirs: tuple[Path, ...], n: int, seed: int, cac
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"model": str(pipe.info.path), "captions": n, "caption_seed": seed, "results": results,
               "python": sys.version.split()[0], "machine": platform.machine()}
-    (RESULTS / "tiny_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = (f"Tiny model, {n} fresh captions (seed {seed}), judged by `sdonnx.export.tiny.shapes.judge`.\n\n"
           + table(results) + "\n")
-    (RESULTS / "tiny_quality.md").write_text(md)
-    grid(pipe, GRID_PROMPTS, seed=7).save(RESULTS / "tiny_grid.png")
+    (RESULTS / f"{name}.md").write_text(md)
+    if not no_grid:
+        grid(pipe, GRID_PROMPTS, seed=7).save(RESULTS / "tiny_grid.png")
     click.echo(md)
 
 
