@@ -136,7 +136,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
-            feeds = bar.step("calibration data", _calibration, models, ckpt) if calibrate else None
+            feeds = bar.step("calibration data", _calibration, models, ckpt, job.source) if calibrate else None
             work = root / "_work"
             checks = {}
             for c in parts:
@@ -193,11 +193,15 @@ def _drop_state_dicts(ckpt):
     return ckpt
 
 
-def _calibration(models: dict, ckpt) -> list[dict]:
-    """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does)."""
+def _calibration(models: dict, ckpt, source: str) -> list[dict]:
+    """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does), guided
+    as the source suggests (the tiny model: 3.0) or as SD usually is (7.5)."""
     m = graphs.latent_multiple(ckpt.configs)
     side = max(m, min(32, ckpt.configs.unet.sample_size or 32) // m * m)
-    return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), latent_hw=(side, side))
+    guidance = folder.source_defaults(resolve_source(source)).get("guidance", 7.5)
+    sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
+    return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched, guidance=guidance,
+                                      latent_hw=(side, side))
 
 
 def _optimize(work: Path) -> None:
