@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import log, python  # noqa: E402
+from report import summarize  # noqa: E402
+from run import log, python, run_worker  # noqa: E402
 from worker import FIGURES  # noqa: E402
 
 # system -> model folder (prepare.py's names)
@@ -58,24 +58,8 @@ def machine() -> dict:
     return info
 
 
-def summarize(runs: list[dict]) -> dict:
-    """{size: {system: {figure: median s, "step": median s, "gpu_mem_mb": max, "load_s": median, "runs": n}}}"""
-    out: dict = {}
-    for res in runs:
-        if "error" not in res:
-            out.setdefault(str(res["size"]), {}).setdefault(res["system"], []).append(res)
-    for size, systems in out.items():
-        for system, rs in systems.items():
-            cell: dict = {"runs": len(rs), "load_s": statistics.median(r["load_s"] for r in rs)}
-            for fig in FIGURES:
-                xs = [t for r in rs for t in r["times_s"].get(fig, [])]
-                cell[fig] = statistics.median(xs) if xs else None
-            steps = [t for r in rs for t in r["step_s"][1:]]  # the first interval also encodes the prompts
-            cell["step"] = statistics.median(steps) if steps else None
-            mem = [r["gpu_mem_mb"] for r in rs if r.get("gpu_mem_mb") is not None]
-            cell["gpu_mem_mb"] = max(mem) if mem else None
-            systems[system] = cell
-    return out
+def _median(cell: dict, figure: str) -> float | None:
+    return cell.get(figure, {}).get("median")
 
 
 def markdown(report: dict) -> str:
@@ -98,8 +82,8 @@ def markdown(report: dict) -> str:
         for system in report["systems"]:
             c = systems.get(system)
             if c:
-                figs = " | ".join("-" if c[f] is None else f"{c[f] * 1000:.1f}" for f in FIGURES + ("step",))
-                mem = "-" if c["gpu_mem_mb"] is None else f"{c['gpu_mem_mb']:.0f}"
+                figs = " | ".join(f"{_median(c, f) * 1000:.1f}" if _median(c, f) else "-" for f in FIGURES + ("step",))
+                mem = f"{c['gpu_mem_mb']:.0f}" if c.get("gpu_mem_mb") is not None else "-"
                 lines.append(f"| {system} | {c['runs']} | {figs} | {c['load_s']:.1f} | {mem} |")
         base = systems.get(BASE)
         if base:
@@ -108,7 +92,8 @@ def markdown(report: dict) -> str:
             for system in report["systems"]:
                 c = systems.get(system)
                 if c:
-                    cells = ["-" if not c[f] or not base[f] else f"{c[f] / base[f]:.2f}" for f in FIGURES + ("step",)]
+                    cells = [f"{_median(c, f) / _median(base, f):.2f}" if _median(c, f) and _median(base, f) else "-"
+                             for f in FIGURES + ("step",)]
                     lines.append(f"| {system} | " + " | ".join(cells) + " |")
         lines.append("")
     failed = [r for r in report["runs"] if "error" in r]
@@ -119,7 +104,7 @@ def markdown(report: dict) -> str:
 
 
 def save(report: dict, folder: Path) -> Path:
-    report["summary"] = summarize(report["runs"])
+    report["summary"] = summarize(report)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{report['name']}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = folder / f"{report['name']}.md"
@@ -158,12 +143,9 @@ def main() -> None:
             for system in [systems[(r + k) % len(systems)] for k in range(len(systems))]:
                 log(f"{size}x{size} round {r + 1}/{a.runs}: {system}")
                 try:
-                    stdout = python([str(HERE / "worker.py"), system, folders[SYSTEMS[system]], "--size", str(size),
-                                     "--steps", str(a.steps), "--warmup", str(a.warmup), "--figures", a.figures,
-                                     "--provider", "cuda"])
-                    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
-                    res = json.loads(line[len("RESULT "):])
-                except (RuntimeError, subprocess.SubprocessError, StopIteration) as err:
+                    res = run_worker(system, folders[SYSTEMS[system]], size, a.steps, a.warmup, a.figures,
+                                     ["--provider", "cuda"])
+                except (RuntimeError, subprocess.SubprocessError) as err:
                     log(f"  failed: {err}")
                     res = {"system": system, "size": size, "error": str(err)[-2000:]}
                 res["round"] = r

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,11 +43,24 @@ def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 unet(x, t, ctx)
-            by_op = {str(k).split(".")[-1]: int(v) for k, v in counter.get_flop_counts()["Global"].items()}
+            counts = counter.get_flop_counts()
+            by_op = {str(k).split(".")[-1]: int(v) for k, v in counts["Global"].items()}
             conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
             total = int(counter.get_total_flops())
-            out[f"{size}x{batch}"] = {"total": total, "conv": conv, "matmul": total - conv, "by_op": by_op}
+            out[f"{size}x{batch}"] = {"total": total, "conv": conv, "matmul": total - conv, "by_op": by_op,
+                                      "conv_kept_float_by_qdq": _qdq_float_conv(counts)}
     return out
+
+
+def _qdq_float_conv(counts: dict) -> int:
+    """Convolution FLOPs of the modules `--int8-scheme qdq` leaves float (quantize.QDQ_FLOAT_CONVS and
+    conv_in/conv_out); the counter lists each module under its dotted path, parents included, so leaves only."""
+    from sdonnx.export.quantize import QDQ_FLOAT_CONVS
+
+    leaf = re.compile(r"\.(conv_shortcut|proj_out|conv_in|conv_out|(down|up)samplers\.\d+\.conv)$")
+    return sum(int(v) for name, ops in counts.items() if name != "Global" and leaf.search(name)
+               and (QDQ_FLOAT_CONVS.search(name) or re.search(r"conv_(in|out)$", name))
+               for op, v in ops.items() if str(op).split(".")[-1] in CONV_OPS)
 
 
 def _matmul_model(n: int, integer: bool):

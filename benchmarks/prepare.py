@@ -16,6 +16,7 @@ FOLDERS = {
     "optimum-fp32": "optimum-fp32",
     "sdonnx-int8-cache": "sdonnx-int8-cache",
     "sdonnx-int8-compact": "sdonnx-int8-compact",
+    "sdonnx-int8-qdq": "sdonnx-int8-qdq",
     "sdonnx-fp16": "sdonnx-fp16",  # for GPU providers (benchmarks/gpu.py)
 }
 # sdonnx export options of our folders
@@ -24,6 +25,7 @@ EXPORTS = {
     "sdonnx-int8": ["--precision", "int8"],
     "sdonnx-int8-cache": ["--precision", "int8", "--attention", "mha", "--step-cache"],
     "sdonnx-int8-compact": ["--precision", "int8", "--int8-scheme", "compact", "--attention", "mha", "--step-cache"],
+    "sdonnx-int8-qdq": ["--precision", "int8", "--int8-scheme", "qdq", "--attention", "mha", "--step-cache"],
     "sdonnx-fp16": ["--precision", "fp16"],
 }
 

@@ -17,16 +17,22 @@ def _stats(xs: list[float]) -> dict:
 def bounds(report: dict, size: int, batch: int) -> dict:
     """Seconds of the fastest possible U-Net call: all FLOPs at the fp32 peak; for int8, matmuls at the int8 peak
     and convolutions at the fp32 peak (dynamic int8 quantizes MatMul/Gemm only), and everything at int8."""
-    flops = report["unet_flops"].get(f"{size}x{batch}")
-    peak = report["matmul_peak"]
-    if not flops:
+    flops = report.get("unet_flops", {}).get(f"{size}x{batch}")
+    peak = report.get("matmul_peak")
+    if not flops or not peak:  # (the GPU benchmark measures no CPU peak)
         return {}
     fp32 = max(peak["fp32"], peak.get("numpy_fp32", 0.0))
-    return {"fp32": flops["total"] / fp32, "int8_matmul_fp32_conv": flops["conv"] / fp32 + flops["matmul"] / peak["int8"],
-            "int8_all": flops["total"] / peak["int8"]}
+    out = {"fp32": flops["total"] / fp32, "int8_matmul_fp32_conv": flops["conv"] / fp32 + flops["matmul"] / peak["int8"],
+           "int8_all": flops["total"] / peak["int8"]}
+    if "conv_kept_float_by_qdq" in flops:  # static QDQ: convolutions int8 too, but those it keeps float
+        kept = flops["conv_kept_float_by_qdq"]
+        out["int8_qdq"] = kept / fp32 + (flops["total"] - kept) / peak["int8"]
+    return out
 
 
 def _bound_for(system: str, b: dict) -> float | None:
+    if "qdq" in system:
+        return b.get("int8_qdq")
     return b.get("int8_matmul_fp32_conv" if "int8" in system else "fp32")
 
 
@@ -57,6 +63,9 @@ def summarize(report: dict) -> dict:
             cell["low_memory"] = any(r.get("low_memory") for r in runs)
             cell["load_s"] = statistics.median(r["load_s"] for r in runs)
             cell["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+            gpu = [r["gpu_mem_mb"] for r in runs if r.get("gpu_mem_mb") is not None]
+            if gpu:  # what the process added to the device's used memory: the arena keeps its peak
+                cell["gpu_mem_mb"] = max(gpu)
             cell["runs"] = len(runs)
             for fig, b in (("unet_b2", b2), ("unet_b1", b1)):
                 bound = _bound_for(system, b)
@@ -95,7 +104,9 @@ def markdown(report: dict) -> str:
         flops = report["unet_flops"].get(f"{size}x2", {}).get("total", 0)
         lines += [f"## {size}x{size} (U-Net batch 2: {flops / 1e9:.1f} GFLOP)", "",
                   "Milliseconds, median of the timed runs (min-max for the step). "
-                  "Bound = fastest possible U-Net batch-2 call (a guided step) at the measured peak; "
+                  "Bound = fastest possible U-Net batch-2 call (a guided step) at the measured peaks (fp32 "
+                  "systems: everything fp32; int8: matmuls int8, convolutions fp32; qdq: all int8 but the "
+                  "convolutions it keeps float); "
                   "efficiency = bound / measured U-Net b2 call, and bound / median step (full steps only with the "
                   "step cache).", "",
                   "| system | runs | " + " | ".join(LABELS[f] for f in FIGURES) +
@@ -165,7 +176,7 @@ def chart(report: dict, path: Path) -> Path | None:
     sizes = list(s)
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
     colors = {"sdonnx-fp32": "#1f77b4", "sdonnx-int8": "#17becf", "optimum-fp32": "#ff7f0e", "diffusers-fp32": "#d62728",
-              "sdonnx-int8-cache": "#2ca02c", "sdonnx-int8-lowmem": "#98df8a"}
+              "sdonnx-int8-cache": "#2ca02c", "sdonnx-int8-lowmem": "#98df8a", "sdonnx-int8-qdq": "#9467bd"}
     for ax, size in zip(axes[0], sizes):
         # with a step cache the steps differ, so every system is drawn by its mean step
         key = "step_mean" if any(c.get("cache_interval") for c in s[size].values()) else "step"

@@ -32,6 +32,8 @@ KNOWN = {
     # the compact int8 export (conv weights int8 too) with the step cache, in low-memory mode (sessions opened
     # per use, no arena, tiled VAE decode, freed buffers returned to the system)
     "sdonnx-int8-lowmem": ("sdonnx-int8-compact", ["--cache-interval", "{k}", "--low-memory"]),
+    # static QDQ int8 convolutions (residual-stream ones float) + MultiHeadAttention, with the step cache
+    "sdonnx-int8-qdq": ("sdonnx-int8-qdq", ["--cache-interval", "{k}"]),
 }
 
 
@@ -48,12 +50,20 @@ def python(args: list[str], timeout: float | None = None) -> str:
     return done.stdout
 
 
+def run_worker(system: str, folder: Path | str, size: int, steps: int, warmup: int, figures: str,
+               extra: list[str] = ()) -> dict:
+    """One fresh worker.py process timing `system` on `folder`; the result it prints on its RESULT line."""
+    out = python([str(HERE / "worker.py"), system, str(folder), "--size", str(size), "--steps", str(steps),
+                  "--warmup", str(warmup), "--figures", figures, *extra])
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"worker.py {system} printed no RESULT line")
+    return json.loads(line[len("RESULT "):])
+
+
 def worker(system: str, folder: Path, size: int, args: argparse.Namespace) -> dict:
     extra = [x.format(k=args.cache_interval) for x in KNOWN[system][1]]
-    out = python([str(HERE / "worker.py"), system, str(folder), "--size", str(size), "--steps", str(args.steps),
-                  "--warmup", str(args.warmup), "--figures", args.figures, *extra])
-    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_worker(system, folder, size, args.steps, args.warmup, args.figures, extra)
 
 
 def load_average() -> float | None:

@@ -186,23 +186,34 @@ def test_bad_cache_interval(tiny_model):
     assert result.exit_code != 0 and "whole number >= 1" in result.output and "Traceback" not in result.output
 
 
-def test_benchmark_worker_on_the_bundled_model(tmp_path):
-    """benchmarks/worker.py (the comparison harness's timed process): figures, steps and the provider recorded;
-    a half-precision PyTorch system asked for on the CPU is refused with one line."""
+def test_benchmark_worker_on_the_bundled_model(tmp_path, monkeypatch):
+    """benchmarks/worker.py (the comparison harness's timed process), run as run.py and gpu.py run it: figures,
+    steps and the provider recorded; the shared summary (no CPU peak, as on the GPU machine: no bound) and
+    gpu.py's table; a half-precision PyTorch system asked for on the CPU is refused with one line."""
     import subprocess
     import sys
 
     from sdonnx.model import default_model_dir
 
-    worker = Path(__file__).resolve().parent.parent / "benchmarks" / "worker.py"
-    done = subprocess.run([sys.executable, str(worker), "sdonnx-fp32", str(default_model_dir()), "--size", "64",
-                           "--steps", "4", "--warmup", "1", "--figures", "unet_b2,txt2img"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    res = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    import gpu
+    import report
+    import run
+
+    res = run.run_worker("sdonnx-fp32", default_model_dir(), 64, 4, 1, "unet_b2,txt2img")
     assert set(res["times_s"]) == {"unet_b2", "txt2img"} and res["provider"] == "cpu"
     assert len(res["step_s"]) >= 4 and all(t > 0 for t in res["step_s"])  # one interval per callback
     assert "gpu_mem_mb" not in res
-    done = subprocess.run([sys.executable, str(worker), "diffusers-fp16", str(tmp_path), "--size", "64"],
+    runs = [res, dict(res, gpu_mem_mb=321.0)]
+    summary = report.summarize({"runs": runs})
+    cell = summary["64"]["sdonnx-fp32"]
+    assert cell["unet_b2"]["n"] == 2 and cell["gpu_mem_mb"] == 321.0 and "unet_b2_efficiency" not in cell
+    table = gpu.markdown({"name": "t", "weights": "bundled", "steps": 4, "warmup": 1, "machine": {},
+                          "started": "now", "command": "c", "systems": ["sdonnx-fp32"], "runs": runs,
+                          "summary": summary})
+    row = next(x for x in table.splitlines() if x.startswith("| sdonnx-fp32 | 2 |"))
+    assert f"{cell['unet_b2']['median'] * 1000:.1f}" in row and row.endswith("| 321 |")
+    done = subprocess.run([sys.executable, str(bench / "worker.py"), "diffusers-fp16", str(tmp_path), "--size", "64"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "runs on a GPU only" in done.stderr
