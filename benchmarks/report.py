@@ -51,15 +51,16 @@ def summarize(report: dict) -> dict:
             for fig in FIGURES:
                 cell[fig] = _stats([t for r in runs for t in r["times_s"].get(fig, [])])
             # the first interval also encodes the prompts, so a step is the time between consecutive callbacks
-            cell["step"] = _stats([t for r in runs for t in r["step_s"][1:]])
+            gens = [g for r in runs for g in (r.get("generations") or [r["step_s"]])]  # (older runs: one each)
+            cell["step"] = _stats([t for g in gens for t in g[1:]])
             # with a step cache the steps differ (full / cached): the mean over ALL intervals of a run (the first
             # one, which also encodes the prompts, included), then the median over runs, is the per-step cost
             cell["step_mean"] = _stats([statistics.fmean(r["step_s"]) for r in runs if r["step_s"]])
             k = max(r.get("cache_interval", 1) for r in runs)
             if k > 1:
                 cell["cache_interval"] = k
-                cell["step_full"] = _stats([t for r in runs for j, t in enumerate(r["step_s"]) if j and j % k == 0])
-                cell["step_cached"] = _stats([t for r in runs for j, t in enumerate(r["step_s"]) if j % k])
+                cell["step_full"] = _stats([t for g in gens for j, t in enumerate(g) if j and j % k == 0])
+                cell["step_cached"] = _stats([t for g in gens for j, t in enumerate(g) if j % k])
             cell["low_memory"] = any(r.get("low_memory") for r in runs)
             cell["load_s"] = statistics.median(r["load_s"] for r in runs)
             cell["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)

@@ -62,7 +62,7 @@ def run_worker(system: str, folder: Path | str, size: int, steps: int, warmup: i
 
 
 def worker(system: str, folder: Path, size: int, args: argparse.Namespace) -> dict:
-    extra = [x.format(k=args.cache_interval) for x in KNOWN[system][1]]
+    extra = [x.format(k=args.cache_interval) for x in KNOWN[system][1]] + ["--repeat", str(args.repeat)]
     return run_worker(system, folder, size, args.steps, args.warmup, args.figures, extra)
 
 
@@ -157,6 +157,8 @@ def main() -> None:
     # two: ONNX Runtime's second U-Net call at 512x512 is still ~1.6x slower than its third (the committed
     # results so far were made with one; their settings record it)
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each figure before the timed one")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="timed calls of each figure per run (more for millisecond figures: one call is mostly noise)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(KNOWN))
     ap.add_argument("--figures", default="text_encoder,unet_b2,unet_b1,vae_decode,vae_encode,txt2img",
                     help="which figures each worker times (a subset saves time on long generations)")

@@ -81,13 +81,17 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
                   low_memory: bool = False, provider: str = "cpu") -> tuple[dict[str, Callable], Steps]:
     from sdonnx.pipeline import Pipeline
 
+    from sdonnx.model import SCHEDULER_NAMES
+
     pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory)
     rec = Steps()
+    # the scheduler class of the folder's scheduler_config.json, which diffusers and optimum run (PNDM for SD 1.5,
+    # DDIM for the bundled model), not the folder's suggested default: the same number of U-Net calls for all
+    scheduler = SCHEDULER_NAMES[pipe.info.scheduler_config["_class_name"]]
 
     def txt2img(n: int = steps):
         rec.start()
-        # PNDM, the folder's scheduler for the diffusers/optimum systems too
-        pipe.txt2img(PROMPT, NEGATIVE, steps=n, guidance=GUIDANCE, scheduler="pndm", seed=SEED,
+        pipe.txt2img(PROMPT, NEGATIVE, steps=n, guidance=GUIDANCE, scheduler=scheduler, seed=SEED,
                      width=size, height=size, callback=lambda k, n, lat: rec.tick(), output_type="np",
                      cache_interval=cache_interval)
 
@@ -185,6 +189,7 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
     names = [f for f in FIGURES if f in wanted and f in figures]
     times: dict[str, list[float]] = {f: [] for f in names}
     step_s: list[float] = []
+    generations: list[list[float]] = []  # step_s split per timed txt2img (--repeat)
     with guard():
         for name in names:
             if name == "txt2img":
@@ -205,8 +210,10 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
                 figures[name]()
                 times[name].append(time.perf_counter() - t0)
                 if name == "txt2img":
-                    step_s.extend(rec.durations())
+                    generations.append(rec.durations())
+                    step_s.extend(generations[-1])
     result = {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
+              "generations": generations,
               "peak_rss_mb": peak_rss_mb(), "threads": _threads(system), "cache_interval": cache_interval,
               "low_memory": low_memory, "provider": provider}
     if gpu_before is not None:
