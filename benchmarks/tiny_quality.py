@@ -1,11 +1,12 @@
 """Quality of the bundled tiny model, judged by the shapes evaluator on fresh captions.
 
-    python benchmarks/tiny_quality.py [--model DIR] [--int8 DIR ...] [--cache-interval K] [--n 200] [--seed 2026]
-                                      [--name tiny_quality] [--no-grid]
+    python benchmarks/tiny_quality.py [--model DIR] [--int8 DIR ...] [--cache-interval K] [--guidance G ...]
+                                      [--n 200] [--seed 2026] [--name tiny_quality] [--no-grid]
 
 Reports background colour, shape colour, shape and position accuracy (%) at the folder's default
-settings, at guidance 1 (no guidance), with the step cache and, given int8 folders, for each; writes
-benchmarks/results/<name>.{json,md} (default tiny_quality) and a captioned grid PNG of a dozen prompts.
+settings, at guidance 1 (no guidance), at any other `--guidance`, with the step cache, given int8 folders
+for each, and with `--vae-ceiling` for the true renders through the VAE and back (what a perfect U-Net would
+score); writes benchmarks/results/<name>.{json,md} (default tiny_quality) and a captioned grid PNG.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sdonnx import Pipeline
-from sdonnx.export.tiny.shapes import Scene, random_scene, score
+from sdonnx import image as imaging
+from sdonnx.export.tiny.shapes import Scene, random_scene, render, score
 
 RESULTS = Path(__file__).parent / "results"
 GRID_PROMPTS = [
@@ -57,6 +59,17 @@ def generate(pipe: Pipeline, scenes: list[Scene], seed: int, **options) -> list[
 def evaluate(pipe: Pipeline, scenes: list[Scene], seed: int, **options) -> dict:
     start = time.perf_counter()
     acc = score(scenes, generate(pipe, scenes, seed, **options))
+    acc["seconds"] = round(time.perf_counter() - start, 1)
+    return acc
+
+
+def vae_round_trip(pipe: Pipeline, scenes: list[Scene]) -> dict:
+    """The scenes' exact renders encoded and decoded by the folder's VAE, judged like generated pictures."""
+    start = time.perf_counter()
+    images = []
+    for scene in scenes:
+        images += imaging.to_pil(pipe._decode(pipe._encode(imaging.to_array(render(scene, pipe.info.defaults.width)))))
+    acc = score(scenes, images)
     acc["seconds"] = round(time.perf_counter() - start, 1)
     return acc
 
@@ -100,16 +113,23 @@ def table(results: dict) -> str:
 @click.option("--n", default=200, show_default=True, help="Fresh captions to judge.")
 @click.option("--seed", default=2026, show_default=True, help="Seed of the captions (and, offset, the noise).")
 @click.option("--cache-interval", default=0, help="Also judge the step cache at this interval (folders with it).")
+@click.option("--guidance", "guidances", type=float, multiple=True,
+              help="Also judge fp32 at this guidance scale (repeatable).")
+@click.option("--vae-ceiling", is_flag=True, help="Also judge the true renders through the VAE and back.")
 @click.option("--name", default="tiny_quality", show_default=True, help="results/<name>.{json,md}.")
 @click.option("--no-grid", is_flag=True, help="Skip the grid picture (results/tiny_grid.png).")
-def main(model: Path | None, int8_dirs: tuple[Path, ...], n: int, seed: int, cache_interval: int, name: str,
-         no_grid: bool) -> None:
+def main(model: Path | None, int8_dirs: tuple[Path, ...], n: int, seed: int, cache_interval: int,
+         guidances: tuple[float, ...], vae_ceiling: bool, name: str, no_grid: bool) -> None:
     pipe = Pipeline.load(model)
     scenes = fresh_scenes(n, seed)
     d = pipe.info.defaults
     noise = seed * 1000
     results = {f"fp32, defaults ({d.scheduler}, {d.steps} steps, guidance {d.guidance})": evaluate(pipe, scenes, noise)}
     results["fp32, guidance 1 (none)"] = evaluate(pipe, scenes, noise, guidance=1.0)
+    for g in guidances:
+        results[f"fp32, guidance {g}"] = evaluate(pipe, scenes, noise, guidance=g)
+    if vae_ceiling:
+        results["true renders through the VAE (no U-Net)"] = vae_round_trip(pipe, scenes)
     if cache_interval > 1:
         results[f"fp32, step cache interval {cache_interval}"] = evaluate(pipe, scenes, noise,
                                                                          cache_interval=cache_interval)
