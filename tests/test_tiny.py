@@ -76,3 +76,27 @@ def test_bundled_graphs_are_the_bundled_weights(bundled):
     got = bundled.components["unet"](sample=sample, timestep=np.float64(500.0),
                                       encoder_hidden_states=np.repeat(got_context, 2, 0))["out_sample"]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_qdq_int8_export_draws_what_fp32_draws(bundled, tmp_path):
+    """`sdonnx export tiny --precision int8 --int8-scheme qdq` (static int8 convolutions, calibrated on sampling
+    runs): the evaluator reads nearly the same scenes off its pictures as off the fp32 folder's."""
+    from click.testing import CliRunner
+
+    from sdonnx.cli import main
+    from sdonnx.export.tiny.shapes import judge, random_scene
+
+    out = tmp_path / "qdq"
+    result = CliRunner().invoke(main, ["export", "tiny", str(out), "--precision", "int8", "--int8-scheme", "qdq",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    from sdonnx import Pipeline
+
+    qdq = Pipeline.load(out)
+    ops = json.loads((out / "sdonnx.json").read_text())["components"]["unet"]["ops"]
+    assert ops.get("QuantizeLinear", 0) > 0  # the convolutions' activations really are quantized
+    rng = np.random.default_rng(321)
+    captions = [random_scene(rng).caption() for _ in range(16)]
+    same = sum(judge(bundled.txt2img(c, seed=k)[0]) == judge(qdq.txt2img(c, seed=k)[0])
+               for k, c in enumerate(captions))
+    assert same >= 13, same
