@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -48,19 +47,21 @@ def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2
             conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
             total = int(counter.get_total_flops())
             out[f"{size}x{batch}"] = {"total": total, "conv": conv, "matmul": total - conv, "by_op": by_op,
-                                      "conv_kept_float_by_qdq": _qdq_float_conv(counts)}
+                                      "conv_kept_float_by_qdq": _qdq_float_conv(unet, counts)}
     return out
 
 
-def _qdq_float_conv(counts: dict) -> int:
-    """Convolution FLOPs of the modules `--int8-scheme qdq` leaves float (quantize.QDQ_FLOAT_CONVS and
-    conv_in/conv_out); the counter lists each module under its dotted path, parents included, so leaves only."""
-    from sdonnx.export.quantize import QDQ_FLOAT_CONVS
+def _qdq_float_conv(unet, counts: dict) -> int:
+    """Convolution FLOPs of the convolutions `--int8-scheme qdq` leaves float (quantize.qdq_keeps_float, asked
+    with the module path written as the graph names it); the counter lists modules as `<class>.<path>`."""
+    import torch
 
-    leaf = re.compile(r"\.(conv_shortcut|proj_out|conv_in|conv_out|(down|up)samplers\.\d+\.conv)$")
-    return sum(int(v) for name, ops in counts.items() if name != "Global" and leaf.search(name)
-               and (QDQ_FLOAT_CONVS.search(name) or re.search(r"conv_(in|out)$", name))
-               for op, v in ops.items() if str(op).split(".")[-1] in CONV_OPS)
+    from sdonnx.export.quantize import qdq_keeps_float
+
+    kept = {f"{type(unet).__name__}.{name}" for name, m in unet.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and qdq_keeps_float("/" + name.replace(".", "/") + "/")}
+    return sum(int(v) for name in kept for op, v in counts.get(name, {}).items()
+               if str(op).split(".")[-1] in CONV_OPS)
 
 
 def _matmul_model(n: int, integer: bool):

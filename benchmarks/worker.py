@@ -79,15 +79,14 @@ class Steps:
 
 def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
                   low_memory: bool = False, provider: str = "cpu") -> tuple[dict[str, Callable], Steps]:
+    from sdonnx.model import scheduler_name
     from sdonnx.pipeline import Pipeline
-
-    from sdonnx.model import SCHEDULER_NAMES
 
     pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory)
     rec = Steps()
     # the scheduler class of the folder's scheduler_config.json, which diffusers and optimum run (PNDM for SD 1.5,
     # DDIM for the bundled model), not the folder's suggested default: the same number of U-Net calls for all
-    scheduler = SCHEDULER_NAMES[pipe.info.scheduler_config["_class_name"]]
+    scheduler = scheduler_name(pipe.info.scheduler_config)
 
     def txt2img(n: int = steps):
         rec.start()

@@ -33,6 +33,11 @@ INT8_KEEP_NODES = re.compile(r"time_embedding|time_emb_proj|/conv_in/|/conv_out/
 # output 15-23 dB of SNR against 35-43 dB for a convolution reading a GroupNorm output. About a quarter of SD
 # 1.5's convolution work.
 QDQ_FLOAT_CONVS = re.compile(r"conv_shortcut|downsamplers|upsamplers|proj_out")
+
+
+def qdq_keeps_float(conv_name: str) -> bool:
+    """Whether static QDQ leaves the convolution named `conv_name` (a graph node's name) float."""
+    return bool(QDQ_FLOAT_CONVS.search(conv_name) or INT8_KEEP_NODES.search(conv_name))
 CALIBRATION_PROMPTS = ("a photo of a cat", "an astronaut riding a horse on the moon, highly detailed",
                        "a red circle on a blue background", "oil painting of a castle at sunset",
                        "a small yellow square in the top left on a black background", "portrait of an old man",
@@ -268,7 +273,7 @@ def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict]) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
     exclude = int8_nodes_to_exclude(model) + [n.name for n in model.graph.node
-                                              if n.op_type == "Conv" and QDQ_FLOAT_CONVS.search(n.name)]
+                                              if n.op_type == "Conv" and qdq_keeps_float(n.name)]
     del model
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)

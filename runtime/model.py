@@ -116,11 +116,16 @@ def _infer_family(inpaint: bool, prediction: str, text_cfg: dict) -> str:
     return ("sd2" if sd2 else "sd1") + ("-inpaint" if inpaint else "")
 
 
-def _defaults(meta: dict, sched_cfg: dict, sample: int) -> Defaults:
+def scheduler_name(sched_cfg: dict) -> str:
+    """Our name for the scheduler a folder's scheduler_config.json describes (pndm for an unknown class)."""
     name = SCHEDULER_NAMES.get(sched_cfg.get("_class_name", ""), "pndm")
     if name == "dpmpp_2m" and sched_cfg.get("use_karras_sigmas"):
         name = "dpmpp_2m_karras"
-    base = Defaults(scheduler=name, width=sample, height=sample)
+    return name
+
+
+def _defaults(meta: dict, sched_cfg: dict, sample: int) -> Defaults:
+    base = Defaults(scheduler=scheduler_name(sched_cfg), width=sample, height=sample)
     given = meta.get("defaults") or {}
     return Defaults(**{k: type(getattr(base, k))(given.get(k, getattr(base, k)))
                        for k in Defaults.__dataclass_fields__})
