@@ -1,6 +1,7 @@
 """The bundled tiny model: its folder, its defaults, and that it draws what it is asked for."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,27 @@ def test_qdq_int8_export_draws_what_fp32_draws(bundled, tmp_path):
     same = sum(judge(bundled.txt2img(c, seed=k)[0]) == judge(qdq.txt2img(c, seed=k)[0])
                for k, c in enumerate(captions))
     assert same >= 13, same
+
+
+def test_tiny_quality_pairs_settings_on_the_same_pictures(bundled, monkeypatch):
+    """benchmarks/tiny_quality.py: K seeds per caption draw K different pictures (the first seed as before),
+    shape accuracy splits by caption size, and the paired count and McNemar's exact p come out right."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import tiny_quality as tq
+
+    scenes = tq.fresh_scenes(3, 5)
+    one = tq.generate(bundled, scenes, 100, steps=2)
+    two = tq.generate(bundled, scenes, 100, seeds=2, steps=2)
+    assert len(two) == 6
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one, two[:3]))
+    assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(two[:3], two[3:]))
+    acc = tq.evaluate(bundled, scenes, 100, seeds=2, steps=2)
+    assert len(acc["shape_hits"]) == 6 and abs(acc["shape"] - 100 * sum(acc["shape_hits"]) / 6) < 1e-9
+
+    from sdonnx.export.tiny.shapes import Scene
+    sized = [Scene("circle", "red", "blue", "small"), Scene("square", "red", "blue"), Scene("circle", "red", "blue", "small")]
+    assert tq.shape_by_size(sized, [True, False, False]) == {"small": 50.0, "medium": 0.0}
+    assert tq.paired([True, True, False, True], [False, True, True, False]) == {
+        "only_this": 2, "only_baseline": 1, "p": 1.0}
+    assert tq.mcnemar(0, 5) == 2 / 32 and tq.mcnemar(0, 0) == 1.0
+    assert abs(tq.mcnemar(10, 0) - 2 / 1024) < 1e-15 and tq.mcnemar(3, 7) == tq.mcnemar(7, 3)
