@@ -141,14 +141,15 @@ def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--verify", is_flag=True, help="Hash every file, large ones included.")
-def info(model_dir: Path, verify: bool) -> None:
-    """Show what a model folder holds: components, precision, sizes, family, defaults, checksums."""
-    from .model import file_status, read_model
+def info(model_dir: Path | None, verify: bool) -> None:
+    """Show what a model folder holds (default: the bundled tiny model): components, precision, sizes, family,
+    defaults, checksums."""
+    from .model import default_model_dir, file_status, read_model
 
     try:
-        m = read_model(model_dir, check=False)
+        m = read_model(model_dir if model_dir is not None else default_model_dir(), check=False)
     except (ValueError, OSError) as err:
         raise _fail(err) from None
     d = m.defaults

@@ -136,6 +136,14 @@ def test_info(folder, tmp_path):
     assert_one_line_failure(sdonnx("info", tmp_path / "nowhere"), "not found")
 
 
+def test_info_without_a_folder_describes_the_bundled_model():
+    from sdonnx.model import default_model_dir
+
+    result = sdonnx("info")
+    assert result.exit_code == 0, result.output
+    assert f"model        {default_model_dir()}" in result.output and "files ok" in result.output
+
+
 def test_group_keeps_version_and_lazy_export():
     assert sdonnx("--version").output.startswith("sdonnx, version")
     listed = sdonnx("--help").output
