@@ -87,7 +87,7 @@ def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, 
         batch, hw = 2, (3 * m, 2 * m)
     inputs = _inputs(job, component, models, configs, batch, hw, job.seed + 1)
     with torch.no_grad():
-        out = module(*inputs.values())
+        out = module(**inputs)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     return {k: v.numpy() for k, v in inputs.items()}, [o.numpy() for o in outs]
 
@@ -132,6 +132,9 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
+            if calibrate and ckpt.configs.unet.time_cond_proj_dim is not None:
+                raise ValueError("--int8-scheme qdq is not available for an LCM-distilled U-Net (time_cond_proj_dim): "
+                                 "its calibration runs are guided DDIM sampling; use --int8-scheme dynamic")
             models = bar.step("build models", build_models, ckpt)
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from sdonnx.model import sha256
+from sdonnx.model import LCM_DEFAULTS, sha256
 
 from .models.config import ModelConfigs
 
@@ -176,7 +176,9 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "scaling_factor": configs.vae.scaling_factor, "sample_size": pixels,
         "tokenizer": {"pad_token_id": pad_token_id(root / "tokenizer"), "max_length": 77},
         "files": file_table(root), "components": components,
-        "defaults": dict(DEFAULTS, **(defaults or {}), width=(static or {}).get("width", pixels),
+        "guidance_embedding_dim": configs.unet.time_cond_proj_dim,
+        "defaults": dict(LCM_DEFAULTS if configs.unet.time_cond_proj_dim else DEFAULTS, **(defaults or {}),
+                         width=(static or {}).get("width", pixels),
                          height=(static or {}).get("height", pixels)),
         "static_shape": static,
         "step_cache": step_cache,

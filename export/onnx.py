@@ -59,14 +59,15 @@ class TextEncoderGraph(nn.Module):
 
 
 class UNetGraph(nn.Module):
-    """(sample, timestep [], encoder_hidden_states) -> out_sample"""
+    """(sample, timestep [], encoder_hidden_states[, timestep_cond]) -> out_sample"""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
 
 
 class UNetFeaturesGraph(nn.Module):
@@ -76,8 +77,9 @@ class UNetFeaturesGraph(nn.Module):
         super().__init__()
         self.unet, self.depth = unet, unet.check_cache_depth(depth)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet.forward_with_features(sample, timestep, encoder_hidden_states, self.depth)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None):
+        return self.unet.forward_with_features(sample, timestep, encoder_hidden_states, self.depth, timestep_cond)
 
 
 class UNetShallowGraph(nn.Module):
@@ -88,8 +90,9 @@ class UNetShallowGraph(nn.Module):
         self.unet, self.depth = unet, unet.check_cache_depth(depth)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                deep_features: torch.Tensor):
-        return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, deep_features, self.depth)
+                deep_features: torch.Tensor, timestep_cond: torch.Tensor | None = None):
+        return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, deep_features, self.depth,
+                                         timestep_cond)
 
 
 class VaeEncoderGraph(nn.Module):
@@ -231,10 +234,13 @@ def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: 
         ids[:, TEXT_LENGTH // 2:] = clip.eos_token_id  # a prompt padded with the end token
         return {"input_ids": ids.to(torch.int64)}
     if component == "unet":
-        return {"sample": torch.randn(batch, configs.unet.in_channels, h, w, generator=g),
-                "timestep": torch.tensor(981.0),
-                "encoder_hidden_states": torch.randn(batch, TEXT_LENGTH, configs.unet.cross_attention_dim,
-                                                     generator=g)}
+        inputs = {"sample": torch.randn(batch, configs.unet.in_channels, h, w, generator=g),
+                  "timestep": torch.tensor(981.0),
+                  "encoder_hidden_states": torch.randn(batch, TEXT_LENGTH, configs.unet.cross_attention_dim,
+                                                       generator=g)}
+        if configs.unet.time_cond_proj_dim is not None:  # LCM: a guidance embedding has values in [-1, 1]
+            inputs["timestep_cond"] = torch.rand(batch, configs.unet.time_cond_proj_dim, generator=g) * 2 - 1
+        return inputs
     if component == "vae_encoder":
         return {"sample": torch.rand(batch, configs.vae.in_channels, h * scale, w * scale, generator=g) * 2 - 1}
     if component == "vae_decoder":
@@ -259,7 +265,7 @@ def with_deep_features(unet_inputs: dict[str, torch.Tensor], unet: nn.Module, de
                        ) -> dict[str, torch.Tensor]:
     """The shallow graph's inputs: U-Net inputs plus the deep features the full pass makes from them."""
     with torch.no_grad():
-        _, deep = unet.forward_with_features(*unet_inputs.values(), depth)
+        _, deep = unet.forward_with_features(**unet_inputs, depth=depth)
     return {**unet_inputs, "deep_features": deep}
 
 
@@ -269,6 +275,9 @@ def export_component(component: str, module: nn.Module, inputs: dict[str, torch.
 
     `component` names the signature: a graph name, or `unet_features` for the U-Net with deep features."""
     sig = SIGNATURES[component]
+    if "timestep_cond" in inputs:  # an LCM U-Net's guidance embedding, after the usual inputs
+        sig = Signature(sig.inputs + ("timestep_cond",), sig.outputs,
+                        {**sig.dynamic_axes, "timestep_cond": {0: "batch_size"}})
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.parent / "_trace"
     scratch.mkdir(exist_ok=True)

@@ -141,20 +141,22 @@ def _component_calls(pipe: Pipeline, width: int, height: int) -> dict[str, Calla
     ids = pipe.tokenizer([NEGATIVE, PROMPT])
     latent = rng.standard_normal((1, ch, height // f, width // f), dtype=np.float32)
     image = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
+    lcm = pipe._guidance_input(info.defaults.guidance, 2)  # an LCM U-Net's guidance input, else {}
+    lcm1 = {k: v[:1] for k, v in lcm.items()}
     calls = {
         "text_encoder": lambda: c["text_encoder"](input_ids=ids),
-        "unet_b2": lambda: c["unet"](sample=lat2, timestep=t, encoder_hidden_states=ctx),
-        "unet_b1": lambda: c["unet"](sample=lat2[:1], timestep=t, encoder_hidden_states=ctx[:1]),
+        "unet_b2": lambda: c["unet"](sample=lat2, timestep=t, encoder_hidden_states=ctx, **lcm),
+        "unet_b1": lambda: c["unet"](sample=lat2[:1], timestep=t, encoder_hidden_states=ctx[:1], **lcm1),
         "vae_decode": lambda: c["vae_decoder"](latent_sample=latent),
     }
     if "vae_encoder" in c:
         calls["vae_encode"] = lambda: c["vae_encoder"](sample=image)
     if info.has_step_cache:
         with pipe._using("unet_features") as features, pipe._using("unet_shallow") as shallow:  # kept open
-            deep = features(sample=lat2, timestep=t, encoder_hidden_states=ctx)["deep_features"]
-        calls["unet_features_b2"] = lambda: features(sample=lat2, timestep=t, encoder_hidden_states=ctx)
+            deep = features(sample=lat2, timestep=t, encoder_hidden_states=ctx, **lcm)["deep_features"]
+        calls["unet_features_b2"] = lambda: features(sample=lat2, timestep=t, encoder_hidden_states=ctx, **lcm)
         calls["unet_shallow_b2"] = lambda: shallow(sample=lat2, timestep=t, encoder_hidden_states=ctx,
-                                                   deep_features=deep)
+                                                   deep_features=deep, **lcm)
     return calls
 
 
@@ -188,11 +190,12 @@ def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: 
             components[name] = stats(_timed(call, runs))
     end_to_end = []
     cached = f" (cache interval {cache_interval})" if cache_interval != 1 else ""
+    negative = "" if info.guidance_embedding_dim else NEGATIVE  # an LCM U-Net has no negative prompt
     with _StepClock(pipe) as clock:
         for r in range(runs):
             say(f"txt2img {width}x{height}, {steps} steps{cached}: run {r + 1}/{runs}")
             t0 = time.perf_counter()
-            pipe.txt2img(PROMPT, NEGATIVE, steps=steps, scheduler=scheduler, seed=r, width=width, height=height,
+            pipe.txt2img(PROMPT, negative, steps=steps, scheduler=scheduler, seed=r, width=width, height=height,
                          callback=_echo_steps(clock, say), cache_interval=cache_interval)
             end_to_end.append(time.perf_counter() - t0)
     precision = {n: info.precision(n) or pipe.components[n].io_precision for n in pipe.components}

@@ -159,7 +159,8 @@ def info(model_dir: Path | None, verify: bool) -> None:
     if m.meta.get("source"):
         click.echo(f"source       {m.meta['source']}")
     click.echo(f"family       {m.family} ({m.prediction_type}, {m.latent_channels} latent channels, "
-               f"U-Net in {m.unet_in_channels}, VAE /{m.vae_scale_factor}, scale {m.scaling_factor})")
+               f"U-Net in {m.unet_in_channels}, VAE /{m.vae_scale_factor}, scale {m.scaling_factor})"
+               + (f"; LCM U-Net (guidance input of {m.guidance_embedding_dim})" if m.guidance_embedding_dim else ""))
     click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}"
                + (f"; static shape {m.static_shape}" if m.static_shape else ""))
     click.echo("components")

@@ -25,6 +25,9 @@ SCHEDULER_NAMES = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "LCMScheduler": "lcm",
 }
+# an LCM-distilled U-Net (Luo et al. 2023): few steps of its own scheduler, the guidance scale a U-Net input
+# (diffusers' LatentConsistencyModelPipeline defaults)
+LCM_DEFAULTS = {"steps": 4, "guidance": 8.5, "scheduler": "lcm"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class ModelInfo:
     defaults: Defaults
     scheduler_config: dict
     static_shape: dict | None = None
+    guidance_embedding_dim: int | None = None  # an LCM-distilled U-Net's timestep_cond width
     meta: dict = field(default_factory=dict)  # sdonnx.json, {} for optimum folders
     checks: dict = field(default_factory=dict)  # file -> "sha256 ok" | "size ok" | ...
 
@@ -102,12 +106,13 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
     prediction = meta.get("prediction_type", sched_cfg.get("prediction_type", "epsilon"))
     sample = int(meta.get("sample_size", unet_cfg.get("sample_size", 64) * vsf))
     family = meta.get("family") or _infer_family(in_ch > latent_ch, prediction, text_cfg)
+    lcm = meta.get("guidance_embedding_dim", unet_cfg.get("time_cond_proj_dim"))
     return ModelInfo(
         path=root, family=family, components=components, latent_channels=latent_ch, unet_in_channels=in_ch,
         vae_scale_factor=vsf, scaling_factor=float(meta.get("scaling_factor", vae_cfg.get("scaling_factor", 0.18215))),
-        prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample),
+        prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample, bool(lcm)),
         scheduler_config={**sched_cfg, "prediction_type": prediction}, static_shape=meta.get("static_shape"),
-        meta=meta, checks=checks)
+        guidance_embedding_dim=int(lcm) if lcm else None, meta=meta, checks=checks)
 
 
 def _infer_family(inpaint: bool, prediction: str, text_cfg: dict) -> str:
@@ -124,8 +129,11 @@ def scheduler_name(sched_cfg: dict) -> str:
     return name
 
 
-def _defaults(meta: dict, sched_cfg: dict, sample: int) -> Defaults:
+def _defaults(meta: dict, sched_cfg: dict, sample: int, lcm: bool = False) -> Defaults:
+    """sdonnx.json's defaults over the generic ones (an LCM U-Net's: 4 steps, guidance 8.5, as diffusers')."""
     base = Defaults(scheduler=scheduler_name(sched_cfg), width=sample, height=sample)
+    if lcm:
+        base = Defaults(**LCM_DEFAULTS, width=sample, height=sample)
     given = meta.get("defaults") or {}
     return Defaults(**{k: type(getattr(base, k))(given.get(k, getattr(base, k)))
                        for k in Defaults.__dataclass_fields__})

@@ -242,6 +242,19 @@ class Pipeline:
                               "no image was written")
         return imaging.decoded_to_unit(sample)
 
+    def _guidance_input(self, w: float, batch: int) -> dict[str, np.ndarray]:
+        """An LCM U-Net's `timestep_cond`: the embedding of w - 1 its distillation was conditioned on, sines of
+        1000 (w - 1) at geometric frequencies then cosines (Luo et al. 2023; diffusers' embedding). {} else."""
+        dim = self.info.guidance_embedding_dim
+        if not dim:
+            return {}
+        half = dim // 2
+        step = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)  # in fp32, as it was trained
+        freqs = np.exp(np.arange(half, dtype=np.float32) * -step)
+        args = np.float32(w - 1.0) * np.float32(1000.0) * freqs
+        emb = np.concatenate([np.sin(args), np.cos(args), np.zeros(dim % 2, np.float32)]).astype(np.float32)
+        return {"timestep_cond": np.repeat(emb[None], batch, axis=0)}
+
     @staticmethod
     def _guided(unet, sample: np.ndarray, t: float, context: np.ndarray, w: float, split: bool = False, **extra
                 ) -> tuple[np.ndarray, dict]:
@@ -273,12 +286,18 @@ class Pipeline:
                               "U-Net): use inpaint() / --init-image with --mask")
         n = shape[0]
         w = float(guidance if guidance is not None else self.info.defaults.guidance)
+        embedded = self._guidance_input(w, n)
+        if embedded:  # an LCM U-Net takes the scale as an input: one conditional call per step, no negative
+            if negative_prompt:
+                raise SdonnxError(f"{self.info.path.name} is an LCM-distilled U-Net, which takes the guidance scale "
+                                  "as an input and has no negative prompt")
+            w = 1.0
         if w <= 1.0:
             context = np.repeat(self._encode_texts([prompt])[0], n, axis=0)
         else:
             negative, positive = self._encode_texts([negative_prompt, prompt])
             context = np.concatenate([np.repeat(negative, n, 0), np.repeat(positive, n, 0)])
-        latents = self._denoise(sched, rng, start, context, w, callback, interval)
+        latents = self._denoise(sched, rng, start, context, w, callback, interval, embedded)
         pixels = self._decode(latents)
         if start.paste is not None:
             original, mask = start.paste
@@ -287,13 +306,17 @@ class Pipeline:
             return pixels.astype(np.float32)
         return imaging.to_pil(pixels)
 
-    def _denoise(self, sched, rng, start: _Start, context, w, callback, interval: int = 1) -> np.ndarray:
-        """The one denoising loop; the three tasks differ only in `start` (initial latents, mask blending)."""
+    def _denoise(self, sched, rng, start: _Start, context, w, callback, interval: int = 1,
+                 embedded: dict | None = None) -> np.ndarray:
+        """The one denoising loop; the three tasks differ only in `start` (initial latents, mask blending).
+
+        embedded: an LCM U-Net's guidance input, fed to every call."""
+        embedded = embedded or {}
         with contextlib.ExitStack() as stack:
             if interval == 1:
                 unet = stack.enter_context(self._using("unet"))
                 return self._loop(sched, rng, start, context, w, callback,
-                                  lambda k, *a: self._guided(unet, *a, split=self.low_memory)[0])
+                                  lambda k, *a: self._guided(unet, *a, split=self.low_memory, **embedded)[0])
             full = stack.enter_context(self._using("unet_features"))
             shallow = stack.enter_context(self._using("unet_shallow"))
             deep = {}
@@ -301,11 +324,11 @@ class Pipeline:
             def predict(k: int, sample, t, context, w):
                 """DeepCache (Ma et al. 2023): deep features from every interval-th full step, reused between."""
                 if k % interval == 0:
-                    pred, out = self._guided(full, sample, t, context, w, split=self.low_memory)
+                    pred, out = self._guided(full, sample, t, context, w, split=self.low_memory, **embedded)
                     deep["features"] = out["deep_features"]
                     return pred
                 return self._guided(shallow, sample, t, context, w, split=self.low_memory,
-                                    deep_features=deep["features"])[0]
+                                    deep_features=deep["features"], **embedded)[0]
 
             return self._loop(sched, rng, start, context, w, callback, predict)
 

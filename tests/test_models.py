@@ -147,8 +147,8 @@ def test_bad_configs_raise_clear_errors():
         get_preset("sd99")
     with pytest.raises(ConfigError, match="hidden_act='relu'"):
         CLIPConfig.from_dict({"hidden_act": "relu"})
-    with pytest.raises(ConfigError, match="time_cond_proj_dim=256"):
-        UNetConfig.from_dict({"time_cond_proj_dim": 256})
+    with pytest.raises(ConfigError, match="class_embed_type='timestep'"):
+        UNetConfig.from_dict({"class_embed_type": "timestep"})
     with pytest.raises(ConfigError, match="unsupported down block 'AttnDownBlock2D'"):
         UNetConfig.from_dict({"down_block_types": ["AttnDownBlock2D", "DownBlock2D"], "block_out_channels": [32, 64],
                               "up_block_types": ["UpBlock2D", "UpBlock2D"]})

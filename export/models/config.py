@@ -135,7 +135,7 @@ _UNET_FIXED = {
     "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "timestep_post_act": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
     "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None, "cross_attention_norm": None,
 }
@@ -164,6 +164,9 @@ class UNetConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # width of an extra embedding added to the timestep's (LCM-distilled U-Nets take the guidance scale this
+    # way, Luo et al. 2023); None: no such input
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)

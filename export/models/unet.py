@@ -23,12 +23,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: 
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, cin: int, dim: int):
+    def __init__(self, cin: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        if cond_dim is not None:  # LCM: a projection of the guidance embedding, added to the timestep's
+            self.cond_proj = nn.Linear(cond_dim, cin, bias=False)
         self.linear_1 = nn.Linear(cin, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            x = x + self.cond_proj(cond.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -170,7 +174,7 @@ class UNet2DConditionModel(nn.Module):
         self.config = cfg
         ch, heads, n = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList(
             DownBlock(ch[max(i - 1, 0)], ch[i], heads[i], cfg.down_block_types[i] == CROSS_DOWN,
                       downsample=i < n - 1, cfg=cfg) for i in range(n))
@@ -182,13 +186,18 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def embed_time(self, timestep: torch.Tensor | float, sample: torch.Tensor) -> torch.Tensor:
-        """timestep (python number, [] or [B]) -> time embedding [B, 4 * ch0] in the sample's dtype"""
+    def embed_time(self, timestep: torch.Tensor | float, sample: torch.Tensor,
+                   timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """timestep (python number, [] or [B]) -> time embedding [B, 4 * ch0] in the sample's dtype;
+        timestep_cond [B, time_cond_proj_dim]: the guidance embedding of an LCM U-Net (required there)"""
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(sample.shape[0])  # a shape op, so the batch stays dynamic in ONNX
         emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                  self.config.freq_shift)
-        return self.time_embedding(emb.to(sample.dtype))
+        if (timestep_cond is None) != (self.config.time_cond_proj_dim is None):
+            raise ValueError("timestep_cond must be given exactly when the U-Net has time_cond_proj_dim "
+                             f"(here {self.config.time_cond_proj_dim})")
+        return self.time_embedding(emb.to(sample.dtype), timestep_cond)
 
     def down(self, sample: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -216,8 +225,8 @@ class UNet2DConditionModel(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        temb = self.embed_time(timestep, sample)
+                encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.embed_time(timestep, sample, timestep_cond)
         x, skips = self.down(sample, temb, encoder_hidden_states)
         x = self.mid(x, temb, encoder_hidden_states)
         return self.out(self.up(x, skips, temb, encoder_hidden_states))
@@ -232,9 +241,10 @@ class UNet2DConditionModel(nn.Module):
         return int(depth)
 
     def forward_with_features(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                              encoder_hidden_states: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+                              encoder_hidden_states: torch.Tensor, depth: int,
+                              timestep_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The full pass -> (prediction, deep features): the input of the last up block's final depth+1 layers"""
-        temb = self.embed_time(timestep, sample)
+        temb = self.embed_time(timestep, sample, timestep_cond)
         context = encoder_hidden_states
         x, skips = self.down(sample, temb, context)
         x = self.mid(x, temb, context)
@@ -249,9 +259,10 @@ class UNet2DConditionModel(nn.Module):
         return self.out(_up_layers(last, deep, mine[:depth + 1], temb, context, split, len(last.resnets))), deep
 
     def forward_shallow(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                        encoder_hidden_states: torch.Tensor, deep: torch.Tensor, depth: int) -> torch.Tensor:
+                        encoder_hidden_states: torch.Tensor, deep: torch.Tensor, depth: int,
+                        timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """conv_in and the first `depth` down layers, then the last up block's final layers on cached `deep`"""
-        temb = self.embed_time(timestep, sample)
+        temb = self.embed_time(timestep, sample, timestep_cond)
         context = encoder_hidden_states
         first = self.down_blocks[0]
         x = self.conv_in(sample)

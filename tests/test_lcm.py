@@ -1,0 +1,130 @@
+"""LCM-distilled U-Nets (guidance scale as a U-Net input, `time_cond_proj_dim`): our model, export and runtime
+against diffusers' LatentConsistencyModelPipeline holding the same random weights, given the same noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiny_sd
+from sdonnx.export.models import UNet2DConditionModel, UNetConfig
+from sdonnx.pipeline import Pipeline
+from sdonnx.session import SdonnxError
+
+PROMPT = "a red circle on a blue background"
+SIZE, LATENT, COND = 32, 16, 24
+
+
+@pytest.fixture(scope="module")
+def lcm(tmp_path_factory):
+    """(diffusers LCM pipeline, the base folder, our fp32 export of its saved folder, loaded, and optimum's)."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    from sdonnx.export import cli as export_cli
+
+    base = tmp_path_factory.mktemp("lcm")
+    sd = tiny_sd.make_pipeline("sd1")
+    torch.manual_seed(1)
+    unet = RefUNet(**tiny_sd.unet_config("sd1"), time_cond_proj_dim=COND)
+    sched = LCMScheduler.from_config({k: v for k, v in tiny_sd.SD1_SCHEDULER.items() if k != "_class_name"})
+    ref = LatentConsistencyModelPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
+                                         scheduler=sched, safety_checker=None, feature_extractor=None,
+                                         requires_safety_checker=False)
+    ref.save_pretrained(base / "diffusers")
+    result = CliRunner().invoke(export_cli.export, [str(base / "diffusers"), str(base / "onnx"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(base / "diffusers"), str(base / "optimum"), task="text-to-image")
+    return ref, base, Pipeline.load(base / "onnx"), Pipeline.load(base / "optimum")
+
+
+@torch.no_grad()
+def test_unet_with_guidance_embedding_matches_diffusers(lcm):
+    ref = lcm[0]
+    ours = UNet2DConditionModel(UNetConfig.from_dict(dict(ref.unet.config))).eval()
+    ours.load_state_dict(ref.unet.state_dict(), strict=True)
+    torch.manual_seed(3)
+    sample, text = torch.randn(2, 4, LATENT, LATENT), torch.randn(2, 77, 32)
+    cond = torch.rand(2, COND) * 2 - 1
+    want = ref.unet(sample, 500, text, timestep_cond=cond).sample
+    torch.testing.assert_close(ours(sample, 500, text, cond), want, atol=1e-4, rtol=0)
+    assert (ours(sample, 500, text, cond * 0) - want).abs().max() > 1e-3  # the embedding is not ignored
+    with pytest.raises(ValueError, match="timestep_cond"):
+        ours(sample, 500, text)
+
+
+@pytest.mark.parametrize("folder", [2, 3], ids=["ours", "optimum"])
+def test_folders_record_lcm_and_its_defaults(lcm, folder):
+    pipe = lcm[folder]
+    assert pipe.info.guidance_embedding_dim == COND
+    assert "timestep_cond" in pipe.components["unet"].inputs
+    d = pipe.info.defaults
+    assert (d.steps, d.guidance, d.scheduler) == (4, 8.5, "lcm")
+    from sdonnx.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(pipe.info.path)])
+    assert shown.exit_code == 0 and f"LCM U-Net (guidance input of {COND})" in shown.output
+
+
+@pytest.mark.parametrize("folder, guidance", [(2, 8.5), (2, 2.0), (3, 8.5)], ids=["ours-8.5", "ours-2", "optimum-8.5"])
+def test_txt2img_matches_diffusers_lcm_pipeline(lcm, folder, guidance, monkeypatch):
+    from diffusers.schedulers import scheduling_lcm
+
+    ref, pipe = lcm[0], lcm[folder]
+    latents = np.random.default_rng(0).standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+    # our loop draws each step's noise from default_rng(seed); the reference's scheduler gets the same draws
+    rng = np.random.default_rng(7)
+    noises = [rng.standard_normal(latents.shape, dtype=np.float32) for _ in range(4)]
+    calls = iter(noises)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda *a, **k: torch.from_numpy(next(calls)))
+    theirs = ref(PROMPT, num_inference_steps=4, guidance_scale=guidance, width=SIZE, height=SIZE,
+                 latents=torch.from_numpy(latents), output_type="np").images
+    ours = pipe.txt2img(PROMPT, guidance=guidance, seed=7, width=SIZE, height=SIZE, latents=latents,
+                        output_type="np")
+    assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3) and ours.std() > 0.01
+    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
+
+
+def test_guidance_changes_the_picture_and_negative_prompts_are_refused(lcm):
+    pipe = lcm[2]
+    a, b = (pipe.txt2img(PROMPT, guidance=g, seed=1, output_type="np") for g in (8.5, 2.0))
+    assert np.abs(a - b).max() > 1e-3
+    with pytest.raises(SdonnxError, match="LCM"):
+        pipe.txt2img(PROMPT, negative_prompt="blurry", seed=1)
+
+
+def test_bench_feeds_the_guidance_input(lcm):
+    from sdonnx.bench import run_bench
+
+    report = run_bench(lcm[1] / "onnx", "cpu", None, 2, 1, None)
+    assert report["components_s"]["unet_b2"]["median"] > 0 and report["txt2img_s"]["median"] > 0
+    assert (report["scheduler"], report["guidance"]) == ("lcm", 8.5)
+
+
+def test_qdq_is_refused_in_one_line(lcm):
+    from sdonnx.export import cli as export_cli
+
+    out = lcm[1] / "qdq"
+    result = CliRunner().invoke(export_cli.export, [str(lcm[1] / "diffusers"), str(out), "--precision", "int8",
+                                                    "--int8-scheme", "qdq", "--quiet"])
+    assert result.exit_code != 0 and "LCM" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_step_cache_graphs_take_the_guidance_input(lcm, tmp_path):
+    from sdonnx.export import cli as export_cli
+
+    out = tmp_path / "cached"
+    result = CliRunner().invoke(export_cli.export, [str(lcm[1] / "diffusers"), str(out), "--step-cache", "--quiet"])
+    assert result.exit_code == 0, result.output
+    pipe = Pipeline.load(out)
+    assert all("timestep_cond" in pipe._using(c).__enter__().inputs for c in ("unet_features", "unet_shallow"))
+    full = pipe.txt2img(PROMPT, seed=2, steps=4, output_type="np")
+    cached = pipe.txt2img(PROMPT, seed=2, steps=4, cache_interval=2, output_type="np")
+    assert np.isfinite(cached).all() and np.abs(full - cached).max() > 0  # the cached steps ran the shallow graph
