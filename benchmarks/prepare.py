@@ -30,13 +30,14 @@ EXPORTS = {
 }
 
 
-def write_random_sd15(out: Path, seed: int = 0) -> Path:
-    """SD 1.5's architecture with random weights (the exporter's `random:sd15`) written as a diffusers folder."""
+def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
+    """SD 1.5's architecture with random weights (the exporter's `random:sd15`, or `random:sd15-lcm`: its LCM-distilled
+    layout) written as a diffusers folder."""
     from safetensors.torch import save_file
     from sdonnx.export import folder
     from sdonnx.export.weights import load_checkpoint
 
-    ckpt = load_checkpoint("random:sd15", seed=seed)
+    ckpt = load_checkpoint(f"random:{preset}", seed=seed)
     tmp = out.with_name(out.name + ".tmp")
     files = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
     configs = {"unet": ckpt.configs.unet, "vae": ckpt.configs.vae, "text_encoder": ckpt.configs.clip}
@@ -48,7 +49,8 @@ def write_random_sd15(out: Path, seed: int = 0) -> Path:
         ckpt.state_dicts[name].clear()
     folder.copy_tokenizer(Path(ckpt.tokenizer_dir), tmp)
     folder.write_json(tmp / "scheduler" / "scheduler_config.json", ckpt.scheduler_config)
-    folder.write_json(tmp / "model_index.json", folder.model_index(ckpt.family, ckpt.scheduler_config["_class_name"]))
+    folder.write_json(tmp / "model_index.json", folder.model_index(ckpt.family, ckpt.scheduler_config["_class_name"],
+                                                                   lcm=ckpt.configs.unet.time_cond_proj_dim is not None))
     tmp.rename(out)
     return out
 
@@ -97,7 +99,8 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
     src = paths["weights"]
     if not (src / "model_index.json").is_file():
         print(f"writing {weights} weights -> {src}", file=sys.stderr, flush=True)
-        {"sd15": write_random_sd15, "bundled": copy_bundled, "tiny": write_tiny}[weights](src)
+        {"sd15": write_random_sd15, "sd15-lcm": lambda o: write_random_sd15(o, preset="sd15-lcm"),
+         "bundled": copy_bundled, "tiny": write_tiny}[weights](src)
     for name, options in EXPORTS.items():
         out = paths.get(name)
         if out is not None and not (out / "sdonnx.json").is_file():

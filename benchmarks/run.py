@@ -148,8 +148,9 @@ def save(report: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", choices=["sd15", "bundled", "tiny"], default="sd15",
-                    help="sd15: SD 1.5 architecture, random weights; bundled: the trained tiny model that ships "
+    ap.add_argument("--weights", choices=["sd15", "sd15-lcm", "bundled", "tiny"], default="sd15",
+                    help="sd15: SD 1.5 architecture, random weights; sd15-lcm: its LCM-distilled layout (guidance an "
+                         "input of the U-Net, LCM sampler; run it with --steps 4); bundled: the trained tiny model that ships "
                          "with sdonnx (export/tiny/weights); tiny: tests/tiny_sd.py (harness check)")
     ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels, comma-separated")
     ap.add_argument("--runs", type=int, default=5, help="timed runs (fresh worker each) per system and size")

@@ -88,9 +88,12 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
     # DDIM for the bundled model), not the folder's suggested default: the same number of U-Net calls for all
     scheduler = scheduler_name(pipe.info.scheduler_config)
 
+    lcm = pipe._guidance_input(GUIDANCE, 2)  # an LCM U-Net's guidance input ({} for others): no negative prompt
+    negative = "" if lcm else NEGATIVE
+
     def txt2img(n: int = steps):
         rec.start()
-        pipe.txt2img(PROMPT, NEGATIVE, steps=n, guidance=GUIDANCE, scheduler=scheduler, seed=SEED,
+        pipe.txt2img(PROMPT, negative, steps=n, guidance=GUIDANCE, scheduler=scheduler, seed=SEED,
                      width=size, height=size, callback=lambda k, n, lat: rec.tick(), output_type="np",
                      cache_interval=cache_interval)
 
@@ -102,8 +105,9 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
     t = np.float64(TIMESTEP)
     return {
         "text_encoder": lambda: c["text_encoder"](input_ids=x["ids"]),
-        "unet_b2": lambda: c["unet"](sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"]),
-        "unet_b1": lambda: c["unet"](sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1]),
+        "unet_b2": lambda: c["unet"](sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"], **lcm),
+        "unet_b1": lambda: c["unet"](sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1],
+                                     **{k: v[:1] for k, v in lcm.items()}),
         "vae_decode": lambda: c["vae_decoder"](latent_sample=x["latents1"]),
         "vae_encode": lambda: c["vae_encoder"](sample=x["image"]),
         "txt2img": txt2img,
@@ -120,19 +124,21 @@ def torch_system(system: str, folder: str, size: int, steps: int,
     if dtype == torch.float16 and device == "cpu":
         raise SystemExit(f"{system} runs on a GPU only: add --provider cuda")
 
+    lcm = _unet_config(folder).get("time_cond_proj_dim")  # LCM-distilled: its own pipeline, guidance an input
     if system == "optimum-fp32":
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
+        from optimum.onnxruntime import ORTLatentConsistencyModelPipeline, ORTStableDiffusionPipeline
 
-        pipe = ORTStableDiffusionPipeline.from_pretrained(folder)
+        pipe = (ORTLatentConsistencyModelPipeline if lcm else ORTStableDiffusionPipeline).from_pretrained(folder)
         te, unet, dec, enc = pipe.text_encoder, pipe.unet, pipe.vae_decoder, pipe.vae_encoder
         ctx_dim = int(pipe.unet.config.cross_attention_dim)
         decode = lambda z: dec(latent_sample=z)  # noqa: E731
         encode = lambda im: enc(sample=im)  # noqa: E731
     else:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                                       torch_dtype=dtype).to(device)
+        cls = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
+        pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                   torch_dtype=dtype).to(device)
         te, unet = pipe.text_encoder, pipe.unet
         ctx_dim = int(pipe.unet.config.cross_attention_dim)
         decode = lambda z: pipe.vae.decode(z).sample  # noqa: E731
@@ -149,9 +155,18 @@ def torch_system(system: str, folder: str, size: int, steps: int,
         sync()  # the clock of a step stops when its GPU work is done
         return rec.tick(callback_kwargs=kw)
 
+    negative = {} if lcm else {"negative_prompt": NEGATIVE}
+    cond = {}
+    if lcm:  # the guidance embedding both LCM pipelines feed their U-Net (the same numbers as our runtime's)
+        from sdonnx.pipeline import guidance_embedding
+
+        emb = torch.from_numpy(guidance_embedding(GUIDANCE, lcm, 2))
+        cond = {"timestep_cond": emb.to(device, dtype) if system.startswith("diffusers") else emb}
+    cond1 = {k: v[:1] for k, v in cond.items()}
+
     def txt2img(n: int = steps):
         rec.start()
-        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n, guidance_scale=GUIDANCE, height=size,
+        pipe(PROMPT, **negative, num_inference_steps=n, guidance_scale=GUIDANCE, height=size,
              width=size, generator=torch.Generator().manual_seed(SEED), output_type="np", callback_on_step_end=step_end)
 
     def synced(fn: Callable) -> Callable:
@@ -163,8 +178,9 @@ def torch_system(system: str, folder: str, size: int, steps: int,
 
     return {
         "text_encoder": synced(lambda: te(input_ids=x["ids"])),
-        "unet_b2": synced(lambda: unet(sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"])),
-        "unet_b1": synced(lambda: unet(sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1])),
+        "unet_b2": synced(lambda: unet(sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"], **cond)),
+        "unet_b1": synced(lambda: unet(sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1],
+                                       **cond1)),
         "vae_decode": synced(lambda: decode(x["latents1"])),
         "vae_encode": synced(lambda: encode(x["image"])),
         "txt2img": txt2img,
@@ -228,6 +244,13 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _unet_config(folder: str) -> dict:
+    from pathlib import Path
+
+    path = Path(folder) / "unet" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _threads(system: str) -> int | None:

@@ -123,9 +123,13 @@ def pad_token_id(tokenizer_dir: Path) -> int:
     return int(vocab[pad])
 
 
-def model_index(family: str, scheduler_class: str) -> dict:
-    """diffusers' model_index.json: which library class loads each sub-folder (optimum reads it)."""
+def model_index(family: str, scheduler_class: str, lcm: bool = False) -> dict:
+    """diffusers' model_index.json: which library class loads each sub-folder (optimum reads it).
+
+    lcm: the U-Net takes a guidance embedding (time_cond_proj_dim), run by diffusers' LCM pipeline."""
     pipeline = "StableDiffusionInpaintPipeline" if family.endswith("inpaint") else "StableDiffusionPipeline"
+    if lcm:
+        pipeline = "LatentConsistencyModelPipeline"
     return {
         "_class_name": pipeline, "_diffusers_version": "0.35.2",
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
@@ -166,7 +170,8 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
     sched = dict(scheduler_config, prediction_type=prediction_type)
     write_json(root / "scheduler" / "scheduler_config.json", sched)
     write_configs(root, configs)
-    write_json(root / "model_index.json", model_index(family, sched.get("_class_name", "PNDMScheduler")))
+    write_json(root / "model_index.json", model_index(family, sched.get("_class_name", "PNDMScheduler"),
+                                                      lcm=configs.unet.time_cond_proj_dim is not None))
     scale = configs.vae.downscale
     pixels = (configs.unet.sample_size or configs.vae.sample_size // scale) * scale
     meta = {

@@ -23,7 +23,7 @@ from .models.config import CLIPConfig, ConfigError, ModelConfigs, UNetConfig, VA
 COMPONENTS = ("text_encoder", "vae", "unet")
 FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-RANDOM_PRESETS = {"sd15": "sd1", "sd15-inpaint": "sd1-inpaint", "sd21": "sd2", "tiny": "sd1"}
+RANDOM_PRESETS = {"sd15": "sd1", "sd15-inpaint": "sd1-inpaint", "sd15-lcm": "sd1", "sd21": "sd2", "tiny": "sd1"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 Tensors = dict[str, torch.Tensor]
@@ -331,6 +331,14 @@ SD1_SCHEDULER = {
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
     "clip_sample": False, "trained_betas": None, "timestep_spacing": "leading", "prediction_type": "epsilon",
 }
+# SD 1.5's noise schedule under LCM's sampler (what LCMScheduler.from_config of SD 1.5's scheduler gives): steps
+# picked from the 50-step DDIM grid the model was distilled on
+LCM_SCHEDULER = {
+    "_class_name": "LCMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "original_inference_steps": 50, "set_alpha_to_one": False, "steps_offset": 1,
+    "clip_sample": False, "timestep_spacing": "leading", "timestep_scaling": 10.0, "trained_betas": None,
+    "prediction_type": "epsilon",
+}
 SD2_SCHEDULER = {
     "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
@@ -586,7 +594,8 @@ def _load_random(name: str, seed: int) -> Checkpoint:
     state_dicts = {}
     for component in COMPONENTS:
         state_dicts[component] = _model_class(component)(_config_of(configs, component)).state_dict()
-    return _finish(f"random:{name}", family, configs, state_dicts, tokenizer_dir, _family_scheduler(family))
+    scheduler = dict(LCM_SCHEDULER) if configs.unet.time_cond_proj_dim else _family_scheduler(family)
+    return _finish(f"random:{name}", family, configs, state_dicts, tokenizer_dir, scheduler)
 
 
 def _tiny_tokenizer(configs: ModelConfigs) -> tuple[Path, ModelConfigs]:

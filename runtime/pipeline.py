@@ -243,17 +243,9 @@ class Pipeline:
         return imaging.decoded_to_unit(sample)
 
     def _guidance_input(self, w: float, batch: int) -> dict[str, np.ndarray]:
-        """An LCM U-Net's `timestep_cond`: the embedding of w - 1 its distillation was conditioned on, sines of
-        1000 (w - 1) at geometric frequencies then cosines (Luo et al. 2023; diffusers' embedding). {} else."""
+        """An LCM U-Net's `timestep_cond` input for guidance scale w ({} for other U-Nets)."""
         dim = self.info.guidance_embedding_dim
-        if not dim:
-            return {}
-        half = dim // 2
-        step = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)  # in fp32, as it was trained
-        freqs = np.exp(np.arange(half, dtype=np.float32) * -step)
-        args = np.float32(w - 1.0) * np.float32(1000.0) * freqs
-        emb = np.concatenate([np.sin(args), np.cos(args), np.zeros(dim % 2, np.float32)]).astype(np.float32)
-        return {"timestep_cond": np.repeat(emb[None], batch, axis=0)}
+        return {"timestep_cond": guidance_embedding(w, dim, batch)} if dim else {}
 
     @staticmethod
     def _guided(unet, sample: np.ndarray, t: float, context: np.ndarray, w: float, split: bool = False, **extra
@@ -356,6 +348,16 @@ class Pipeline:
             known = sched.add_noise(start.keep, start.noise, i + 1)
         m = start.keep_mask
         return ((1.0 - m) * known + m * latents).astype(np.float32)
+
+
+def guidance_embedding(w: float, dim: int, batch: int) -> np.ndarray:
+    """[batch, dim] embedding of guidance scale w that an LCM-distilled U-Net takes as `timestep_cond` (Luo et al.
+    2023): sines of 1000 (w - 1) at geometric frequencies, then cosines, in fp32 as diffusers computes it."""
+    half = dim // 2
+    step = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
+    args = np.float32(w - 1.0) * np.float32(1000.0) * np.exp(np.arange(half, dtype=np.float32) * -step)
+    emb = np.concatenate([np.sin(args), np.cos(args), np.zeros(dim % 2, np.float32)]).astype(np.float32)
+    return np.repeat(emb[None], batch, axis=0)
 
 
 def _check_strength(strength: float) -> None:

@@ -91,6 +91,20 @@ def test_txt2img_matches_diffusers_lcm_pipeline(lcm, folder, guidance, monkeypat
     np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("dim", [COND, 256, 7])
+def test_guidance_embedding_is_diffusers(lcm, dim):
+    from sdonnx.pipeline import guidance_embedding
+
+    for w in (1.0, 2.0, 8.5):
+        want = lcm[0].get_guidance_scale_embedding(torch.tensor([w - 1.0] * 3), dim).numpy()
+        got = guidance_embedding(w, dim, 3)
+        assert got.shape == want.shape == (3, dim) and got.dtype == np.float32
+        # both in fp32, where an argument of up to 1000 (w - 1) = 7500 rad has a spacing of 5e-4: numpy's and torch's
+        # exp differing in the last bit moves a sine by up to that
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+        assert np.abs(got - want).mean() < 1e-4
+
+
 def test_guidance_changes_the_picture_and_negative_prompts_are_refused(lcm):
     pipe = lcm[2]
     a, b = (pipe.txt2img(PROMPT, guidance=g, seed=1, output_type="np") for g in (8.5, 2.0))

@@ -123,6 +123,7 @@ def meta_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("name, counts", [
     ("sd15", (123_060_480, 83_653_863, 859_520_964)),
     ("sd15-inpaint", (123_060_480, 83_653_863, 859_535_364)),
+    ("sd15-lcm", (123_060_480, 83_653_863, 859_520_964 + 256 * 320)),
     ("sd21", (340_387_840, 83_653_863, 865_910_724)),
     ("tiny", None),
 ])

@@ -233,6 +233,8 @@ _SD15 = ModelConfigs(
 PRESETS: dict[str, ModelConfigs] = {
     "sd15": _SD15,
     "sd15-inpaint": dataclasses.replace(_SD15, unet=dataclasses.replace(_SD15.unet, in_channels=9)),
+    # SD 1.5 distilled by LCM with the guidance scale as an input (LCM-Dreamshaper-v7's layout)
+    "sd15-lcm": dataclasses.replace(_SD15, unet=dataclasses.replace(_SD15.unet, time_cond_proj_dim=256)),
     "sd21": ModelConfigs(
         # OpenCLIP ViT-H/14 text tower, last of its 24 layers dropped as SD 2.x uses the penultimate one
         clip=CLIPConfig(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
@@ -256,7 +258,7 @@ PRESETS: dict[str, ModelConfigs] = {
 
 
 def get_preset(name: str) -> ModelConfigs:
-    """The configs of a named architecture: sd15, sd15-inpaint, sd21 or tiny."""
+    """The configs of a named architecture: sd15, sd15-inpaint, sd15-lcm, sd21 or tiny."""
     try:
         return PRESETS[name]
     except KeyError:
