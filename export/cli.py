@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..bench import peak_rss_mb
+from ..model import LCM_DEFAULTS
 from . import folder, onnx as graphs, optimize as opt, quantize, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
@@ -132,9 +133,6 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
-            if calibrate and ckpt.configs.unet.time_cond_proj_dim is not None:
-                raise ValueError("--int8-scheme qdq is not available for an LCM-distilled U-Net (time_cond_proj_dim): "
-                                 "its calibration runs are guided DDIM sampling; use --int8-scheme dynamic")
             models = bar.step("build models", build_models, ckpt)
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
@@ -198,10 +196,11 @@ def _drop_state_dicts(ckpt):
 
 def _calibration(models: dict, ckpt, source: str) -> list[dict]:
     """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does), guided
-    as the source suggests (the tiny model: 3.0) or as SD usually is (7.5)."""
+    as the source suggests (the tiny model: 3.0) or as SD usually is (7.5; an LCM U-Net: 8.5)."""
     m = graphs.latent_multiple(ckpt.configs)
     side = max(m, min(32, ckpt.configs.unet.sample_size or 32) // m * m)
-    guidance = folder.source_defaults(resolve_source(source)).get("guidance", 7.5)
+    lcm = ckpt.configs.unet.time_cond_proj_dim is not None  # sampled as the runtime would: LCM's 4 steps at 8.5
+    guidance = folder.source_defaults(resolve_source(source)).get("guidance", LCM_DEFAULTS["guidance"] if lcm else 7.5)
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
     return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched, guidance=guidance,
                                       latent_hw=(side, side))

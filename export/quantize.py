@@ -313,6 +313,8 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
     tokenize = CLIPTokenizer.from_dir(tokenizer_dir)
     rng = np.random.default_rng(seed)
     h, w = latent_hw
+    if configs.unet.time_cond_proj_dim is not None:
+        return _lcm_feeds(models, configs, tokenize, scheduler_config, prompts, guidance, (h, w), rng)
     inpainting = configs.unet.in_channels == 2 * configs.unet.out_channels + 1
     feeds = []
     with torch.no_grad():
@@ -331,6 +333,30 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
                 uncond, cond = models["unet"](*(torch.from_numpy(feed[k]) for k in
                                                 ("sample", "timestep", "encoder_hidden_states"))).numpy()
                 x = sched.step(uncond + guidance * (cond - uncond), i, x[0])[None]
+    return feeds
+
+
+def _lcm_feeds(models: dict, configs, tokenize, scheduler_config: dict, prompts: tuple[str, ...], guidance: float,
+               latent_hw: tuple[int, int], rng: np.random.Generator, steps: int = 4) -> list[dict]:
+    """An LCM U-Net's inputs along its own sampling runs (LCM sampler, `steps` steps, the guidance scale as its
+    timestep_cond input, one conditional call per step), as the runtime feeds it."""
+    import torch
+    from sdonnx.pipeline import guidance_embedding
+    from sdonnx.schedulers import create
+
+    embedding = guidance_embedding(guidance, configs.unet.time_cond_proj_dim, 1)
+    feeds = []
+    with torch.no_grad():
+        for prompt in prompts:
+            context = models["text_encoder"](torch.from_numpy(tokenize([prompt])))[0].numpy()
+            sched = create("lcm", scheduler_config, steps)
+            x = rng.standard_normal((1, configs.unet.out_channels, *latent_hw)).astype(np.float32)
+            for i, t in enumerate(sched.timesteps):
+                feed = {"sample": x, "timestep": np.array(t, np.float32), "encoder_hidden_states": context,
+                        "timestep_cond": embedding}
+                feeds.append(feed)
+                pred = models["unet"](**{k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}).numpy()
+                x = sched.step(pred, i, x, rng.standard_normal(x.shape).astype(np.float32)).astype(np.float32)
     return feeds
 
 
