@@ -39,9 +39,11 @@ def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2
                 x = torch.empty(batch, cfg.in_channels, lat, lat)
                 ctx = torch.empty(batch, 77, cfg.cross_attention_dim)
                 t = torch.tensor(500.0)
+                # an LCM U-Net's guidance input (a [batch, 256] projection: a negligible share of the FLOPs)
+                cond = None if cfg.time_cond_proj_dim is None else torch.empty(batch, cfg.time_cond_proj_dim)
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
-                unet(x, t, ctx)
+                unet(x, t, ctx, cond)
             counts = counter.get_flop_counts()
             by_op = {str(k).split(".")[-1]: int(v) for k, v in counts["Global"].items()}
             conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
