@@ -88,7 +88,7 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
     # DDIM for the bundled model), not the folder's suggested default: the same number of U-Net calls for all
     scheduler = scheduler_name(pipe.info.scheduler_config)
 
-    lcm = pipe._guidance_input(GUIDANCE, 2)  # an LCM U-Net's guidance input ({} for others): no negative prompt
+    lcm = pipe.guidance_input(GUIDANCE, 2)  # an LCM U-Net's guidance input ({} for others): no negative prompt
     negative = "" if lcm else NEGATIVE
 
     def txt2img(n: int = steps):

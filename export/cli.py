@@ -6,6 +6,7 @@ import errno
 import gc
 import re
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,11 +134,13 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
+            if job.static is not None and ckpt.configs.unet.time_cond_proj_dim is not None:
+                job.static = dataclasses.replace(job.static, batch=1)  # LCM: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
-            feeds = bar.step("calibration data", _calibration, models, ckpt, job.source) if calibrate else None
+            feeds = bar.step("calibration data", _calibration, models, ckpt, job) if calibrate else None
             work = root / "_work"
             checks = {}
             for c in parts:
@@ -194,16 +197,18 @@ def _drop_state_dicts(ckpt):
     return ckpt
 
 
-def _calibration(models: dict, ckpt, source: str) -> list[dict]:
-    """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does), guided
-    as the source suggests (the tiny model: 3.0) or as SD usually is (7.5; an LCM U-Net: 8.5)."""
+def _calibration(models: dict, ckpt, job: ExportJob) -> list[dict]:
+    """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does) or the
+    --static size, guided as the source suggests (the tiny model: 3.0) or as SD usually is (7.5; LCM: 8.5)."""
     m = graphs.latent_multiple(ckpt.configs)
     side = max(m, min(32, ckpt.configs.unet.sample_size or 32) // m * m)
+    hw = (side, side) if job.static is None else graphs.trace_shape("unet", ckpt.configs, job.static)[1]
     lcm = ckpt.configs.unet.time_cond_proj_dim is not None  # sampled as the runtime would: LCM's 4 steps at 8.5
-    guidance = folder.source_defaults(resolve_source(source)).get("guidance", LCM_DEFAULTS["guidance"] if lcm else 7.5)
+    guidance = folder.source_defaults(resolve_source(job.source)).get("guidance",
+                                                                      LCM_DEFAULTS["guidance"] if lcm else 7.5)
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
     return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched, guidance=guidance,
-                                      latent_hw=(side, side))
+                                      latent_hw=hw)
 
 
 def _optimize(work: Path) -> None:
@@ -249,7 +254,8 @@ def _one_line(err: BaseException) -> str:
 @click.argument("out_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 (GPU) | int8 (CPU)")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-@click.option("--static", "static", metavar="WxH", default=None, help="Fix shapes (U-Net batch 2) at WxH pixels.")
+@click.option("--static", "static", metavar="WxH", default=None,
+              help="Fix shapes (U-Net batch 2; 1 for an LCM U-Net) at WxH pixels.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random:* weights and the check inputs.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override what the checkpoint is guessed to predict.")

@@ -128,7 +128,7 @@ def model_index(family: str, scheduler_class: str, lcm: bool = False) -> dict:
 
     lcm: the U-Net takes a guidance embedding (time_cond_proj_dim), run by diffusers' LCM pipeline."""
     pipeline = "StableDiffusionInpaintPipeline" if family.endswith("inpaint") else "StableDiffusionPipeline"
-    if lcm:
+    if lcm and not family.endswith("inpaint"):
         pipeline = "LatentConsistencyModelPipeline"
     return {
         "_class_name": pipeline, "_diffusers_version": "0.35.2",

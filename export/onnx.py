@@ -28,7 +28,8 @@ ATTENTION = ("standard", "mha")  # how U-Net attention is exported (see FusedAtt
 
 @dataclass(frozen=True)
 class Static:
-    """Fixed export shapes (`--static WxH`): image size in pixels and the U-Net batch (2 for guidance)."""
+    """Fixed export shapes (`--static WxH`): image size in pixels and the U-Net batch (2 for guidance; the
+    exporter makes it 1 for an LCM U-Net, which takes the guidance as an input)."""
 
     width: int
     height: int

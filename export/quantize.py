@@ -305,7 +305,8 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
 
     Each feed is one step's [unconditional, conditional] batch, exactly what the runtime's guided loop feeds:
     the activation ranges come from the latents sampling really visits (on the tiny model, calibrating on
-    noised synthetic images instead left its int8 U-Net 4 points further from fp32 in shape accuracy)."""
+    noised synthetic images instead left its int8 U-Net 4 points further from fp32 in shape accuracy).
+    An LCM U-Net (time_cond_proj_dim) instead gets its own runs: `_lcm_feeds`, batch 1, 4 steps (not `steps`)."""
     import torch
     from sdonnx.schedulers import create
     from sdonnx.tokenizer import CLIPTokenizer
@@ -345,14 +346,17 @@ def _lcm_feeds(models: dict, configs, tokenize, scheduler_config: dict, prompts:
     from sdonnx.schedulers import create
 
     embedding = guidance_embedding(guidance, configs.unet.time_cond_proj_dim, 1)
+    inpainting = configs.unet.in_channels == 2 * configs.unet.out_channels + 1
     feeds = []
     with torch.no_grad():
         for prompt in prompts:
             context = models["text_encoder"](torch.from_numpy(tokenize([prompt])))[0].numpy()
             sched = create("lcm", scheduler_config, steps)
             x = rng.standard_normal((1, configs.unet.out_channels, *latent_hw)).astype(np.float32)
+            extra = _inpainting_inputs(models, configs, rng, *latent_hw) if inpainting else None
             for i, t in enumerate(sched.timesteps):
-                feed = {"sample": x, "timestep": np.array(t, np.float32), "encoder_hidden_states": context,
+                sample = x if extra is None else np.concatenate([x, extra], axis=1)
+                feed = {"sample": sample, "timestep": np.array(t, np.float32), "encoder_hidden_states": context,
                         "timestep_cond": embedding}
                 feeds.append(feed)
                 pred = models["unet"](**{k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}).numpy()

@@ -141,7 +141,7 @@ def _component_calls(pipe: Pipeline, width: int, height: int) -> dict[str, Calla
     ids = pipe.tokenizer([NEGATIVE, PROMPT])
     latent = rng.standard_normal((1, ch, height // f, width // f), dtype=np.float32)
     image = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
-    lcm = pipe._guidance_input(info.defaults.guidance, 2)  # an LCM U-Net's guidance input, else {}
+    lcm = pipe.guidance_input(info.defaults.guidance, 2)  # an LCM U-Net's guidance input, else {}
     lcm1 = {k: v[:1] for k, v in lcm.items()}
     calls = {
         "text_encoder": lambda: c["text_encoder"](input_ids=ids),

@@ -66,7 +66,8 @@ def _outputs(out: Path, n: int) -> list[Path]:
               help="Model folder (default: the bundled tiny model).")
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--steps", type=int, help="Denoising steps (default: the model's).")
-@click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns it off.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns it off (an LCM U-Net "
+              "takes it as an input instead).")
 @click.option("--scheduler", help="ddim ddpm pndm euler euler_a heun dpmpp_2m dpmpp_2m_karras lcm")
 @click.option("--seed", type=int, help="Noise seed (default: random, recorded in the PNG).")
 @click.option("--width", type=int, help="Pixels, a multiple of 8.")

@@ -242,7 +242,7 @@ class Pipeline:
                               "no image was written")
         return imaging.decoded_to_unit(sample)
 
-    def _guidance_input(self, w: float, batch: int) -> dict[str, np.ndarray]:
+    def guidance_input(self, w: float, batch: int) -> dict[str, np.ndarray]:
         """An LCM U-Net's `timestep_cond` input for guidance scale w ({} for other U-Nets)."""
         dim = self.info.guidance_embedding_dim
         return {"timestep_cond": guidance_embedding(w, dim, batch)} if dim else {}
@@ -278,7 +278,7 @@ class Pipeline:
                               "U-Net): use inpaint() / --init-image with --mask")
         n = shape[0]
         w = float(guidance if guidance is not None else self.info.defaults.guidance)
-        embedded = self._guidance_input(w, n)
+        embedded = self.guidance_input(w, n)
         if embedded:  # an LCM U-Net takes the scale as an input: one conditional call per step, no negative
             if negative_prompt:
                 raise SdonnxError(f"{self.info.path.name} is an LCM-distilled U-Net, which takes the guidance scale "

@@ -154,7 +154,55 @@ def test_step_cache_graphs_take_the_guidance_input(lcm, tmp_path):
     result = CliRunner().invoke(export_cli.export, [str(lcm[1] / "diffusers"), str(out), "--step-cache", "--quiet"])
     assert result.exit_code == 0, result.output
     pipe = Pipeline.load(out)
-    assert all("timestep_cond" in pipe._using(c).__enter__().inputs for c in ("unet_features", "unet_shallow"))
+    for name in ("unet_features", "unet_shallow"):
+        with pipe._using(name) as graph:
+            assert "timestep_cond" in graph.inputs
     full = pipe.txt2img(PROMPT, seed=2, steps=4, output_type="np")
     cached = pipe.txt2img(PROMPT, seed=2, steps=4, cache_interval=2, output_type="np")
     assert np.isfinite(cached).all() and np.abs(full - cached).max() > 0  # the cached steps ran the shallow graph
+
+
+def test_static_export_runs_the_lcm_unet_at_batch_1(lcm, tmp_path):
+    from sdonnx.export import cli as export_cli
+
+    out = tmp_path / "static"
+    result = CliRunner().invoke(export_cli.export, [str(lcm[1] / "diffusers"), str(out), "--static", f"{SIZE}x{SIZE}",
+                                                    "--quiet"])
+    assert result.exit_code == 0, result.output
+    pipe = Pipeline.load(out)
+    assert pipe.components["unet"].inputs["sample"].shape == (1, 4, LATENT, LATENT)
+    assert pipe.components["unet"].inputs["timestep_cond"].shape == (1, COND)
+    np.testing.assert_allclose(pipe.txt2img(PROMPT, seed=5, output_type="np"),
+                               lcm[2].txt2img(PROMPT, seed=5, output_type="np"), atol=1e-4, rtol=0)
+
+
+def test_img2img_and_low_memory_on_an_lcm_unet(lcm):
+    from sdonnx import image as imaging
+
+    pipe = lcm[2]
+    start = imaging.to_pil(pipe.txt2img(PROMPT, seed=6, output_type="np"))[0]
+    out = pipe.img2img(PROMPT, start, strength=0.5, seed=6, output_type="np")
+    assert out.shape == (1, SIZE, SIZE, 3) and np.isfinite(out).all()
+    low = Pipeline.load(pipe.info.path, low_memory=True)
+    np.testing.assert_allclose(low.img2img(PROMPT, start, strength=0.5, seed=6, output_type="np"), out, atol=1e-5)
+
+
+def test_qdq_export_of_an_lcm_inpainting_unet(tmp_path):
+    """A 9-channel LCM U-Net: its calibration feeds carry the mask and masked-image latents."""
+    from diffusers import LCMScheduler
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    from sdonnx.export import cli as export_cli
+
+    sd = tiny_sd.make_pipeline("inpaint")
+    torch.manual_seed(4)
+    sd.unet = RefUNet(**tiny_sd.unet_config("inpaint"), time_cond_proj_dim=COND)
+    sd.scheduler = LCMScheduler.from_config({k: v for k, v in tiny_sd.SD1_SCHEDULER.items() if k != "_class_name"})
+    sd.save_pretrained(tmp_path / "diffusers")
+    out = tmp_path / "qdq"
+    result = CliRunner().invoke(export_cli.export, [str(tmp_path / "diffusers"), str(out), "--precision", "int8",
+                                                    "--int8-scheme", "qdq", "--quiet"])
+    assert result.exit_code == 0, result.output
+    pipe = Pipeline.load(out)
+    assert pipe.info.is_inpaint and pipe.info.guidance_embedding_dim == COND
+    assert '"StableDiffusionInpaintPipeline"' in (out / "model_index.json").read_text()
