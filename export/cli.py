@@ -273,7 +273,7 @@ def _one_line(err: BaseException) -> str:
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
            quiet: bool) -> None:
-    """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd21, tiny) to ONNX."""
+    """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21, tiny) to ONNX."""
     if precision not in quantize.PRECISIONS:
         raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
     try:
