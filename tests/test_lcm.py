@@ -206,3 +206,17 @@ def test_qdq_export_of_an_lcm_inpainting_unet(tmp_path):
     pipe = Pipeline.load(out)
     assert pipe.info.is_inpaint and pipe.info.guidance_embedding_dim == COND
     assert '"StableDiffusionInpaintPipeline"' in (out / "model_index.json").read_text()
+
+
+@pytest.mark.parametrize("system, folder", [("sdonnx-fp32", "onnx"), ("optimum-fp32", "optimum"),
+                                            ("diffusers-fp32", "diffusers")])
+def test_benchmark_worker_runs_each_system_on_lcm_folders(lcm, system, folder, monkeypatch):
+    """benchmarks/worker.py on an LCM folder: the LCM pipelines of diffusers and optimum, our runtime, each U-Net
+    call fed the guidance input, one step callback per step."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import run
+
+    res = run.run_worker(system, lcm[1] / folder, SIZE, 3, 1, "unet_b2,unet_b1,txt2img")
+    assert set(res["times_s"]) == {"unet_b2", "unet_b1", "txt2img"}
+    assert all(t[0] > 0 for t in res["times_s"].values())
+    assert len(res["generations"]) == 1 and len(res["generations"][0]) == 3
