@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..bench import peak_rss_mb
 from ..model import LCM_DEFAULTS
-from . import folder, onnx as graphs, optimize as opt, quantize, verify
+from . import folder, lora, onnx as graphs, optimize as opt, quantize, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
 
@@ -37,6 +37,7 @@ class ExportJob:
     int8_scheme: str = "dynamic"
     step_cache: int | None = None  # shallow-branch depth of the DeepCache graphs; None: not exported
     attention: str = "standard"  # "mha": U-Net attention as ORT's MultiHeadAttention (flash attention on CPU)
+    loras: tuple = ()  # (path, scale) of LoRA files fused into the weights before export, in order
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -128,6 +129,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     quantize.scheme("unet", job.precision, "sd1", job.int8_scheme)  # reject bad options before any work
     _check_attention(job)
     calibrate = quantize.scheme("unet", job.precision, "sd1", job.int8_scheme).method.startswith("static")
+    adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
     bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
     try:
@@ -137,6 +139,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             if job.static is not None and ckpt.configs.unet.time_cond_proj_dim is not None:
                 job.static = dataclasses.replace(job.static, batch=1)  # LCM: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
+            fused = [{"file": path.name, "scale": scale, "layers": lora.fuse(models, pairs, scale, path.name)}
+                     for path, scale, pairs in adapters]
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
@@ -165,7 +169,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             job.timings["total"] = round(time.perf_counter() - start, 2)
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET,
-                      "attention": job.attention}
+                      "attention": job.attention, "loras": fused}
             return folder.write_metadata(
                 root, version=__version__, source=job.source,
                 family="tiny" if job.source == "tiny" else ckpt.family,
@@ -269,17 +273,21 @@ def _one_line(err: BaseException) -> str:
 @click.option("--attention", default="standard", show_default=True,
               help="standard | mha: U-Net attention as ORT's MultiHeadAttention, which the CPU provider runs as "
                    "flash attention (no full score matrix); fp32/int8 only.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse a LoRA (.safetensors, kohya or diffusers/PEFT layout) into the weights, at SCALE "
+                   "(default 1); repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
-           quiet: bool) -> None:
+           loras: tuple[str, ...], quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21, tiny) to ONNX."""
     if precision not in quantize.PRECISIONS:
         raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
     try:
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
-                        step_cache_depth if step_cache else None, attention=attention)
+                        step_cache_depth if step_cache else None, attention=attention,
+                        loras=tuple(lora.parse_spec(spec) for spec in loras))
         meta = run_export(job, progress=not quiet)
     except OSError as err:
         if err.errno == errno.ENOSPC:
