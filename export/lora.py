@@ -115,17 +115,20 @@ def fuse(models: dict[str, nn.Module], pairs: dict[tuple[str, str], Pair], scale
             rank = pair.down.shape[0]
             factor = scale * (pair.alpha if pair.alpha is not None else rank) / rank
             delta = _delta(pair.down, pair.up)
-            if delta.squeeze().shape == module.weight.squeeze().shape:  # 1x1 conv <-> linear spellings
+            if delta is not None and delta.squeeze().shape == module.weight.squeeze().shape:  # 1x1 conv / linear
                 delta = delta.reshape(module.weight.shape)
-            if delta.shape != module.weight.shape:
-                raise LoraError(f"{source}: {key[0]} layer {key[1]}: LoRA update {tuple(delta.shape)} does not fit "
-                                f"the weight {tuple(module.weight.shape)}")
+            if delta is None or delta.shape != module.weight.shape:
+                raise LoraError(f"{source}: {key[0]} layer {key[1]}: LoRA matrices {tuple(pair.up.shape)} x "
+                                f"{tuple(pair.down.shape)} do not fit the weight {tuple(module.weight.shape)}")
             module.weight += (factor * delta).to(module.weight.dtype)
     return len(pairs)
 
 
-def _delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """B A for a Linear ([out, r] x [r, in]) or a Conv2d (up [out, r, 1, 1] x down [r, in, kh, kw])."""
-    if down.dim() == 2:
+def _delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """B A for a Linear ([out, r] x [r, in]) or a Conv2d (up [out, r, 1, 1] x down [r, in, kh, kw]); None for any
+    other pair of shapes."""
+    if down.dim() == 2 and up.dim() == 2 and up.shape[1] == down.shape[0]:
         return up @ down
-    return torch.einsum("or,rihw->oihw", up.flatten(1), down)
+    if down.dim() == 4 and up.dim() == 4 and up.shape[1] == down.shape[0] and up.shape[2:] == (1, 1):
+        return torch.einsum("or,rihw->oihw", up.flatten(1), down)
+    return None

@@ -162,6 +162,9 @@ def info(model_dir: Path | None, verify: bool) -> None:
     click.echo(f"family       {m.family} ({m.prediction_type}, {m.latent_channels} latent channels, "
                f"U-Net in {m.unet_in_channels}, VAE /{m.vae_scale_factor}, scale {m.scaling_factor})"
                + (f"; LCM U-Net (guidance input of {m.guidance_embedding_dim})" if m.guidance_embedding_dim else ""))
+    loras = (m.meta.get("export_report") or {}).get("loras")
+    if loras:
+        click.echo("loras        " + ", ".join(f"{x['file']} x {x['scale']} ({x['layers']} layers)" for x in loras))
     click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}"
                + (f"; static shape {m.static_shape}" if m.static_shape else ""))
     click.echo("components")

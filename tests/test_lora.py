@@ -116,6 +116,10 @@ def test_export_with_lora_draws_what_diffusers_draws(files, tmp_path):
     pipe = Pipeline.load(out)
     assert pipe.info.meta["export_report"]["loras"] == [
         {"file": peft_file.name, "scale": 0.7, "layers": len(load_file(str(peft_file))) // 2}]
+    from sdonnx.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(out)])
+    assert shown.exit_code == 0 and f"loras        {peft_file.name} x 0.7" in shown.output
     ref = reference(folder, peft_file, 0.7)
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
     ours = pipe.txt2img(PROMPT, steps=4, guidance=7.5, scheduler="ddim", width=32, height=32, latents=latents,
@@ -135,6 +139,10 @@ def test_export_with_lora_draws_what_diffusers_draws(files, tmp_path):
       "lora_unet_no_such_layer.lora_up.weight": torch.zeros(8, 4)}, "match nothing in the model"),
     ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 32, 3, 3)}, "only one of"),
     ({"some.other.tensor": torch.zeros(2)}, "unrecognised LoRA tensor"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 32, 3, 3),
+      "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 4, 3, 3)}, "do not fit the weight"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 16),
+      "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 4)}, "do not fit the weight"),
 ])
 def test_bad_lora_files_fail_in_one_line_and_leave_nothing(files, tmp_path, content, message):
     from sdonnx.export import cli as export_cli
