@@ -141,6 +141,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             models = bar.step("build models", build_models, ckpt)
             fused = [{"file": path.name, "scale": scale, "layers": lora.fuse(models, pairs, scale, path.name)}
                      for path, scale, pairs in adapters]
+            del adapters  # the models hold the fused weights now
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
             ckpt = _drop_state_dicts(ckpt)

@@ -10,6 +10,9 @@ Reads the two layouts LoRA files come in for Stable Diffusion:
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +40,26 @@ class Pair:
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None
+    rslora: bool = False  # rank-stabilised (Kalajdzievski 2023): alpha / sqrt(r) instead of alpha / r
+
+    def factor(self) -> float:
+        rank = self.down.shape[0]
+        alpha = self.alpha if self.alpha is not None else rank
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
+SCALE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "lora_mid": "LoCon with a Tucker core",
+               "hada_": "LoHa", "lokr_": "LoKr"}
 
 
 def parse_spec(spec: str) -> tuple[Path, float]:
-    """'file.safetensors' or 'file.safetensors:0.8' -> (path, scale)."""
+    """'file.safetensors' or 'file.safetensors:0.8' -> (path, scale); a colon inside a path (C:\\...) is kept."""
     path, sep, scale = spec.rpartition(":")
-    if sep and path and not scale.startswith(("/", "\\")):
-        try:
-            return Path(path), float(scale)
-        except ValueError:
-            pass
+    if sep and path and SCALE.fullmatch(scale):
+        return Path(path), float(scale)
+    if sep and path and not any(c in scale for c in "/\\") and not scale.lower().endswith(".safetensors"):
+        raise LoraError(f"--lora {spec!r}: the scale after ':' must be a number, got {scale!r}")
     return Path(spec), 1.0
 
 
@@ -57,25 +70,54 @@ def read_lora(path: Path) -> dict[tuple[str, str], Pair]:
 
     if not path.is_file():
         raise LoraError(f"LoRA file not found: {path}")
+    from safetensors import safe_open
+
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+        peft = json.loads(header.get("lora_adapter_metadata", "{}"))  # diffusers >= 0.34 keeps PEFT's config here
+    except (SafetensorError, OSError, ValueError) as err:
         raise LoraError(f"{path}: not a readable safetensors LoRA file ({err})") from None
     pairs: dict[tuple[str, str], Pair] = {}
     for key, value in tensors.items():
         model, layer, part = _split(key)
         if model is None:
+            kind = next((name for marker, name in UNSUPPORTED.items() if marker in key), None)
+            if kind:
+                raise LoraError(f"{path}: a {kind} adapter ({key!r}); only plain LoRA can be fused")
             raise LoraError(f"{path}: unrecognised LoRA tensor {key!r} (expected kohya lora_unet_/lora_te_ or "
                             "diffusers unet./text_encoder. keys)")
         pair = pairs.setdefault((model, layer), Pair())
         if part == "alpha":
+            if value.numel() != 1:
+                raise LoraError(f"{path}: {model} layer {layer}: alpha has {value.numel()} values, not one")
             pair.alpha = float(value)
         else:
             setattr(pair, part, value.float())
     for (model, layer), pair in pairs.items():
         if pair.down is None or pair.up is None:
             raise LoraError(f"{path}: {model} layer {layer} has only one of its two LoRA matrices")
+        if pair.down.dim() not in (2, 4) or pair.up.dim() != pair.down.dim() or pair.down.shape[0] == 0:
+            raise LoraError(f"{path}: {model} layer {layer}: LoRA matrices of shapes {tuple(pair.up.shape)} and "
+                            f"{tuple(pair.down.shape)} are not a rank-r pair")
+        _peft_alpha(pair, model, layer, peft, path)
     return pairs
+
+
+def _peft_alpha(pair: Pair, model: str, layer: str, peft: dict, path: Path) -> None:
+    """alpha (and rsLoRA) from the PEFT config saved in the file's header, for pairs without an alpha tensor:
+    `lora_alpha`, overridden by the first `alpha_pattern` key that ends the module path (PEFT's rule)."""
+    if peft.get(f"{model}.use_dora"):
+        raise LoraError(f"{path}: a DoRA adapter ({model}); only plain LoRA can be fused")
+    pair.rslora = bool(peft.get(f"{model}.use_rslora"))
+    if pair.alpha is not None or f"{model}.lora_alpha" not in peft:
+        return
+    pair.alpha = float(peft[f"{model}.lora_alpha"])
+    for pattern, alpha in (peft.get(f"{model}.alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", layer):
+            pair.alpha = float(alpha)
+            break
 
 
 def _split(key: str) -> tuple[str | None, str, str]:
@@ -112,8 +154,7 @@ def fuse(models: dict[str, nn.Module], pairs: dict[tuple[str, str], Pair], scale
     with torch.no_grad():
         for key, pair in pairs.items():
             module = targets[key]
-            rank = pair.down.shape[0]
-            factor = scale * (pair.alpha if pair.alpha is not None else rank) / rank
+            factor = scale * pair.factor()
             delta = _delta(pair.down, pair.up)
             if delta is not None and delta.squeeze().shape == module.weight.squeeze().shape:  # 1x1 conv / linear
                 delta = delta.reshape(module.weight.shape)

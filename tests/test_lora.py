@@ -139,6 +139,9 @@ def test_export_with_lora_draws_what_diffusers_draws(files, tmp_path):
       "lora_unet_no_such_layer.lora_up.weight": torch.zeros(8, 4)}, "match nothing in the model"),
     ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 32, 3, 3)}, "only one of"),
     ({"some.other.tensor": torch.zeros(2)}, "unrecognised LoRA tensor"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.zeros(1, 32, 1, 1)}, "a DoRA adapter"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(0, 32, 3, 3),
+      "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 0, 1, 1)}, "not a rank-r pair"),
     ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 32, 3, 3),
       "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 4, 3, 3)}, "do not fit the weight"),
     ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 16),
@@ -162,3 +165,33 @@ def test_parse_spec():
     assert lora.parse_spec("a.safetensors") == (Path("a.safetensors"), 1.0)
     assert lora.parse_spec("dir/a.safetensors:0.8") == (Path("dir/a.safetensors"), 0.8)
     assert lora.parse_spec("C:/x/a.safetensors") == (Path("C:/x/a.safetensors"), 1.0)
+    assert lora.parse_spec("C:a.safetensors") == (Path("C:a.safetensors"), 1.0)
+    assert lora.parse_spec("a.safetensors:-1e-1") == (Path("a.safetensors"), -0.1)
+    for bad in ("a.safetensors:nan", "a.safetensors:0,8", "a.safetensors:1_0", "a.safetensors:inf"):
+        with pytest.raises(lora.LoraError, match="must be a number"):
+            lora.parse_spec(bad)
+
+
+def test_peft_alpha_from_the_file_header_matches_diffusers(tmp_path):
+    """diffusers >= 0.34 saves lora_alpha (and alpha_pattern) in the safetensors header, not as tensors."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_sd.make_pipeline("sd1")
+    pipe.save_pretrained(tmp_path / "diffusers")
+    torch.manual_seed(12)
+    cfg = LoraConfig(r=RANK, lora_alpha=16, alpha_pattern={"conv1": 2}, target_modules=["to_q", "to_v", "conv1"],
+                     init_lora_weights=False)
+    pipe.unet.add_adapter(cfg)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              unet_lora_adapter_metadata=cfg.to_dict())
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    pairs = lora.read_lora(file)
+    assert {p.alpha for (_, k), p in pairs.items() if k.endswith("conv1")} == {2.0}
+    assert {p.alpha for (_, k), p in pairs.items() if not k.endswith("conv1")} == {16.0}
+    ref = reference(tmp_path / "diffusers", file, 1.0)
+    models = build_models(load_checkpoint(str(tmp_path / "diffusers")))
+    lora.fuse(models, pairs, 1.0, file.name)
+    for g, w in zip(outputs(models["unet"], models["text_encoder"]), outputs(ref.unet, ref.text_encoder)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
