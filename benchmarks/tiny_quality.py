@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from sdonnx import Pipeline
 from sdonnx import image as imaging
-from sdonnx.export.tiny.shapes import Scene, judge, random_scene, render, score
+from sdonnx.export.tiny.shapes import Scene, accuracy, judge, random_scene, render, score
 
 RESULTS = Path(__file__).parent / "results"
 GRID_PROMPTS = [
@@ -67,9 +67,10 @@ def evaluate(pipe: Pipeline, scenes: list[Scene], seed: int, seeds: int = 1, **o
     start = time.perf_counter()
     images = generate(pipe, scenes, seed, seeds, **options)
     drawn = scenes * seeds
-    acc = score(drawn, images)
+    judged = [judge(image) for image in images]
+    acc = accuracy(drawn, judged)
     acc["seconds"] = round(time.perf_counter() - start, 1)
-    acc["shape_hits"] = [judge(image).shape == scene.shape for scene, image in zip(drawn, images)]
+    acc["shape_hits"] = [j.shape == scene.shape for scene, j in zip(drawn, judged)]
     acc["shape_by_size"] = shape_by_size(drawn, acc["shape_hits"])
     return acc
 

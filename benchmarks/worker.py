@@ -89,6 +89,7 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
     scheduler = scheduler_name(pipe.info.scheduler_config)
 
     lcm = pipe.guidance_input(GUIDANCE, 2)  # an LCM U-Net's guidance input ({} for others): no negative prompt
+    lcm1 = pipe.guidance_input(GUIDANCE, 1)
     negative = "" if lcm else NEGATIVE
 
     def txt2img(n: int = steps):
@@ -107,7 +108,7 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
         "text_encoder": lambda: c["text_encoder"](input_ids=x["ids"]),
         "unet_b2": lambda: c["unet"](sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"], **lcm),
         "unet_b1": lambda: c["unet"](sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1],
-                                     **{k: v[:1] for k, v in lcm.items()}),
+                                     **lcm1),
         "vae_decode": lambda: c["vae_decoder"](latent_sample=x["latents1"]),
         "vae_encode": lambda: c["vae_encoder"](sample=x["image"]),
         "txt2img": txt2img,

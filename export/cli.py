@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import re
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,9 +126,9 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     from .weights import build_models, load_checkpoint
 
     start = time.perf_counter()
-    quantize.scheme("unet", job.precision, "sd1", job.int8_scheme)  # reject bad options before any work
-    _check_attention(job)
+    # (also rejects bad options before any work)
     calibrate = quantize.scheme("unet", job.precision, "sd1", job.int8_scheme).method.startswith("static")
+    _check_attention(job)
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
     bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(parts), job.timings, progress)

@@ -142,7 +142,7 @@ def _component_calls(pipe: Pipeline, width: int, height: int) -> dict[str, Calla
     latent = rng.standard_normal((1, ch, height // f, width // f), dtype=np.float32)
     image = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
     lcm = pipe.guidance_input(info.defaults.guidance, 2)  # an LCM U-Net's guidance input, else {}
-    lcm1 = {k: v[:1] for k, v in lcm.items()}
+    lcm1 = pipe.guidance_input(info.defaults.guidance, 1)
     calls = {
         "text_encoder": lambda: c["text_encoder"](input_ids=ids),
         "unet_b2": lambda: c["unet"](sample=lat2, timestep=t, encoder_hidden_states=ctx, **lcm),

@@ -131,9 +131,10 @@ def scheduler_name(sched_cfg: dict) -> str:
 
 def _defaults(meta: dict, sched_cfg: dict, sample: int, lcm: bool = False) -> Defaults:
     """sdonnx.json's defaults over the generic ones (an LCM U-Net's: 4 steps, guidance 8.5, as diffusers')."""
-    base = Defaults(scheduler=scheduler_name(sched_cfg), width=sample, height=sample)
     if lcm:
         base = Defaults(**LCM_DEFAULTS, width=sample, height=sample)
+    else:
+        base = Defaults(scheduler=scheduler_name(sched_cfg), width=sample, height=sample)
     given = meta.get("defaults") or {}
     return Defaults(**{k: type(getattr(base, k))(given.get(k, getattr(base, k)))
                        for k in Defaults.__dataclass_fields__})

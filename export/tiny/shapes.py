@@ -187,9 +187,13 @@ def _classify(mask: np.ndarray) -> str:
 
 def score(scenes: list[Scene], images: list) -> dict[str, float]:
     """Accuracies (in %) of background colour, shape colour, shape and position over paired scenes/images."""
+    return accuracy(scenes, [judge(image) for image in images])
+
+
+def accuracy(scenes: list[Scene], judgements: list[Judgement]) -> dict[str, float]:
+    """score() over pictures already judged."""
     hits = {"background": 0, "color": 0, "shape": 0, "position": 0}
-    for scene, image in zip(scenes, images):
-        j = judge(image)
+    for scene, j in zip(scenes, judgements):
         hits["background"] += j.background == scene.background
         hits["color"] += j.color == scene.color
         hits["shape"] += j.shape == scene.shape
