@@ -159,7 +159,7 @@ def torch_system(system: str, folder: str, size: int, steps: int,
     negative = {} if lcm else {"negative_prompt": NEGATIVE}
     cond = {}
     if lcm:  # the guidance embedding both LCM pipelines feed their U-Net (the same numbers as our runtime's)
-        from sdonnx.pipeline import guidance_embedding
+        from sdonnx.sampling import guidance_embedding
 
         emb = torch.from_numpy(guidance_embedding(GUIDANCE, lcm, 2))
         cond = {"timestep_cond": emb.to(device, dtype) if system.startswith("diffusers") else emb}

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..bench import peak_rss_mb
-from ..model import LCM_DEFAULTS
 from . import folder, lora, onnx as graphs, optimize as opt, quantize, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
@@ -177,7 +176,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 prediction_type=ckpt.prediction_type, configs=ckpt.configs,
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
                 components=job.components, report=report, step_cache=step_cache,
-                defaults=folder.source_defaults(resolve_source(job.source)),
+                defaults=folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm),
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -204,13 +203,11 @@ def _drop_state_dicts(ckpt):
 
 def _calibration(models: dict, ckpt, job: ExportJob) -> list[dict]:
     """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does) or the
-    --static size, guided as the source suggests (the tiny model: 3.0) or as SD usually is (7.5; LCM: 8.5)."""
+    --static size, guided as the folder's defaults will say (the tiny model: 3.0; SD: 7.5; LCM: 8.5)."""
     m = graphs.latent_multiple(ckpt.configs)
     side = max(m, min(32, ckpt.configs.unet.sample_size or 32) // m * m)
     hw = (side, side) if job.static is None else graphs.trace_shape("unet", ckpt.configs, job.static)[1]
-    lcm = ckpt.configs.unet.time_cond_proj_dim is not None  # sampled as the runtime would: LCM's 4 steps at 8.5
-    guidance = folder.source_defaults(resolve_source(job.source)).get("guidance",
-                                                                      LCM_DEFAULTS["guidance"] if lcm else 7.5)
+    guidance = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm)["guidance"]
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
     return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched, guidance=guidance,
                                       latent_hw=hw)

@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from sdonnx.model import LCM_DEFAULTS, sha256
+from sdonnx.model import DEFAULTS, sha256
 
 from .models.config import ModelConfigs
 
 FORMAT = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "dpmpp_2m_karras"}
+SUGGESTIBLE = ("steps", "guidance", "scheduler")  # what a source folder's sdonnx_defaults.json may set
 DEFAULTS_FILE = "sdonnx_defaults.json"
 
 
@@ -155,16 +155,22 @@ def source_defaults(source: str) -> dict:
     if not path.is_file():
         return {}
     suggested = json.loads(path.read_text(encoding="utf-8"))
-    return {k: suggested[k] for k in DEFAULTS if k in suggested}
+    return {k: suggested[k] for k in SUGGESTIBLE if k in suggested}
+
+
+def generation_defaults(source: str, lcm: bool) -> dict:
+    """Steps, guidance and scheduler for sdonnx.json: the defaults table's row for the U-Net kind, overridden by
+    what the source folder suggests."""
+    row = DEFAULTS["lcm" if lcm else "sd"]
+    return {"steps": row.steps, "guidance": row.guidance, "scheduler": row.scheduler, **source_defaults(source)}
 
 
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
-                   static: dict | None, report: dict, step_cache: dict | None = None,
-                   defaults: dict | None = None) -> dict:
+                   static: dict | None, report: dict, defaults: dict, step_cache: dict | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
 
-    `defaults` (steps, guidance, scheduler) override the generic ones for models that know better.
+    `defaults`: steps, guidance and scheduler (generation_defaults); the image size is the model's.
     """
     copy_tokenizer(tokenizer_dir, root)
     sched = dict(scheduler_config, prediction_type=prediction_type)
@@ -182,8 +188,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "tokenizer": {"pad_token_id": pad_token_id(root / "tokenizer"), "max_length": 77},
         "files": file_table(root), "components": components,
         "guidance_embedding_dim": configs.unet.time_cond_proj_dim,
-        "defaults": dict(LCM_DEFAULTS if configs.unet.time_cond_proj_dim else DEFAULTS, **(defaults or {}),
-                         width=(static or {}).get("width", pixels),
+        "defaults": dict(defaults, width=(static or {}).get("width", pixels),
                          height=(static or {}).get("height", pixels)),
         "static_shape": static,
         "step_cache": step_cache,

@@ -299,69 +299,52 @@ def _fold_size(feeds: int, most: int = 4) -> int:
 
 
 def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_config: dict,
-                      prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = 10, guidance: float = 7.5,
+                      prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = 10, guidance: float | None = None,
                       latent_hw: tuple = (32, 32), seed: int = 0) -> list[dict]:
-    """U-Net inputs along guided DDIM sampling runs of our own PyTorch models, one run per prompt.
+    """U-Net inputs recorded along sampling runs of our own PyTorch models, one run per prompt.
 
-    Each feed is one step's [unconditional, conditional] batch, exactly what the runtime's guided loop feeds:
-    the activation ranges come from the latents sampling really visits (on the tiny model, calibrating on
-    noised synthetic images instead left its int8 U-Net 4 points further from fp32 in shape accuracy).
-    An LCM U-Net (time_cond_proj_dim) instead gets its own runs: `_lcm_feeds`, batch 1, 4 steps (not `steps`)."""
+    The runs are the runtime's own loop (sdonnx.sampling) with the PyTorch U-Net behind its model callables, so
+    each feed is exactly what the runtime feeds: a guided DDIM step's [unconditional, conditional] batch, or for an
+    LCM U-Net one conditional call of its 4-step LCM sampler (not `steps`) with the guidance scale as its input.
+    The activation ranges come from the latents sampling really visits (on the tiny model, calibrating on noised
+    synthetic images instead left its int8 U-Net 4 points further from fp32 in shape accuracy).
+    guidance: the defaults table's for the U-Net kind when None."""
     import torch
+    from sdonnx import sampling
+    from sdonnx.model import DEFAULTS
     from sdonnx.schedulers import create
     from sdonnx.tokenizer import CLIPTokenizer
 
+    unet_cfg = configs.unet
+    row = DEFAULTS["lcm" if unet_cfg.is_lcm else "sd"]
+    name, steps = (row.scheduler, row.steps) if unet_cfg.is_lcm else ("ddim", steps)
+    w, inputs = sampling.conditioning(row.guidance if guidance is None else guidance, unet_cfg.time_cond_proj_dim, 1)
     tokenize = CLIPTokenizer.from_dir(tokenizer_dir)
     rng = np.random.default_rng(seed)
-    h, w = latent_hw
-    if configs.unet.time_cond_proj_dim is not None:
-        return _lcm_feeds(models, configs, tokenize, scheduler_config, prompts, guidance, (h, w), rng)
-    inpainting = configs.unet.in_channels == 2 * configs.unet.out_channels + 1
-    feeds = []
+    feeds: list[dict] = []
+    unet = _recording(models["unet"], feeds)
     with torch.no_grad():
         for prompt in prompts:
-            context = models["text_encoder"](torch.from_numpy(tokenize(["", prompt])))[0]
-            sched = create("ddim", scheduler_config, steps)
-            x = rng.standard_normal((1, configs.unet.out_channels, h, w)).astype(np.float32)
-            extra = _inpainting_inputs(models, configs, rng, h, w) if inpainting else None
-            for i, t in enumerate(sched.timesteps):
-                sample = np.concatenate([x, x])
-                if extra is not None:
-                    sample = np.concatenate([sample, np.concatenate([extra, extra])], axis=1)
-                feed = {"sample": sample, "timestep": np.array(t, np.float32),
-                        "encoder_hidden_states": context.numpy()}
-                feeds.append(feed)
-                uncond, cond = models["unet"](*(torch.from_numpy(feed[k]) for k in
-                                                ("sample", "timestep", "encoder_hidden_states"))).numpy()
-                x = sched.step(uncond + guidance * (cond - uncond), i, x[0])[None]
+            ids = tokenize([prompt] if w <= 1.0 else ["", prompt])
+            context = models["text_encoder"](torch.from_numpy(ids))[0].numpy()
+            sched = create(name, scheduler_config, steps)
+            x = rng.standard_normal((1, unet_cfg.out_channels, *latent_hw)).astype(np.float32)
+            extra = _inpainting_inputs(models, configs, rng, *latent_hw) if unet_cfg.is_inpaint else None
+            start = sampling.Start(0, x * np.float32(sched.init_noise_sigma), extra=extra)
+            sampling.denoise(sched, start, sampling.every_step(sampling.guided(unet, context, w, **inputs)), rng)
     return feeds
 
 
-def _lcm_feeds(models: dict, configs, tokenize, scheduler_config: dict, prompts: tuple[str, ...], guidance: float,
-               latent_hw: tuple[int, int], rng: np.random.Generator, steps: int = 4) -> list[dict]:
-    """An LCM U-Net's inputs along its own sampling runs (LCM sampler, `steps` steps, the guidance scale as its
-    timestep_cond input, one conditional call per step), as the runtime feeds it."""
+def _recording(unet, feeds: list[dict]):
+    """A PyTorch U-Net as a sampling.Graph that records each call's inputs, as the exported graph takes them."""
     import torch
-    from sdonnx.pipeline import guidance_embedding
-    from sdonnx.schedulers import create
 
-    embedding = guidance_embedding(guidance, configs.unet.time_cond_proj_dim, 1)
-    inpainting = configs.unet.in_channels == 2 * configs.unet.out_channels + 1
-    feeds = []
-    with torch.no_grad():
-        for prompt in prompts:
-            context = models["text_encoder"](torch.from_numpy(tokenize([prompt])))[0].numpy()
-            sched = create("lcm", scheduler_config, steps)
-            x = rng.standard_normal((1, configs.unet.out_channels, *latent_hw)).astype(np.float32)
-            extra = _inpainting_inputs(models, configs, rng, *latent_hw) if inpainting else None
-            for i, t in enumerate(sched.timesteps):
-                sample = x if extra is None else np.concatenate([x, extra], axis=1)
-                feed = {"sample": sample, "timestep": np.array(t, np.float32), "encoder_hidden_states": context,
-                        "timestep_cond": embedding}
-                feeds.append(feed)
-                pred = models["unet"](**{k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}).numpy()
-                x = sched.step(pred, i, x, rng.standard_normal(x.shape).astype(np.float32)).astype(np.float32)
-    return feeds
+    def call(**inputs: np.ndarray) -> dict:
+        feed = {k: np.asarray(v, np.float32) for k, v in inputs.items()}  # the graph's timestep is a float32 scalar
+        feeds.append(feed)
+        return {"out_sample": unet(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()}
+
+    return call
 
 
 def _inpainting_inputs(models: dict, configs, rng: np.random.Generator, h: int, w: int) -> np.ndarray:

@@ -182,7 +182,7 @@ def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: 
     static = info.static_shape
     width, height = size or ((static["width"], static["height"]) if static else
                              (info.defaults.width, info.defaults.height))
-    pipe._setup(steps, scheduler, 0, width, height, 1, cache_interval)  # the pipeline's own checks, before timing
+    pipe._setup(PROMPT, "", steps, None, scheduler, 0, width, height, 1, cache_interval)  # its own checks, before timing
     components = {}
     if not low_memory:
         for name, call in _component_calls(pipe, width, height).items():
@@ -190,7 +190,7 @@ def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: 
             components[name] = stats(_timed(call, runs))
     end_to_end = []
     cached = f" (cache interval {cache_interval})" if cache_interval != 1 else ""
-    negative = "" if info.guidance_embedding_dim else NEGATIVE  # an LCM U-Net has no negative prompt
+    negative = "" if info.is_lcm else NEGATIVE  # an LCM U-Net has no negative prompt
     with _StepClock(pipe) as clock:
         for r in range(runs):
             say(f"txt2img {width}x{height}, {steps} steps{cached}: run {r + 1}/{runs}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import secrets
 from pathlib import Path
 
 import click
@@ -98,18 +97,14 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
         raise click.ClickException("--strength needs --init-image")
     if init_image is not None and strength is None:
         strength = 1.0 if mask is not None else 0.8
-    seed = secrets.randbelow(2**32) if seed is None else seed
     options = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                    seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval)
     try:
         pipe = Pipeline.load(model_dir, provider=provider, low_memory=low_memory)
         images = _with_progress(pipe, prompt, init_image, mask, strength, options)
-        d = pipe.info.defaults
-        params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps or d.steps,
-                      guidance=d.guidance if guidance is None else guidance, scheduler=scheduler or d.scheduler,
-                      seed=seed, size=f"{images[0].width}x{images[0].height}", model=pipe.info.path.name,
-                      strength=strength, init_image=init_image and init_image.name, mask=mask and mask.name,
-                      cache_interval=cache_interval if cache_interval > 1 else None)
+        # exactly what the run used (defaults and the drawn seed resolved by the pipeline)
+        params = dict(images[0].info["sdonnx"].parameters(), init_image=init_image and init_image.name,
+                      mask=mask and mask.name)
         # all images exist before the first file is written, so a failure leaves no partial set
         for k, (img, path) in enumerate(zip(images, _outputs(output, len(images)))):
             save_png(img, path, {**params, "image": f"{k + 1}/{len(images)}"} if len(images) > 1 else params)
@@ -161,7 +156,7 @@ def info(model_dir: Path | None, verify: bool) -> None:
         click.echo(f"source       {m.meta['source']}")
     click.echo(f"family       {m.family} ({m.prediction_type}, {m.latent_channels} latent channels, "
                f"U-Net in {m.unet_in_channels}, VAE /{m.vae_scale_factor}, scale {m.scaling_factor})"
-               + (f"; LCM U-Net (guidance input of {m.guidance_embedding_dim})" if m.guidance_embedding_dim else ""))
+               + (f"; LCM U-Net (guidance input of {m.guidance_embedding_dim})" if m.is_lcm else ""))
     loras = (m.meta.get("export_report") or {}).get("loras")
     if loras:
         click.echo("loras        " + ", ".join(f"{x['file']} x {x['scale']} ({x['layers']} layers)" for x in loras))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -25,18 +26,30 @@ SCHEDULER_NAMES = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "LCMScheduler": "lcm",
 }
-# an LCM-distilled U-Net (Luo et al. 2023): few steps of its own scheduler, the guidance scale a U-Net input
-# (diffusers' LatentConsistencyModelPipeline defaults)
-LCM_DEFAULTS = {"steps": 4, "guidance": 8.5, "scheduler": "lcm"}
 
 
 @dataclass(frozen=True)
 class Defaults:
-    steps: int = 25
-    guidance: float = 7.5
-    scheduler: str = "pndm"
+    """What a generation runs with when the caller names nothing."""
+
+    steps: int
+    guidance: float
+    scheduler: str
     width: int = 512
     height: int = 512
+
+
+# The one table of generation defaults, by model kind. The exporter writes the row of its model into sdonnx.json
+# (with the image size); a folder's sdonnx.json overrides these, and a folder without one (optimum's) runs the
+# scheduler class its scheduler_config.json names.
+DEFAULTS = {
+    "sd": Defaults(steps=25, guidance=7.5, scheduler="dpmpp_2m_karras"),
+    # an LCM-distilled U-Net (Luo et al. 2023): few steps of its own scheduler, the guidance scale a U-Net input
+    # (diffusers' LatentConsistencyModelPipeline defaults)
+    "lcm": Defaults(steps=4, guidance=8.5, scheduler="lcm"),
+    # the bundled tiny model (chosen on the step-count/guidance sweep of its training: export/tiny/train.py)
+    "tiny": Defaults(steps=20, guidance=3.0, scheduler="ddim", width=64, height=64),
+}
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,13 @@ class ModelInfo:
 
     @property
     def is_inpaint(self) -> bool:
+        """A 9-channel inpainting U-Net: latents, mask and masked-image latents."""
         return self.unet_in_channels > self.latent_channels
+
+    @property
+    def is_lcm(self) -> bool:
+        """An LCM-distilled U-Net, which takes the guidance scale as its `timestep_cond` input."""
+        return self.guidance_embedding_dim is not None
 
     def precision(self, component: str) -> str | None:
         owner = "unet" if component == "unet_features" else component  # the same U-Net, one more output
@@ -130,11 +149,10 @@ def scheduler_name(sched_cfg: dict) -> str:
 
 
 def _defaults(meta: dict, sched_cfg: dict, sample: int, lcm: bool = False) -> Defaults:
-    """sdonnx.json's defaults over the generic ones (an LCM U-Net's: 4 steps, guidance 8.5, as diffusers')."""
-    if lcm:
-        base = Defaults(**LCM_DEFAULTS, width=sample, height=sample)
-    else:
-        base = Defaults(scheduler=scheduler_name(sched_cfg), width=sample, height=sample)
+    """sdonnx.json's defaults over the table's row for the model kind (a folder without them: its own scheduler)."""
+    base = dataclasses.replace(DEFAULTS["lcm" if lcm else "sd"], width=sample, height=sample)
+    if not lcm:
+        base = dataclasses.replace(base, scheduler=scheduler_name(sched_cfg))
     given = meta.get("defaults") or {}
     return Defaults(**{k: type(getattr(base, k))(given.get(k, getattr(base, k)))
                        for k in Defaults.__dataclass_fields__})

@@ -3,37 +3,60 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from . import image as imaging
-from . import schedulers
+from . import sampling, schedulers
 from .model import ModelInfo, default_model_dir, read_model
+from .sampling import Callback, Start
 from .session import Component, SdonnxError, SessionConfig, return_freed_memory, session_config, trim_heap
 from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
 
-Callback = Callable[[int, int, np.ndarray], None]
 TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
 EAGER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # loaded up front unless low_memory
 
 
-@dataclass
-class _Start:
-    """How a run begins: its first timestep index, initial latents, and what img2img/inpaint add."""
+@dataclass(frozen=True)
+class Settings:
+    """What one call actually ran with, defaults and the drawn seed resolved; each PIL image it returns carries
+    them as `image.info["sdonnx"]`, and the CLI writes exactly these into the PNG."""
 
-    index: int
-    latents: np.ndarray
-    extra: np.ndarray | None = None  # [mask, masked-image latents] for 9-channel U-Nets
-    keep: np.ndarray | None = None  # clean latents re-imposed outside the mask (4-channel inpainting)
-    keep_mask: np.ndarray | None = None  # latent-size mask, 1 = repaint
-    noise: np.ndarray | None = None  # the noise `keep` is re-noised with
-    paste: tuple | None = None  # (original [0,1] HWC, pixel mask HW1) pasted back at the end
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    scheduler: str
+    seed: int
+    width: int
+    height: int
+    model: str
+    cache_interval: int = 1
+    strength: float | None = None  # img2img / inpainting only
+
+    def parameters(self) -> dict:
+        """The PNG's parameters, in the order they are written (None: not written)."""
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                    guidance=self.guidance, scheduler=self.scheduler, seed=self.seed,
+                    size=f"{self.width}x{self.height}", model=self.model, strength=self.strength,
+                    cache_interval=self.cache_interval if self.cache_interval > 1 else None)
+
+
+@dataclass
+class _Run:
+    """One call's settings and what they set up: the scheduler, the noise generator, the latent shape."""
+
+    settings: Settings
+    sched: schedulers.Scheduler
+    rng: np.random.Generator
+    shape: tuple[int, int, int, int]
 
 
 class Pipeline:
@@ -81,11 +104,11 @@ class Pipeline:
 
         cache_interval k > 1: the full U-Net runs every k-th step, the shallow graph reuses its deep features
         in between (DeepCache; needs a folder exported with --step-cache)."""
-        run = self._setup(steps, scheduler, seed, width, height, num_images, cache_interval)
-        sched, rng, shape = run[:3]
-        noise = self._noise(rng, shape, latents)
-        start = _Start(0, noise * sched.init_noise_sigma)
-        return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
+        run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, width, height, num_images,
+                          cache_interval)
+        noise = self._noise(run, latents)
+        start = Start(0, noise * run.sched.init_noise_sigma)
+        return self._generate(run, start, callback, output_type)
 
     def img2img(self, prompt: str, image, strength: float = 0.8, negative_prompt: str = "", steps: int | None = None,
                 guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
@@ -95,9 +118,10 @@ class Pipeline:
         """Images from a prompt and a starting image; `strength` in (0, 1] is how much of it to repaint."""
         _check_strength(strength)
         img = imaging.fit(imaging.load_image(image), width, height)
-        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images, cache_interval)
+        run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, img.width, img.height,
+                          num_images, cache_interval, strength)
         start = self._noised_start(run, img, strength, latents, pure_at_max=False)
-        return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
+        return self._generate(run, start, callback, output_type)
 
     def inpaint(self, prompt: str, image, mask, strength: float = 1.0, negative_prompt: str = "",
                 steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
@@ -109,24 +133,26 @@ class Pipeline:
         src = imaging.load_image(image)
         msk = imaging.load_mask(mask, src)
         img, msk = imaging.fit(src, width, height), imaging.fit(msk, width, height)
-        run = self._setup(steps, scheduler, seed, img.width, img.height, num_images, cache_interval)
+        run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, img.width, img.height,
+                          num_images, cache_interval, strength)
         pixel_mask = imaging.mask_array(msk)
         start = self._noised_start(run, img, strength, latents, pure_at_max=True)
         h, w = start.latents.shape[-2:]
-        latent_mask = np.repeat(imaging.shrink_mask(pixel_mask, h, w), num_images, axis=0)
+        latent_mask = np.repeat(imaging.shrink_mask(pixel_mask, h, w), run.shape[0], axis=0)
         if self.info.is_inpaint:
             masked = imaging.to_array(img) * (pixel_mask < 0.5)
-            masked_latents = np.repeat(self._encode(masked), num_images, axis=0)
+            masked_latents = np.repeat(self._encode(masked), run.shape[0], axis=0)
             start.extra = np.concatenate([latent_mask, masked_latents], axis=1)
         else:
             start.keep_mask = latent_mask
         start.paste = (imaging.to_unit(img), pixel_mask[0].transpose(1, 2, 0))
-        return self._generate(prompt, negative_prompt, guidance, run, start, callback, output_type)
+        return self._generate(run, start, callback, output_type)
 
     # ---- set-up ------------------------------------------------------------------------------------
 
-    def _setup(self, steps, scheduler, seed, width, height, num_images, cache_interval=1):
-        """(scheduler, rng, latent shape, cache interval) for one call, after checking the sizes."""
+    def _setup(self, prompt: str, negative_prompt: str, steps, guidance, scheduler, seed, width, height,
+               num_images, cache_interval=1, strength: float | None = None) -> _Run:
+        """Resolve one call's settings against the folder's defaults, after checking them."""
         d = self.info.defaults
         width, height = width or d.width, height or d.height
         imaging.check_size(width, height)
@@ -143,10 +169,14 @@ class Pipeline:
         if name not in schedulers.NAMES:
             raise SdonnxError(f"unknown scheduler {name!r}; choose one of {', '.join(schedulers.NAMES)}")
         interval = self._check_interval(cache_interval)
+        seed = secrets.randbelow(2**32) if seed is None else int(seed)
+        settings = Settings(prompt, negative_prompt, steps, float(guidance if guidance is not None else d.guidance),
+                            name, seed, width, height, self.info.path.name, interval,
+                            None if strength is None else float(strength))
         sched = schedulers.create(name, self.info.scheduler_config, steps)
         f = self.info.vae_scale_factor
         shape = (int(num_images), self.info.latent_channels, height // f, width // f)
-        return sched, np.random.default_rng(seed), shape, interval
+        return _Run(settings, sched, np.random.default_rng(seed), shape)
 
     def _check_interval(self, cache_interval) -> int:
         if isinstance(cache_interval, bool) or int(cache_interval) != cache_interval or cache_interval < 1:
@@ -157,27 +187,27 @@ class Pipeline:
         return int(cache_interval)
 
     @staticmethod
-    def _noise(rng: np.random.Generator, shape: tuple, latents: np.ndarray | None) -> np.ndarray:
+    def _noise(run: _Run, latents: np.ndarray | None) -> np.ndarray:
         if latents is None:
-            return rng.standard_normal(shape, dtype=np.float32)
+            return run.rng.standard_normal(run.shape, dtype=np.float32)
         latents = np.asarray(latents, dtype=np.float32)
-        if latents.shape != shape:
-            raise SdonnxError(f"latents must have shape {shape}, got {latents.shape}")
+        if latents.shape != run.shape:
+            raise SdonnxError(f"latents must have shape {run.shape}, got {latents.shape}")
         return latents
 
-    def _noised_start(self, run, img: Image.Image, strength: float, latents, pure_at_max: bool) -> _Start:
+    def _noised_start(self, run: _Run, img: Image.Image, strength: float, latents, pure_at_max: bool) -> Start:
         """Encode the image and noise it to the level where `strength` of the schedule remains."""
-        sched, rng, shape = run[:3]
-        clean = np.repeat(self._encode(imaging.to_array(img)), shape[0], axis=0)
-        noise = self._noise(rng, shape, latents)
+        sched = run.sched
+        clean = np.repeat(self._encode(imaging.to_array(img)), run.shape[0], axis=0)
+        noise = self._noise(run, latents)
         index = sched.start_index(strength)
         if index >= len(sched.timesteps):  # so little strength that no step remains: the encoded image itself
-            return _Start(index, clean, keep=clean, noise=noise)
+            return Start(index, clean, keep=clean, noise=noise)
         if pure_at_max and strength >= 1.0:  # inpainting at full strength starts from pure noise, as txt2img
             start = noise * sched.init_noise_sigma
         else:
             start = sched.add_noise(clean, noise, index).astype(np.float32)
-        return _Start(index, start, keep=clean, noise=noise)
+        return Start(index, start, keep=clean, noise=noise)
 
     # ---- models ------------------------------------------------------------------------------------
 
@@ -244,120 +274,49 @@ class Pipeline:
 
     def guidance_input(self, w: float, batch: int) -> dict[str, np.ndarray]:
         """An LCM U-Net's `timestep_cond` input for guidance scale w ({} for other U-Nets)."""
-        dim = self.info.guidance_embedding_dim
-        return {"timestep_cond": guidance_embedding(w, dim, batch)} if dim else {}
-
-    @staticmethod
-    def _guided(unet, sample: np.ndarray, t: float, context: np.ndarray, w: float, split: bool = False, **extra
-                ) -> tuple[np.ndarray, dict]:
-        """Classifier-free guidance (Ho & Salimans 2022): one U-Net call on [uncond, cond], then combine.
-
-        split: two calls of half the batch instead (half the activation memory; low-memory mode).
-        Returns (prediction, all the graph's outputs)."""
-        timestep = np.float64(t)
-        if w <= 1.0:
-            out = unet(sample=sample, timestep=timestep, encoder_hidden_states=context, **extra)
-            return out["out_sample"], out
-        if split:
-            halves = [unet(sample=sample, timestep=timestep, encoder_hidden_states=part,
-                           **{k: np.split(v, 2)[i] for k, v in extra.items()})
-                      for i, part in enumerate(np.split(context, 2))]
-            out = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
-        else:
-            out = unet(sample=np.concatenate([sample, sample]), timestep=timestep, encoder_hidden_states=context,
-                       **extra)
-        uncond, cond = np.split(out["out_sample"], 2)
-        return uncond + w * (cond - uncond), out
+        return sampling.conditioning(w, self.info.guidance_embedding_dim, batch)[1]
 
     # ---- the loop ----------------------------------------------------------------------------------
 
-    def _generate(self, prompt, negative_prompt, guidance, run, start: _Start, callback, output_type):
-        sched, rng, shape, interval = run
+    def _generate(self, run: _Run, start: Start, callback, output_type):
+        s, n = run.settings, run.shape[0]
         if self.info.is_inpaint and start.extra is None:
             raise SdonnxError(f"{self.info.path.name} is an inpainting model ({self.info.unet_in_channels}-channel "
                               "U-Net): use inpaint() / --init-image with --mask")
-        n = shape[0]
-        w = float(guidance if guidance is not None else self.info.defaults.guidance)
-        embedded = self.guidance_input(w, n)
-        if embedded:  # an LCM U-Net takes the scale as an input: one conditional call per step, no negative
-            if negative_prompt:
-                raise SdonnxError(f"{self.info.path.name} is an LCM-distilled U-Net, which takes the guidance scale "
-                                  "as an input and has no negative prompt")
-            w = 1.0
+        if self.info.is_lcm and s.negative_prompt:
+            raise SdonnxError(f"{self.info.path.name} is an LCM-distilled U-Net, which takes the guidance scale "
+                              "as an input and has no negative prompt")
+        w, inputs = sampling.conditioning(s.guidance, self.info.guidance_embedding_dim, n)
         if w <= 1.0:
-            context = np.repeat(self._encode_texts([prompt])[0], n, axis=0)
+            context = np.repeat(self._encode_texts([s.prompt])[0], n, axis=0)
         else:
-            negative, positive = self._encode_texts([negative_prompt, prompt])
+            negative, positive = self._encode_texts([s.negative_prompt, s.prompt])
             context = np.concatenate([np.repeat(negative, n, 0), np.repeat(positive, n, 0)])
-        latents = self._denoise(sched, rng, start, context, w, callback, interval, embedded)
+        with self._predictor(context, w, inputs, s.cache_interval) as predict:
+            latents = sampling.denoise(run.sched, start, predict, run.rng, callback)
         pixels = self._decode(latents)
         if start.paste is not None:
             original, mask = start.paste
             pixels = original * (1.0 - mask) + pixels * mask
         if output_type == "np":
             return pixels.astype(np.float32)
-        return imaging.to_pil(pixels)
+        images = imaging.to_pil(pixels)
+        for image in images:
+            image.info["sdonnx"] = s
+        return images
 
-    def _denoise(self, sched, rng, start: _Start, context, w, callback, interval: int = 1,
-                 embedded: dict | None = None) -> np.ndarray:
-        """The one denoising loop; the three tasks differ only in `start` (initial latents, mask blending).
-
-        embedded: an LCM U-Net's guidance input, fed to every call."""
-        embedded = embedded or {}
-        with contextlib.ExitStack() as stack:
-            if interval == 1:
-                unet = stack.enter_context(self._using("unet"))
-                return self._loop(sched, rng, start, context, w, callback,
-                                  lambda k, *a: self._guided(unet, *a, split=self.low_memory, **embedded)[0])
-            full = stack.enter_context(self._using("unet_features"))
-            shallow = stack.enter_context(self._using("unet_shallow"))
-            deep = {}
-
-            def predict(k: int, sample, t, context, w):
-                """DeepCache (Ma et al. 2023): deep features from every interval-th full step, reused between."""
-                if k % interval == 0:
-                    pred, out = self._guided(full, sample, t, context, w, split=self.low_memory, **embedded)
-                    deep["features"] = out["deep_features"]
-                    return pred
-                return self._guided(shallow, sample, t, context, w, split=self.low_memory,
-                                    deep_features=deep["features"], **embedded)[0]
-
-            return self._loop(sched, rng, start, context, w, callback, predict)
-
-    def _loop(self, sched, rng, start: _Start, context, w, callback, predict) -> np.ndarray:
-        latents = start.latents
-        total = len(sched.timesteps) - start.index
-        for k, i in enumerate(range(start.index, len(sched.timesteps))):
-            sample = sched.scale_model_input(latents, i)
-            if start.extra is not None:
-                sample = np.concatenate([sample, start.extra], axis=1)
-            pred = predict(k, sample, sched.timesteps[i], context, w)
-            noise = rng.standard_normal(latents.shape, dtype=np.float32) if sched.needs_noise else None
-            latents = sched.step(pred, i, latents, noise).astype(np.float32)
-            if start.keep_mask is not None:
-                latents = self._reimpose(sched, start, latents, i)
-            if callback is not None:
-                callback(k, total, latents)
-        return latents
-
-    @staticmethod
-    def _reimpose(sched, start: _Start, latents: np.ndarray, i: int) -> np.ndarray:
-        """Outside the mask, put back the original latents noised to the next step's level (clean at the end)."""
-        known = start.keep
-        if i + 1 < len(sched.timesteps):
-            known = sched.add_noise(start.keep, start.noise, i + 1)
-        m = start.keep_mask
-        return ((1.0 - m) * known + m * latents).astype(np.float32)
-
-
-def guidance_embedding(w: float, dim: int, batch: int) -> np.ndarray:
-    """[batch, dim] embedding of guidance scale w that an LCM-distilled U-Net takes as `timestep_cond` (Luo et al.
-    2023): sines of 1000 (w - 1) at geometric frequencies, then cosines, in fp32 as diffusers computes it."""
-    half = dim // 2
-    step = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
-    args = np.float32(w - 1.0) * np.float32(1000.0) * np.exp(np.arange(half, dtype=np.float32) * -step)
-    emb = np.concatenate([np.sin(args), np.cos(args), np.zeros(dim % 2, np.float32)]).astype(np.float32)
-    return np.repeat(emb[None], batch, axis=0)
+    @contextlib.contextmanager
+    def _predictor(self, context: np.ndarray, w: float, inputs: dict, interval: int) -> Iterator[sampling.Predict]:
+        """The loop's model callable, its graphs open while the loop runs: the guided U-Net, or with the step
+        cache the full graph every `interval`-th step and the shallow one between."""
+        split = self.low_memory
+        if interval == 1:
+            with self._using("unet") as unet:
+                yield sampling.every_step(sampling.guided(unet, context, w, split, **inputs))
+            return
+        with self._using("unet_features") as full, self._using("unet_shallow") as shallow:
+            yield sampling.step_cache(sampling.guided(full, context, w, split, **inputs),
+                                      sampling.guided(shallow, context, w, split, **inputs), interval)
 
 
 def _check_strength(strength: float) -> None:

@@ -93,7 +93,7 @@ def test_txt2img_matches_diffusers_lcm_pipeline(lcm, folder, guidance, monkeypat
 
 @pytest.mark.parametrize("dim", [COND, 256, 7])
 def test_guidance_embedding_is_diffusers(lcm, dim):
-    from sdonnx.pipeline import guidance_embedding
+    from sdonnx.sampling import guidance_embedding
 
     for w in (1.0, 2.0, 8.5):
         want = lcm[0].get_guidance_scale_embedding(torch.tensor([w - 1.0] * 3), dim).numpy()
@@ -134,7 +134,7 @@ def test_qdq_calibrates_on_lcm_sampling_and_exports(lcm, tmp_path):
                                        prompts=("a red circle", "a blue square"), guidance=8.5, latent_hw=(8, 8))
     assert len(feeds) == 8 and all(f["sample"].shape == (1, 4, 8, 8) for f in feeds)
     assert all(f["timestep_cond"].shape == (1, COND) for f in feeds)
-    assert [int(f["timestep"]) for f in feeds[:4]] == [int(t) for t in lcm[2]._setup(4, "lcm", 0, SIZE, SIZE, 1)[0].timesteps]
+    assert [int(f["timestep"]) for f in feeds[:4]] == [int(t) for t in lcm[2]._setup(PROMPT, "", 4, None, "lcm", 0, SIZE, SIZE, 1).sched.timesteps]
     assert not np.allclose(feeds[0]["sample"], feeds[1]["sample"])  # the run moves on from step to step
     out = tmp_path / "qdq"
     result = CliRunner().invoke(export_cli.export, [str(lcm[1] / "diffusers"), str(out), "--precision", "int8",

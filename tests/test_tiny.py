@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdonnx.export.folder import DEFAULTS, source_defaults
+from sdonnx.export.folder import SUGGESTIBLE, source_defaults
 
 
 def test_source_defaults_read_from_a_folder(tmp_path):
@@ -14,7 +14,7 @@ def test_source_defaults_read_from_a_folder(tmp_path):
     assert source_defaults("random:sd15") == {}
     (tmp_path / "sdonnx_defaults.json").write_text(json.dumps({"steps": 12, "guidance": 3.0, "colour": "x"}))
     assert source_defaults(str(tmp_path)) == {"steps": 12, "guidance": 3.0}
-    assert set(source_defaults(str(tmp_path))) <= set(DEFAULTS)
+    assert set(source_defaults(str(tmp_path))) <= set(SUGGESTIBLE)
 
 
 @pytest.fixture(scope="module")

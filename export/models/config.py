@@ -197,6 +197,16 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
 
+    @property
+    def is_lcm(self) -> bool:
+        """An LCM-distilled U-Net: the guidance scale is an input (timestep_cond)."""
+        return self.time_cond_proj_dim is not None
+
+    @property
+    def is_inpaint(self) -> bool:
+        """A 9-channel inpainting U-Net: latents, mask and masked-image latents."""
+        return self.in_channels > self.out_channels
+
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         """From a diffusers unet/config.json."""

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sdonnx.model import DEFAULTS
+
 from ..models import AutoencoderKL, CLIPConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 from .shapes import all_scenes, render, vocabulary
 from .vocab import write_tokenizer
@@ -64,9 +66,6 @@ UNET = UNetConfig(
     cross_attention_dim=64, attention_head_dim=2, norm_num_groups=32,
 )
 CAPTION_DROPOUT = 0.1
-# What the bundled folder generates with when the user names nothing (chosen on the step-count/guidance
-# sweep in benchmarks/tiny_quality.py; the exporter copies them into sdonnx.json).
-GENERATION_DEFAULTS = {"steps": 20, "guidance": 3.0, "scheduler": "ddim"}
 
 
 def images_and_captions() -> tuple[torch.Tensor, list[str]]:
@@ -235,7 +234,11 @@ def write_folder(out: Path, tokenizer_dir: Path, clip: CLIPTextModel, vae: Autoe
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    (tmp / "sdonnx_defaults.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
+    # what the bundled folder generates with when the user names nothing (the defaults table's "tiny" row, chosen
+    # on the step-count/guidance sweep in benchmarks/tiny_quality.py); the exporter copies it into sdonnx.json
+    tiny = DEFAULTS["tiny"]
+    suggested = {"steps": tiny.steps, "guidance": tiny.guidance, "scheduler": tiny.scheduler}
+    (tmp / "sdonnx_defaults.json").write_text(json.dumps(suggested, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
