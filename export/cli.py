@@ -37,6 +37,7 @@ class ExportJob:
     step_cache: int | None = None  # shallow-branch depth of the DeepCache graphs; None: not exported
     attention: str = "standard"  # "mha": U-Net attention as ORT's MultiHeadAttention (flash attention on CPU)
     loras: tuple = ()  # (path, scale) of LoRA files fused into the weights before export, in order
+    defaults: dict = field(default_factory=dict)  # generation defaults given with --defaults (folder.parse_defaults)
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -176,7 +177,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 prediction_type=ckpt.prediction_type, configs=ckpt.configs,
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
                 components=job.components, report=report, step_cache=step_cache,
-                defaults=folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm),
+                defaults=folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm,
+                                                    job.defaults),
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -201,16 +203,23 @@ def _drop_state_dicts(ckpt):
     return ckpt
 
 
+FEW_STEPS = 4  # a model whose defaults take at most this many steps is a distilled one (LCM, turbo)
+
+
 def _calibration(models: dict, ckpt, job: ExportJob) -> list[dict]:
     """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does) or the
-    --static size, guided as the folder's defaults will say (the tiny model: 3.0; SD: 7.5; LCM: 8.5)."""
+    --static size, sampled as the folder's defaults will say: guided as they say (the tiny model: 3.0; SD: 7.5;
+    LCM: 8.5; turbo: none, batch 1), and a distilled model with its own sampler at FEW_STEPS steps (10 DDIM steps
+    otherwise)."""
     m = graphs.latent_multiple(ckpt.configs)
     side = max(m, min(32, ckpt.configs.unet.sample_size or 32) // m * m)
     hw = (side, side) if job.static is None else graphs.trace_shape("unet", ckpt.configs, job.static)[1]
-    guidance = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm)["guidance"]
+    defaults = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm, job.defaults)
+    few = defaults["steps"] <= FEW_STEPS
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
-    return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched, guidance=guidance,
-                                      latent_hw=hw)
+    return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched,
+                                      guidance=defaults["guidance"], latent_hw=hw,
+                                      sampler=defaults["scheduler"] if few else None, steps=FEW_STEPS if few else 10)
 
 
 def _optimize(work: Path) -> None:
@@ -274,18 +283,22 @@ def _one_line(err: BaseException) -> str:
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA (.safetensors, kohya or diffusers/PEFT layout) into the weights, at SCALE "
                    "(default 1); repeatable.")
+@click.option("--defaults", "defaults", metavar="KEY=VALUE,...", default="",
+              help="What `sdonnx generate` runs the folder with when not told: steps, guidance, scheduler, vae "
+                   "(e.g. a turbo model: steps=1,guidance=0,scheduler=euler_a).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
-           loras: tuple[str, ...], quiet: bool) -> None:
-    """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21, tiny) to ONNX."""
+           loras: tuple[str, ...], defaults: str, quiet: bool) -> None:
+    """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
+    random:sd-turbo, tiny) to ONNX."""
     if precision not in quantize.PRECISIONS:
         raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
     try:
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,
-                        loras=tuple(lora.parse_spec(spec) for spec in loras))
+                        loras=tuple(lora.parse_spec(spec) for spec in loras), defaults=folder.parse_defaults(defaults))
         meta = run_export(job, progress=not quiet)
     except OSError as err:
         if err.errno == errno.ENOSPC:

@@ -11,9 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from sdonnx import schedulers
 from sdonnx.model import DEFAULTS, sha256
 
-from .models.config import ModelConfigs
+from .models.config import PRESET_DEFAULTS, ModelConfigs
 
 FORMAT = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -158,11 +159,40 @@ def source_defaults(source: str) -> dict:
     return {k: suggested[k] for k in SUGGESTIBLE if k in suggested}
 
 
-def generation_defaults(source: str, lcm: bool) -> dict:
-    """Steps, guidance and scheduler for sdonnx.json: the defaults table's row for the U-Net kind, overridden by
-    what the source folder suggests."""
-    row = DEFAULTS["lcm" if lcm else "sd"]
-    return {"steps": row.steps, "guidance": row.guidance, "scheduler": row.scheduler, **source_defaults(source)}
+DEFAULT_RULES = {  # export --defaults: key -> (convert, accept, what is accepted)
+    "steps": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "guidance": (float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    "scheduler": (str.lower, lambda v: v in schedulers.NAMES, "one of " + ", ".join(schedulers.NAMES)),
+    "vae": (str.lower, lambda v: v in ("full", "tiny"), "full or tiny"),
+}
+
+
+def parse_defaults(text: str) -> dict:
+    """`steps=1,guidance=0,scheduler=euler_a,vae=tiny` (export --defaults) -> checked values; a one-line error."""
+    out: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not value:
+            raise ValueError(f"--defaults: {item!r} is not KEY=VALUE")
+        if key not in DEFAULT_RULES:
+            raise ValueError(f"unknown default {key!r} in --defaults; set {', '.join(DEFAULT_RULES)}")
+        convert, accept, allowed = DEFAULT_RULES[key]
+        try:
+            out[key] = convert(value)
+        except ValueError:
+            out[key] = None
+        if out[key] is None or not accept(out[key]):
+            raise ValueError(f"--defaults: {key} must be {allowed}, got {key}={value}")
+    return out
+
+
+def generation_defaults(source: str, lcm: bool, overrides: dict | None = None) -> dict:
+    """Steps, guidance and scheduler for sdonnx.json: the defaults table's row for the model (a random preset's own,
+    else the U-Net kind's), overridden by what the source folder suggests, then by `overrides` (export --defaults)."""
+    preset = source[len("random:"):] if source.startswith("random:") else None
+    row = DEFAULTS[PRESET_DEFAULTS.get(preset, "lcm" if lcm else "sd")]
+    return {"steps": row.steps, "guidance": row.guidance, "scheduler": row.scheduler, **source_defaults(source),
+            **(overrides or {})}
 
 
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,

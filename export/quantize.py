@@ -300,13 +300,14 @@ def _fold_size(feeds: int, most: int = 4) -> int:
 
 def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_config: dict,
                       prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = 10, guidance: float | None = None,
-                      latent_hw: tuple = (32, 32), seed: int = 0) -> list[dict]:
+                      latent_hw: tuple = (32, 32), seed: int = 0, sampler: str | None = None) -> list[dict]:
     """U-Net inputs recorded along sampling runs of our own PyTorch models, one run per prompt.
 
     The runs are the runtime's own loop (sdonnx.sampling) with the PyTorch U-Net behind its model callables, so
-    each feed is exactly what the runtime feeds: a guided DDIM step's [unconditional, conditional] batch, or for an
-    LCM U-Net one conditional call of its 4-step LCM sampler (not `steps`) with the guidance scale as its input.
-    The activation ranges come from the latents sampling really visits (on the tiny model, calibrating on noised
+    each feed is exactly what the runtime feeds: a guided step's [unconditional, conditional] batch, or with
+    guidance <= 1 one conditional call (batch 1). `sampler` (default DDIM) runs `steps` steps; an LCM U-Net always
+    samples its own way (its table row: LCM sampler, 4 steps), with the guidance scale as its input. The
+    activation ranges come from the latents sampling really visits (on the tiny model, calibrating on noised
     synthetic images instead left its int8 U-Net 4 points further from fp32 in shape accuracy).
     guidance: the defaults table's for the U-Net kind when None."""
     import torch
@@ -317,7 +318,9 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
 
     unet_cfg = configs.unet
     row = DEFAULTS["lcm" if unet_cfg.is_lcm else "sd"]
-    name, steps = (row.scheduler, row.steps) if unet_cfg.is_lcm else ("ddim", steps)
+    if unet_cfg.is_lcm:
+        sampler, steps = row.scheduler, row.steps
+    name = sampler or "ddim"
     w, inputs = sampling.conditioning(row.guidance if guidance is None else guidance, unet_cfg.time_cond_proj_dim, 1)
     tokenize = CLIPTokenizer.from_dir(tokenizer_dir)
     rng = np.random.default_rng(seed)

@@ -23,7 +23,8 @@ from .models.config import CLIPConfig, ConfigError, ModelConfigs, UNetConfig, VA
 COMPONENTS = ("text_encoder", "vae", "unet")
 FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-RANDOM_PRESETS = {"sd15": "sd1", "sd15-inpaint": "sd1-inpaint", "sd15-lcm": "sd1", "sd21": "sd2", "tiny": "sd1"}
+RANDOM_PRESETS = {"sd15": "sd1", "sd15-inpaint": "sd1-inpaint", "sd15-lcm": "sd1", "sd21": "sd2", "sd-turbo": "sd2",
+                  "tiny": "sd1"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 Tensors = dict[str, torch.Tensor]
@@ -344,6 +345,13 @@ SD2_SCHEDULER = {
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
     "trained_betas": None, "timestep_spacing": "leading", "prediction_type": "v_prediction",
 }
+# SD-Turbo (adversarial diffusion distillation of SD 2.1 at 512x512, Sauer et al. 2023): epsilon prediction, Euler
+# with trailing timesteps so that one step starts at the highest noise level
+TURBO_SCHEDULER = {
+    **SD2_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing",
+    "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False,
+}
+PRESET_SCHEDULERS = {"sd-turbo": TURBO_SCHEDULER}
 
 
 def _load_single_file(path: Path, configs: ModelConfigs | None) -> Checkpoint:
@@ -595,6 +603,7 @@ def _load_random(name: str, seed: int) -> Checkpoint:
     for component in COMPONENTS:
         state_dicts[component] = _model_class(component)(_config_of(configs, component)).state_dict()
     scheduler = dict(LCM_SCHEDULER) if configs.unet.time_cond_proj_dim else _family_scheduler(family)
+    scheduler = dict(PRESET_SCHEDULERS.get(name, scheduler))
     return _finish(f"random:{name}", family, configs, state_dicts, tokenizer_dir, scheduler)
 
 

@@ -83,10 +83,17 @@ def _outputs(out: Path, n: int) -> list[Path]:
                    "--step-cache).")
 @click.option("--low-memory", is_flag=True,
               help="Load each component only while it runs, no memory arena, VAE decoded in tiles.")
+@click.option("--vae", type=click.Choice(["full", "tiny"], case_sensitive=False),
+              help="Decode (and encode) with the full VAE or the tiny one (folders exported with --tiny-vae); "
+                   "default: the model's.")
+@click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
+              help="Every K steps, write the tiny VAE's picture of the current latents to OUT-preview.png "
+                   "(removed once the image is written).")
 def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: int | None, guidance: float | None,
              scheduler: str | None, seed: int | None, width: int | None, height: int | None,
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
-             num_images: int, cache_interval: int, low_memory: bool) -> None:
+             num_images: int, cache_interval: int, low_memory: bool, vae: str | None,
+             preview_every: int | None) -> None:
     """Generate images from PROMPT and write them as PNGs carrying their parameters."""
     from .image import save_png
     from .pipeline import Pipeline
@@ -98,10 +105,14 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
     if init_image is not None and strength is None:
         strength = 1.0 if mask is not None else 0.8
     options = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
-                   seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval)
+                   seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval,
+                   vae=vae)
+    preview = output.with_name(f"{output.stem}-preview{output.suffix or '.png'}") if preview_every else None
     try:
         pipe = Pipeline.load(model_dir, provider=provider, low_memory=low_memory)
-        images = _with_progress(pipe, prompt, init_image, mask, strength, options)
+        if preview is not None:
+            pipe.info.vae("tiny")  # a one-line error before any work when the folder has no tiny VAE
+        images = _with_progress(pipe, prompt, init_image, mask, strength, options, preview, preview_every)
         # exactly what the run used (defaults and the drawn seed resolved by the pipeline)
         params = dict(images[0].info["sdonnx"].parameters(), init_image=init_image and init_image.name,
                       mask=mask and mask.name)
@@ -111,19 +122,27 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
             click.echo(str(path))
     except (ValueError, OSError) as err:
         raise _fail(err) from None
+    finally:
+        if preview is not None:
+            preview.unlink(missing_ok=True)
 
 
 def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None, strength: float | None,
-                   options: dict) -> list:
-    """Run the task the options ask for, with a progress bar over the denoising steps."""
+                   options: dict, preview: Path | None = None, every: int | None = None) -> list:
+    """Run the task the options ask for, with a progress bar over the denoising steps; with `preview`, every
+    `every` steps (not the last) the tiny VAE's picture of the first image's latents is written there."""
     from tqdm import tqdm
+
+    from .image import save_png
 
     bars: list = []  # made at the first step, so errors found before denoising print no empty bar
 
-    def progress(step: int, total: int, _latents) -> None:
+    def progress(step: int, total: int, latents) -> None:
         if not bars:
             bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None))  # no bar off a TTY
         bars[0].update(1)
+        if preview is not None and (step + 1) % every == 0 and step + 1 < total:
+            save_png(pipe.preview(latents[:1])[0], preview, {"preview": f"step {step + 1}/{total}"})
 
     try:
         if mask is not None:

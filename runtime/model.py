@@ -10,8 +10,10 @@ from pathlib import Path
 
 from .session import SdonnxError
 
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny", "vae_decoder_tiny")
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
+# (encoder, decoder) of each VAE a folder may hold: the full one, and a tiny one (TAESD) exported with --tiny-vae
+VAES = {"full": ("vae_encoder", "vae_decoder"), "tiny": ("vae_encoder_tiny", "vae_decoder_tiny")}
 # the step cache's graphs (DeepCache), exported with `sdonnx export --step-cache`: used only together
 STEP_CACHE = {"unet_features": "unet/model_features.onnx", "unet_shallow": "unet_shallow/model.onnx"}
 SHA_LIMIT = 256 * 2**20  # by default only files below this are hashed; sizes are always checked
@@ -37,6 +39,7 @@ class Defaults:
     scheduler: str
     width: int = 512
     height: int = 512
+    vae: str = "full"  # or "tiny": a tiny VAE (TAESD) exported beside the full one
 
 
 # The one table of generation defaults, by model kind. The exporter writes the row of its model into sdonnx.json
@@ -47,6 +50,8 @@ DEFAULTS = {
     # an LCM-distilled U-Net (Luo et al. 2023): few steps of its own scheduler, the guidance scale a U-Net input
     # (diffusers' LatentConsistencyModelPipeline defaults)
     "lcm": Defaults(steps=4, guidance=8.5, scheduler="lcm"),
+    # a one- to four-step adversarially distilled model (SD-Turbo, Sauer et al. 2023): no classifier-free guidance
+    "turbo": Defaults(steps=1, guidance=0.0, scheduler="euler_a"),
     # the bundled tiny model (chosen on the step-count/guidance sweep of its training: export/tiny/train.py)
     "tiny": Defaults(steps=20, guidance=3.0, scheduler="ddim", width=64, height=64),
 }
@@ -69,6 +74,7 @@ class ModelInfo:
     scheduler_config: dict
     static_shape: dict | None = None
     guidance_embedding_dim: int | None = None  # an LCM-distilled U-Net's timestep_cond width
+    tiny_scaling_factor: float | None = None  # latent scale of the tiny VAE, where the folder has one
     meta: dict = field(default_factory=dict)  # sdonnx.json, {} for optimum folders
     checks: dict = field(default_factory=dict)  # file -> "sha256 ok" | "size ok" | ...
 
@@ -80,6 +86,17 @@ class ModelInfo:
     def is_inpaint(self) -> bool:
         """A 9-channel inpainting U-Net: latents, mask and masked-image latents."""
         return self.unet_in_channels > self.latent_channels
+
+    def vae(self, which: str | None) -> tuple[str, str, float]:
+        """(encoder, decoder, latent scale) of the `full` or `tiny` VAE (None: the folder's default)."""
+        which = (which or self.defaults.vae).lower()
+        if which not in VAES:
+            raise SdonnxError(f"unknown vae {which!r}: choose full or tiny")
+        if which == "tiny" and self.tiny_scaling_factor is None:
+            raise SdonnxError(f"{self.path.name} has no tiny VAE (vae_decoder_tiny/): export it with "
+                              "`sdonnx export ... --tiny-vae PATH`")
+        scale = self.scaling_factor if which == "full" else self.tiny_scaling_factor
+        return (*VAES[which], scale)
 
     @property
     def is_lcm(self) -> bool:
@@ -126,12 +143,14 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
     sample = int(meta.get("sample_size", unet_cfg.get("sample_size", 64) * vsf))
     family = meta.get("family") or _infer_family(in_ch > latent_ch, prediction, text_cfg)
     lcm = meta.get("guidance_embedding_dim", unet_cfg.get("time_cond_proj_dim"))
+    tiny = _read_json(root / "vae_decoder_tiny" / "config.json") if "vae_decoder_tiny" in components else None
     return ModelInfo(
         path=root, family=family, components=components, latent_channels=latent_ch, unet_in_channels=in_ch,
         vae_scale_factor=vsf, scaling_factor=float(meta.get("scaling_factor", vae_cfg.get("scaling_factor", 0.18215))),
         prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample, bool(lcm)),
         scheduler_config={**sched_cfg, "prediction_type": prediction}, static_shape=meta.get("static_shape"),
-        guidance_embedding_dim=int(lcm) if lcm else None, meta=meta, checks=checks)
+        guidance_embedding_dim=int(lcm) if lcm else None,
+        tiny_scaling_factor=None if tiny is None else float(tiny.get("scaling_factor", 1.0)), meta=meta, checks=checks)
 
 
 def _infer_family(inpaint: bool, prediction: str, text_cfg: dict) -> str:

@@ -21,7 +21,8 @@ from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
 
 TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
-EAGER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # loaded up front unless low_memory
+# loaded up front unless low_memory
+EAGER = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny", "vae_decoder_tiny")
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,15 @@ class Settings:
     model: str
     cache_interval: int = 1
     strength: float | None = None  # img2img / inpainting only
+    vae: str = "full"
 
     def parameters(self) -> dict:
         """The PNG's parameters, in the order they are written (None: not written)."""
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                     guidance=self.guidance, scheduler=self.scheduler, seed=self.seed,
                     size=f"{self.width}x{self.height}", model=self.model, strength=self.strength,
-                    cache_interval=self.cache_interval if self.cache_interval > 1 else None)
+                    cache_interval=self.cache_interval if self.cache_interval > 1 else None,
+                    vae=self.vae if self.vae != "full" else None)
 
 
 @dataclass
@@ -99,13 +102,14 @@ class Pipeline:
                 guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
                 width: int | None = None, height: int | None = None, num_images: int = 1,
                 latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil",
-                cache_interval: int = 1):
+                cache_interval: int = 1, vae: str | None = None):
         """Images from a prompt; `latents` are unit-variance noise (N, C, H/f, W/f), as in diffusers.
 
         cache_interval k > 1: the full U-Net runs every k-th step, the shallow graph reuses its deep features
-        in between (DeepCache; needs a folder exported with --step-cache)."""
+        in between (DeepCache; needs a folder exported with --step-cache). vae: "full" or "tiny" (a folder
+        exported with --tiny-vae), None for the folder's default; img2img and inpainting encode with it too."""
         run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, width, height, num_images,
-                          cache_interval)
+                          cache_interval, vae=vae)
         noise = self._noise(run, latents)
         start = Start(0, noise * run.sched.init_noise_sigma)
         return self._generate(run, start, callback, output_type)
@@ -114,12 +118,12 @@ class Pipeline:
                 guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
                 width: int | None = None, height: int | None = None, num_images: int = 1,
                 latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil",
-                cache_interval: int = 1):
+                cache_interval: int = 1, vae: str | None = None):
         """Images from a prompt and a starting image; `strength` in (0, 1] is how much of it to repaint."""
         _check_strength(strength)
         img = imaging.fit(imaging.load_image(image), width, height)
         run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, img.width, img.height,
-                          num_images, cache_interval, strength)
+                          num_images, cache_interval, strength, vae)
         start = self._noised_start(run, img, strength, latents, pure_at_max=False)
         return self._generate(run, start, callback, output_type)
 
@@ -127,21 +131,21 @@ class Pipeline:
                 steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                 seed: int | None = None, width: int | None = None, height: int | None = None,
                 num_images: int = 1, latents: np.ndarray | None = None, callback: Callback | None = None,
-                output_type: str = "pil", cache_interval: int = 1):
+                output_type: str = "pil", cache_interval: int = 1, vae: str | None = None):
         """Repaint the white part of `mask`; pixels outside it come back unchanged."""
         _check_strength(strength)
         src = imaging.load_image(image)
         msk = imaging.load_mask(mask, src)
         img, msk = imaging.fit(src, width, height), imaging.fit(msk, width, height)
         run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, img.width, img.height,
-                          num_images, cache_interval, strength)
+                          num_images, cache_interval, strength, vae)
         pixel_mask = imaging.mask_array(msk)
         start = self._noised_start(run, img, strength, latents, pure_at_max=True)
         h, w = start.latents.shape[-2:]
         latent_mask = np.repeat(imaging.shrink_mask(pixel_mask, h, w), run.shape[0], axis=0)
         if self.info.is_inpaint:
             masked = imaging.to_array(img) * (pixel_mask < 0.5)
-            masked_latents = np.repeat(self._encode(masked), run.shape[0], axis=0)
+            masked_latents = np.repeat(self._encode(masked, run.settings.vae), run.shape[0], axis=0)
             start.extra = np.concatenate([latent_mask, masked_latents], axis=1)
         else:
             start.keep_mask = latent_mask
@@ -151,7 +155,7 @@ class Pipeline:
     # ---- set-up ------------------------------------------------------------------------------------
 
     def _setup(self, prompt: str, negative_prompt: str, steps, guidance, scheduler, seed, width, height,
-               num_images, cache_interval=1, strength: float | None = None) -> _Run:
+               num_images, cache_interval=1, strength: float | None = None, vae: str | None = None) -> _Run:
         """Resolve one call's settings against the folder's defaults, after checking them."""
         d = self.info.defaults
         width, height = width or d.width, height or d.height
@@ -169,10 +173,12 @@ class Pipeline:
         if name not in schedulers.NAMES:
             raise SdonnxError(f"unknown scheduler {name!r}; choose one of {', '.join(schedulers.NAMES)}")
         interval = self._check_interval(cache_interval)
+        vae = (vae or d.vae).lower()
+        self.info.vae(vae)  # a one-line error for an unknown one, or a tiny one the folder lacks
         seed = secrets.randbelow(2**32) if seed is None else int(seed)
         settings = Settings(prompt, negative_prompt, steps, float(guidance if guidance is not None else d.guidance),
                             name, seed, width, height, self.info.path.name, interval,
-                            None if strength is None else float(strength))
+                            None if strength is None else float(strength), vae)
         sched = schedulers.create(name, self.info.scheduler_config, steps)
         f = self.info.vae_scale_factor
         shape = (int(num_images), self.info.latent_channels, height // f, width // f)
@@ -198,7 +204,7 @@ class Pipeline:
     def _noised_start(self, run: _Run, img: Image.Image, strength: float, latents, pure_at_max: bool) -> Start:
         """Encode the image and noise it to the level where `strength` of the schedule remains."""
         sched = run.sched
-        clean = np.repeat(self._encode(imaging.to_array(img)), run.shape[0], axis=0)
+        clean = np.repeat(self._encode(imaging.to_array(img), run.settings.vae), run.shape[0], axis=0)
         noise = self._noise(run, latents)
         index = sched.start_index(strength)
         if index >= len(sched.timesteps):  # so little strength that no step remains: the encoded image itself
@@ -248,20 +254,23 @@ class Pipeline:
             self._texts.popitem(last=False)
         return out
 
-    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+    def _encode(self, pixels: np.ndarray, vae: str | None = None) -> np.ndarray:
         """[-1, 1] pixels -> scaled latents; the mean of the latent distribution, so img2img is deterministic."""
-        with self._using("vae_encoder") as encoder:
+        name, _, scale = self.info.vae(vae)
+        with self._using(name) as encoder:
             out = encoder(sample=pixels)
         if "latent_parameters" in out:
             moments = out["latent_parameters"]
             latents = moments[:, : moments.shape[1] // 2]
-        else:  # older exports sample inside the graph
+        else:  # older exports sample inside the graph; a tiny VAE's encoder gives the latents themselves
             latents = out["latent_sample"]
-        return (latents * self.info.scaling_factor).astype(np.float32)
+        return (latents * scale).astype(np.float32)
 
-    def _decode(self, latents: np.ndarray) -> np.ndarray:
-        raw = latents / self.info.scaling_factor
-        with self._using("vae_decoder") as decoder:
+    def _decode(self, latents: np.ndarray, vae: str | None = None) -> np.ndarray:
+        """Scaled latents -> [0, 1] pixels (NHWC) through the `full` or `tiny` VAE decoder."""
+        _, name, scale = self.info.vae(vae)
+        raw = latents / scale
+        with self._using(name) as decoder:
             if self.tiles is None:
                 sample = decoder(latent_sample=raw)["sample"]
             else:
@@ -271,6 +280,10 @@ class Pipeline:
             raise SdonnxError("the VAE decoder produced NaN/inf (an fp16 overflow?): use an fp32 vae_decoder; "
                               "no image was written")
         return imaging.decoded_to_unit(sample)
+
+    def preview(self, latents: np.ndarray) -> list[Image.Image]:
+        """A quick look at a run's current latents (a step callback's third argument) through the tiny VAE."""
+        return imaging.to_pil(self._decode(latents, "tiny"))
 
     def guidance_input(self, w: float, batch: int) -> dict[str, np.ndarray]:
         """An LCM U-Net's `timestep_cond` input for guidance scale w ({} for other U-Nets)."""
@@ -294,7 +307,7 @@ class Pipeline:
             context = np.concatenate([np.repeat(negative, n, 0), np.repeat(positive, n, 0)])
         with self._predictor(context, w, inputs, s.cache_interval) as predict:
             latents = sampling.denoise(run.sched, start, predict, run.rng, callback)
-        pixels = self._decode(latents)
+        pixels = self._decode(latents, s.vae)
         if start.paste is not None:
             original, mask = start.paste
             pixels = original * (1.0 - mask) + pixels * mask

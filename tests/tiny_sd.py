@@ -1,7 +1,8 @@
 """Tiny Stable Diffusion pipelines with random weights, built with diffusers/transformers (test references).
 
 Families: "sd1" (quick_gelu CLIP, int head dim, PNDM, epsilon), "sd2" (gelu CLIP, linear projections,
-per-block head dims, DDIM v-prediction, pad token 0) and "inpaint" (sd1 with a 9-channel U-Net).
+per-block head dims, DDIM v-prediction, pad token 0), "inpaint" (sd1 with a 9-channel U-Net) and "turbo" (sd2's
+architecture with SD-Turbo's scheduler: Euler, trailing timesteps, epsilon).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ SD2_SCHEDULER = {
     "trained_betas": None,
     "prediction_type": "v_prediction",
 }
+TURBO_SCHEDULER = {**SD2_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing",
+                   "prediction_type": "epsilon"}
 
 
 def unet_config(family: str = "sd1") -> dict:
@@ -58,7 +61,7 @@ def unet_config(family: str = "sd1") -> dict:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    if family == "sd2":
+    if family in ("sd2", "turbo"):
         cfg.update(use_linear_projection=True, attention_head_dim=(2, 4), cross_attention_dim=48)
     return cfg
 
@@ -79,7 +82,8 @@ def vae_config() -> dict:
 
 
 def clip_config(family: str = "sd1", vocab_size: int = 1000) -> dict:
-    hidden = 48 if family == "sd2" else 32
+    sd2 = family in ("sd2", "turbo")
+    hidden = 48 if sd2 else 32
     return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -87,7 +91,7 @@ def clip_config(family: str = "sd1", vocab_size: int = 1000) -> dict:
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
-        hidden_act="gelu" if family == "sd2" else "quick_gelu",
+        hidden_act="gelu" if sd2 else "quick_gelu",
         projection_dim=hidden,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
@@ -98,12 +102,12 @@ def clip_config(family: str = "sd1", vocab_size: int = 1000) -> dict:
 def make_pipeline(family: str = "sd1", seed: int = 0):
     """A diffusers StableDiffusionPipeline (or inpainting pipeline) with random weights."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
-                           StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     import tempfile
 
-    pad = "!" if family == "sd2" else "<|endoftext|>"  # SD 2.x pads with id 0 ("!")
+    pad = "!" if family in ("sd2", "turbo") else "<|endoftext|>"  # SD 2.x pads with id 0 ("!")
     tok_dir = Path(tempfile.mkdtemp(prefix="sdonnx-tok-"))
     write_tokenizer(tok_dir, WORDS, VOCAB_MERGES, pad_token=pad)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -111,8 +115,8 @@ def make_pipeline(family: str = "sd1", seed: int = 0):
     unet = UNet2DConditionModel(**unet_config(family))
     vae = AutoencoderKL(**vae_config())
     text_encoder = CLIPTextModel(CLIPTextConfig(**clip_config(family, len(tokenizer))))
-    sched_cfg = dict(SD2_SCHEDULER if family == "sd2" else SD1_SCHEDULER)
-    cls = DDIMScheduler if family == "sd2" else PNDMScheduler
+    sched_cfg = dict({"sd2": SD2_SCHEDULER, "turbo": TURBO_SCHEDULER}.get(family, SD1_SCHEDULER))
+    cls = {"sd2": DDIMScheduler, "turbo": EulerDiscreteScheduler}.get(family, PNDMScheduler)
     scheduler = cls.from_config({k: v for k, v in sched_cfg.items() if k != "_class_name"})
     pipe_cls = StableDiffusionInpaintPipeline if family == "inpaint" else StableDiffusionPipeline
     pipe = pipe_cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

@@ -240,18 +240,25 @@ _SD15 = ModelConfigs(
     vae=_SD_VAE,
     unet=UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
 )
+# OpenCLIP ViT-H/14 text tower, last of its 24 layers dropped as SD 2.x uses the penultimate one
+_SD21_CLIP = CLIPConfig(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
+                        num_attention_heads=16, hidden_act="gelu", pad_token_id=1, bos_token_id=0, eos_token_id=2)
 PRESETS: dict[str, ModelConfigs] = {
     "sd15": _SD15,
     "sd15-inpaint": dataclasses.replace(_SD15, unet=dataclasses.replace(_SD15.unet, in_channels=9)),
     # SD 1.5 distilled by LCM with the guidance scale as an input (LCM-Dreamshaper-v7's layout)
     "sd15-lcm": dataclasses.replace(_SD15, unet=dataclasses.replace(_SD15.unet, time_cond_proj_dim=256)),
     "sd21": ModelConfigs(
-        # OpenCLIP ViT-H/14 text tower, last of its 24 layers dropped as SD 2.x uses the penultimate one
-        clip=CLIPConfig(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
-                        num_attention_heads=16, hidden_act="gelu", pad_token_id=1, bos_token_id=0,
-                        eos_token_id=2),
+        clip=_SD21_CLIP,
         vae=dataclasses.replace(_SD_VAE, sample_size=768),
         unet=UNetConfig(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                        use_linear_projection=True, upcast_attention=True),
+    ),
+    # SD-Turbo: SD 2.1's architecture at 512x512 (the 2.1-base sizes)
+    "sd-turbo": ModelConfigs(
+        clip=_SD21_CLIP,
+        vae=_SD_VAE,
+        unet=UNetConfig(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                         use_linear_projection=True, upcast_attention=True),
     ),
     "tiny": ModelConfigs(
@@ -265,10 +272,12 @@ PRESETS: dict[str, ModelConfigs] = {
                         cross_attention_dim=64, attention_head_dim=4),
     ),
 }
+# the defaults-table row (sdonnx.model.DEFAULTS) a preset's model generates with, where not its kind's
+PRESET_DEFAULTS = {"sd-turbo": "turbo"}
 
 
 def get_preset(name: str) -> ModelConfigs:
-    """The configs of a named architecture: sd15, sd15-inpaint, sd15-lcm, sd21 or tiny."""
+    """The configs of a named architecture: sd15, sd15-inpaint, sd15-lcm, sd21, sd-turbo or tiny."""
     try:
         return PRESETS[name]
     except KeyError:
