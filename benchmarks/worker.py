@@ -260,7 +260,7 @@ def _threads(system: str) -> int | None:
 
         return torch.get_num_threads()
     if system.startswith("sdonnx"):
-        from sdonnx.session import physical_cores
+        from sdonnx.system import physical_cores
 
         return physical_cores()
     return None  # optimum leaves ORT's default (one thread per physical core)

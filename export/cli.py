@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..bench import peak_rss_mb
 from ..model import LCM_DEFAULTS
+from ..system import peak_rss_mb
 from . import folder, lora, onnx as graphs, optimize as opt, quantize, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify

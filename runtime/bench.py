@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 
 from . import __version__
+from .errors import SdonnxError
 from .model import default_model_dir
 from .pipeline import Pipeline
-from .session import SdonnxError, physical_cores
+from .system import machine, peak_rss_mb
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
 COMPONENT_FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode",
@@ -32,24 +29,6 @@ def stats(xs: list[float]) -> dict:
     if not xs:
         return {"median": None, "min": None, "max": None, "n": 0}
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, from getrusage (psutil's peak working set on Windows)."""
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-    except ImportError:
-        pass
-    try:
-        import psutil
-
-        mem = psutil.Process().memory_info()
-        return getattr(mem, "peak_wset", mem.rss) / 2**20
-    except ImportError:
-        return float("nan")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -216,20 +195,6 @@ def _echo_steps(clock: _StepClock, say: Progress):
         say(f"  step {k + 1}/{total}: {clock.steps[-1]:.3f} s")
 
     return callback
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
-            "onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def _ms(x: float | None) -> str:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import tiny_sd
 from sdonnx.export.models import UNet2DConditionModel, UNetConfig
 from sdonnx.pipeline import Pipeline
-from sdonnx.session import SdonnxError
+from sdonnx.errors import SdonnxError
 
 PROMPT = "a red circle on a blue background"
 SIZE, LATENT, COND = 32, 16, 24

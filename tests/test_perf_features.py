@@ -21,7 +21,7 @@ from sdonnx.export import cli as export_cli
 from sdonnx.export.models.config import UNetConfig
 from sdonnx.export.models.unet import UNet2DConditionModel
 from sdonnx.pipeline import Pipeline
-from sdonnx.session import SdonnxError
+from sdonnx.errors import SdonnxError
 from sdonnx.tiling import Tiles, decode_tiled, feather
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "green square"
@@ -386,7 +386,7 @@ def test_cpu_multihead_attention_never_holds_the_score_matrix():
 
 HEAP_CHURN = """
 import sys, numpy as np
-from sdonnx.session import return_freed_memory
+from sdonnx.system import return_freed_memory
 def rss_mb():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024

@@ -14,7 +14,8 @@ from PIL import Image
 from sdonnx import image as imaging
 from sdonnx.model import default_model_dir, read_model, sha256
 from sdonnx.pipeline import Pipeline
-from sdonnx.session import Component, SdonnxError, available_providers, resolve_provider
+from sdonnx.errors import SdonnxError
+from sdonnx.session import Component, available_providers, resolve_provider
 
 TASKS = {"sd1": "text-to-image", "sd2": "text-to-image", "inpaint": "inpainting"}
 SIZE, LATENT = 32, 16  # pixels; the tiny VAE downsamples by 2
