@@ -82,7 +82,7 @@ def matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), runs: int = 9) -> di
     """Best observed ops/s of n x n x n products: ORT fp32, ORT u8s8 int8, and numpy fp32 for reference."""
     import onnxruntime as ort
 
-    from sdonnx.session import physical_cores
+    from sdonnx.system import physical_cores
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = physical_cores()
@@ -111,31 +111,23 @@ def _best(fn, runs: int) -> float:
 
 
 def machine() -> dict:
-    """CPU model, cores, SIMD flags that matter for these kernels, library versions."""
-    import os
+    """sdonnx bench's machine facts, plus the SIMD flags that matter for these kernels, memory, peer versions."""
+    from importlib.metadata import version
 
-    import onnxruntime as ort
+    from sdonnx import system
 
-    info = {"python": platform.python_version(), "platform": platform.platform(), "logical_cpus": os.cpu_count(),
-            "onnxruntime": ort.__version__, "numpy": np.__version__}
+    info = dict(system.machine(), platform=platform.platform())
     try:
         text = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
         flags = set(next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")))
-        info["cpu"] = model
         info["flags"] = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
                                                           "avx512_bf16", "amx_int8", "amx_bf16", "avx512_fp16"))
         mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
         info["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)
     except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    from sdonnx.session import physical_cores
-
-    info["physical_cores"] = physical_cores()
+        pass
     for lib in ("torch", "diffusers", "transformers", "optimum", "onnx"):
         try:
-            from importlib.metadata import version
-
             info[lib] = version("optimum-onnx" if lib == "optimum" else lib)
         except Exception:  # not installed: say so rather than fail the run
             info[lib] = None

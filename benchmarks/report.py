@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode", "txt2img")
+from worker import FIGURES
 LABELS = {"text_encoder": "text enc 2x77", "unet_b2": "U-Net b2", "unet_b1": "U-Net b1", "vae_decode": "VAE dec",
           "vae_encode": "VAE enc", "txt2img": "txt2img"}
 

@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from typing import Callable
 
 import numpy as np
 
-PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
-GUIDANCE, TIMESTEP, SEED = 7.5, 500, 0
-FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode", "txt2img")
+from sdonnx import figures
+from sdonnx.figures import NEGATIVE, PROMPT, SEED, StepClock, figure_inputs
+from sdonnx.model import DEFAULTS
+from sdonnx.system import peak_rss_mb
+
+# every system runs SD's default guidance (LCM folders too: the same scale reaches their U-Net as an input)
+GUIDANCE, TIMESTEP = DEFAULTS["sd"].guidance, 500
+FIGURES = (*figures.FIGURES, "txt2img")
 PEERS = ("optimum-fp32", "diffusers-fp32", "diffusers-fp16")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gpu_used_mb() -> float | None:
@@ -45,78 +44,32 @@ def gpu_used_mb() -> float | None:
         return None
 
 
-def inputs(size: int, factor: int, channels: int, context_dim: int, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The same random inputs for every system (batch 2 = [uncond, cond] as guidance runs it)."""
-    rng = np.random.default_rng(SEED)
-    lat = size // factor
-    return {
-        "ids": np.repeat(ids[None], 2, axis=0).astype(np.int64),
-        "latents2": rng.standard_normal((2, channels, lat, lat), dtype=np.float32),
-        "context2": rng.standard_normal((2, 77, context_dim), dtype=np.float32),
-        "latents1": rng.standard_normal((1, channels, lat, lat), dtype=np.float32),
-        "image": rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32),
-    }
-
-
-class Steps:
-    """Per-step wall time from the pipelines' own step callbacks."""
-
-    def __init__(self):
-        self.marks: list[float] = []
-
-    def start(self) -> None:
-        self.marks = [time.perf_counter()]
-
-    def tick(self, *_args, **_kwargs):
-        self.marks.append(time.perf_counter())
-        return _kwargs.get("callback_kwargs", _args[-1] if _args else None)
-
-    def durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
-# ---- the systems: each returns {figure: zero-argument callable}, and the Steps recorder of its txt2img
+# ---- the systems: each returns {figure: zero-argument callable}, and the back-to-back StepClock of its txt2img
 
 def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
-                  low_memory: bool = False, provider: str = "cpu") -> tuple[dict[str, Callable], Steps]:
+                  low_memory: bool = False, provider: str = "cpu") -> tuple[dict[str, Callable], StepClock]:
     from sdonnx.model import scheduler_name
     from sdonnx.pipeline import Pipeline
 
     pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory)
-    rec = Steps()
+    clock = StepClock(back_to_back=True)  # as the peers' steps are timed: between consecutive callbacks
     # the scheduler class of the folder's scheduler_config.json, which diffusers and optimum run (PNDM for SD 1.5,
     # DDIM for the bundled model), not the folder's suggested default: the same number of U-Net calls for all
     scheduler = scheduler_name(pipe.info.scheduler_config)
-
-    lcm = pipe.guidance_input(GUIDANCE, 2)  # an LCM U-Net's guidance input ({} for others): no negative prompt
-    lcm1 = pipe.guidance_input(GUIDANCE, 1)
-    negative = "" if lcm else NEGATIVE
+    prompt, negative = figures.prompts(pipe)
 
     def txt2img(n: int = steps):
-        rec.start()
-        pipe.txt2img(PROMPT, negative, steps=n, guidance=GUIDANCE, scheduler=scheduler, seed=SEED,
-                     width=size, height=size, callback=lambda k, n, lat: rec.tick(), output_type="np",
-                     cache_interval=cache_interval)
+        clock.begin()
+        pipe.txt2img(prompt, negative, steps=n, guidance=GUIDANCE, scheduler=scheduler, seed=SEED,
+                     width=size, height=size, callback=clock.tick, output_type="np", cache_interval=cache_interval)
 
     if low_memory:  # no component stays open between calls: only the whole generation is meaningful
-        return {"txt2img": txt2img}, rec
-    c = pipe.components
-    ctx_dim = c["unet"].inputs["encoder_hidden_states"].shape[-1]
-    x = inputs(size, pipe.info.vae_scale_factor, pipe.info.latent_channels, ctx_dim, pipe.tokenizer([PROMPT])[0])
-    t = np.float64(TIMESTEP)
-    return {
-        "text_encoder": lambda: c["text_encoder"](input_ids=x["ids"]),
-        "unet_b2": lambda: c["unet"](sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"], **lcm),
-        "unet_b1": lambda: c["unet"](sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1],
-                                     **lcm1),
-        "vae_decode": lambda: c["vae_decoder"](latent_sample=x["latents1"]),
-        "vae_encode": lambda: c["vae_encoder"](sample=x["image"]),
-        "txt2img": txt2img,
-    }, rec
+        return {"txt2img": txt2img}, clock
+    return {**figures.component_calls(pipe, size, size, figures.FIGURES, GUIDANCE), "txt2img": txt2img}, clock
 
 
 def torch_system(system: str, folder: str, size: int, steps: int,
-                 provider: str = "cpu") -> tuple[dict[str, Callable], Steps]:
+                 provider: str = "cpu") -> tuple[dict[str, Callable], StepClock]:
     """diffusers on PyTorch, or optimum's ORT pipeline (which runs diffusers' loop over ORT components)."""
     import torch
 
@@ -145,16 +98,19 @@ def torch_system(system: str, folder: str, size: int, steps: int,
         decode = lambda z: pipe.vae.decode(z).sample  # noqa: E731
         encode = lambda im: pipe.vae.encode(im).latent_dist.mean  # noqa: E731
     pipe.set_progress_bar_config(disable=True)
-    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    ids = pipe.tokenizer([NEGATIVE, PROMPT], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="np").input_ids
+    channels = int(pipe.unet.config.in_channels)
     x = {k: torch.from_numpy(v).to(device, dtype if v.dtype == np.float32 and system.startswith("diffusers") else None)
-         for k, v in inputs(size, pipe.vae_scale_factor, int(pipe.unet.config.in_channels), ctx_dim, ids[0]).items()}
+         for k, v in figure_inputs(size, size, pipe.vae_scale_factor, channels, channels, ctx_dim, ids).items()}
     t = torch.tensor(TIMESTEP)
-    rec = Steps()
+    clock = StepClock(back_to_back=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step_end(p, i, ts, kw):
         sync()  # the clock of a step stops when its GPU work is done
-        return rec.tick(callback_kwargs=kw)
+        clock.tick()
+        return kw
 
     negative = {} if lcm else {"negative_prompt": NEGATIVE}
     cond = {}
@@ -166,7 +122,7 @@ def torch_system(system: str, folder: str, size: int, steps: int,
     cond1 = {k: v[:1] for k, v in cond.items()}
 
     def txt2img(n: int = steps):
-        rec.start()
+        clock.begin()
         pipe(PROMPT, **negative, num_inference_steps=n, guidance_scale=GUIDANCE, height=size,
              width=size, generator=torch.Generator().manual_seed(SEED), output_type="np", callback_on_step_end=step_end)
 
@@ -180,12 +136,12 @@ def torch_system(system: str, folder: str, size: int, steps: int,
     return {
         "text_encoder": synced(lambda: te(input_ids=x["ids"])),
         "unet_b2": synced(lambda: unet(sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"], **cond)),
-        "unet_b1": synced(lambda: unet(sample=x["latents1"], timestep=t, encoder_hidden_states=x["context2"][:1],
+        "unet_b1": synced(lambda: unet(sample=x["latents2"][:1], timestep=t, encoder_hidden_states=x["context2"][:1],
                                        **cond1)),
         "vae_decode": synced(lambda: decode(x["latents1"])),
         "vae_encode": synced(lambda: encode(x["image"])),
         "txt2img": txt2img,
-    }, rec
+    }, clock
 
 
 def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup: int,
@@ -194,15 +150,15 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
     gpu_before = gpu_used_mb() if provider == "cuda" else None
     start = time.perf_counter()
     if system.startswith("sdonnx"):
-        figures, rec = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider)
+        calls, clock = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider)
         guard = _nullcontext
     else:
         import torch
 
-        figures, rec = torch_system(system, folder, size, steps, provider)
+        calls, clock = torch_system(system, folder, size, steps, provider)
         guard = torch.inference_mode
     load_s = time.perf_counter() - start
-    names = [f for f in FIGURES if f in wanted and f in figures]
+    names = [f for f in FIGURES if f in wanted and f in calls]
     times: dict[str, list[float]] = {f: [] for f in names}
     step_s: list[float] = []
     generations: list[list[float]] = []  # step_s split per timed txt2img (--repeat)
@@ -215,18 +171,19 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
                 # step of the timed one took ~300 ms against ~23 ms for the others (H200, ORT CUDA, after the batch-1
                 # figures)
                 if warmup and provider != "cpu":
-                    figures[name]()
+                    calls[name]()
                 elif warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory):
-                    figures[name](4)
+                    calls[name](4)
             else:
                 for _ in range(warmup):
-                    figures[name]()
+                    calls[name]()
             for _ in range(repeat):
+                done = len(clock.steps)
                 t0 = time.perf_counter()
-                figures[name]()
+                calls[name]()
                 times[name].append(time.perf_counter() - t0)
                 if name == "txt2img":
-                    generations.append(rec.durations())
+                    generations.append(clock.steps[done:])
                     step_s.extend(generations[-1])
     result = {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
               "generations": generations,
@@ -260,7 +217,7 @@ def _threads(system: str) -> int | None:
 
         return torch.get_num_threads()
     if system.startswith("sdonnx"):
-        from sdonnx.session import physical_cores
+        from sdonnx.system import physical_cores
 
         return physical_cores()
     return None  # optimum leaves ORT's default (one thread per physical core)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..bench import peak_rss_mb
+from ..system import peak_rss_mb
 from . import folder, lora, onnx as graphs, optimize as opt, quantize, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify

@@ -13,7 +13,7 @@ def __getattr__(name: str):
 
         return Pipeline
     if name == "SdonnxError":
-        from .session import SdonnxError
+        from .errors import SdonnxError
 
         return SdonnxError
     raise AttributeError(f"module 'sdonnx' has no attribute {name!r}")

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import onnxruntime as ort
-
 from . import __version__
+from .errors import SdonnxError
+from .figures import StepClock, clocked_unets, component_calls, prompts
 from .model import default_model_dir
 from .pipeline import Pipeline
-from .session import SdonnxError, physical_cores
+from .system import machine, peak_rss_mb
 
-PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
-COMPONENT_FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode",
-                     "unet_features_b2", "unet_shallow_b2")  # the last two for folders with the step cache
-UNETS = ("unet", "unet_features", "unet_shallow")  # the graphs whose first call in a step starts its clock
 Progress = Callable[[str], None]
 
 
@@ -32,24 +23,6 @@ def stats(xs: list[float]) -> dict:
     if not xs:
         return {"median": None, "min": None, "max": None, "n": 0}
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, from getrusage (psutil's peak working set on Windows)."""
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-    except ImportError:
-        pass
-    try:
-        import psutil
-
-        mem = psutil.Process().memory_info()
-        return getattr(mem, "peak_wset", mem.rss) / 2**20
-    except ImportError:
-        return float("nan")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -64,58 +37,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-class _StepClock:
-    """Times each denoising step from its first U-Net call to the pipeline's step callback.
-
-    While entered it hooks the pipeline's `_using`, through which the loop gets its U-Net graphs ("unet", or
-    "unet_features" and "unet_shallow" with the step cache), whether kept open or opened per run (low memory).
-    It also notes the I/O precision of every component the runs use."""
-
-    def __init__(self, pipe: Pipeline):
-        self.pipe = pipe
-        self.started: float | None = None
-        self.steps: list[float] = []
-        self.precision: dict[str, str] = {}
-
-    def __enter__(self) -> "_StepClock":
-        using = self.pipe._using
-
-        @contextlib.contextmanager
-        def hooked(name: str):
-            with using(name) as component:
-                self.precision[name] = self.pipe.info.precision(name) or component.io_precision
-                yield _Starter(component, self) if name in UNETS else component
-
-        self.pipe._using = hooked  # an instance attribute shadows the method until __exit__
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        del self.pipe._using
-
-    def start(self) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
-
-    def callback(self, _k: int, _total: int, _latents) -> None:
-        if self.started is not None:
-            self.steps.append(time.perf_counter() - self.started)
-        self.started = None
-
-
-class _Starter:
-    """A U-Net component that starts the step clock when called."""
-
-    def __init__(self, unet, clock: _StepClock):
-        self.unet, self.clock = unet, clock
-
-    def __call__(self, **feeds):
-        self.clock.start()
-        return self.unet(**feeds)
-
-    def __getattr__(self, name):
-        return getattr(self.unet, name)
-
-
 def _timed(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -125,39 +46,6 @@ def _timed(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
-
-
-def _component_calls(pipe: Pipeline, width: int, height: int) -> dict[str, Callable[[], object]]:
-    """One zero-argument call per component figure, on random inputs of the run's shapes."""
-    info, c = pipe.info, pipe.components
-    rng = np.random.default_rng(0)
-    f, ch = info.vae_scale_factor, info.latent_channels
-    lat2 = rng.standard_normal((2, info.unet_in_channels, height // f, width // f), dtype=np.float32)
-    ctx_dim = c["unet"].inputs["encoder_hidden_states"].shape[-1]
-    if not isinstance(ctx_dim, int):  # a symbolic width: ask the text encoder
-        ctx_dim = c["text_encoder"](input_ids=pipe.tokenizer([""]))["last_hidden_state"].shape[-1]
-    ctx = rng.standard_normal((2, 77, ctx_dim), dtype=np.float32)
-    t = np.float64(info.scheduler_config.get("num_train_timesteps", 1000) // 2)
-    ids = pipe.tokenizer([NEGATIVE, PROMPT])
-    latent = rng.standard_normal((1, ch, height // f, width // f), dtype=np.float32)
-    image = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
-    lcm = pipe.guidance_input(info.defaults.guidance, 2)  # an LCM U-Net's guidance input, else {}
-    lcm1 = pipe.guidance_input(info.defaults.guidance, 1)
-    calls = {
-        "text_encoder": lambda: c["text_encoder"](input_ids=ids),
-        "unet_b2": lambda: c["unet"](sample=lat2, timestep=t, encoder_hidden_states=ctx, **lcm),
-        "unet_b1": lambda: c["unet"](sample=lat2[:1], timestep=t, encoder_hidden_states=ctx[:1], **lcm1),
-        "vae_decode": lambda: c["vae_decoder"](latent_sample=latent),
-    }
-    if "vae_encoder" in c:
-        calls["vae_encode"] = lambda: c["vae_encoder"](sample=image)
-    if info.has_step_cache:
-        with pipe._using("unet_features") as features, pipe._using("unet_shallow") as shallow:  # kept open
-            deep = features(sample=lat2, timestep=t, encoder_hidden_states=ctx, **lcm)["deep_features"]
-        calls["unet_features_b2"] = lambda: features(sample=lat2, timestep=t, encoder_hidden_states=ctx, **lcm)
-        calls["unet_shallow_b2"] = lambda: shallow(sample=lat2, timestep=t, encoder_hidden_states=ctx,
-                                                   deep_features=deep, **lcm)
-    return calls
 
 
 def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: tuple[int, int] | None = None,
@@ -182,26 +70,27 @@ def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: 
     static = info.static_shape
     width, height = size or ((static["width"], static["height"]) if static else
                              (info.defaults.width, info.defaults.height))
-    pipe._setup(PROMPT, "", steps, None, scheduler, 0, width, height, 1, cache_interval)  # its own checks, before timing
+    prompt, negative = prompts(pipe)
+    pipe._setup(prompt, negative, steps, None, scheduler, 0, width, height, 1, cache_interval)  # its checks first
     components = {}
     if not low_memory:
-        for name, call in _component_calls(pipe, width, height).items():
+        for name, call in component_calls(pipe, width, height).items():
             say(f"timing {name} ({runs} runs after a warm-up)")
             components[name] = stats(_timed(call, runs))
     end_to_end = []
     cached = f" (cache interval {cache_interval})" if cache_interval != 1 else ""
-    negative = "" if info.is_lcm else NEGATIVE  # an LCM U-Net has no negative prompt
-    with _StepClock(pipe) as clock:
+    clock = StepClock()
+    with clocked_unets(pipe, clock) as used:
         for r in range(runs):
             say(f"txt2img {width}x{height}, {steps} steps{cached}: run {r + 1}/{runs}")
             t0 = time.perf_counter()
-            pipe.txt2img(PROMPT, negative, steps=steps, scheduler=scheduler, seed=r, width=width, height=height,
+            pipe.txt2img(prompt, negative, steps=steps, scheduler=scheduler, seed=r, width=width, height=height,
                          callback=_echo_steps(clock, say), cache_interval=cache_interval)
             end_to_end.append(time.perf_counter() - t0)
     precision = {n: info.precision(n) or pipe.components[n].io_precision for n in pipe.components}
     return {
         "sdonnx": __version__, "model": str(info.path), "family": info.family, "provider": provider,
-        "precision": {**clock.precision, **precision},
+        "precision": {**used, **precision},
         "size": [width, height], "steps": steps, "runs": runs, "scheduler": scheduler or info.defaults.scheduler,
         "guidance": info.defaults.guidance, "cache_interval": int(cache_interval), "low_memory": low_memory,
         "load_s": load_s, "components_s": components,
@@ -210,26 +99,12 @@ def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: 
     }
 
 
-def _echo_steps(clock: _StepClock, say: Progress):
+def _echo_steps(clock: StepClock, say: Progress):
     def callback(k: int, total: int, latents) -> None:
-        clock.callback(k, total, latents)
+        clock.tick()
         say(f"  step {k + 1}/{total}: {clock.steps[-1]:.3f} s")
 
     return callback
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
-            "onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def _ms(x: float | None) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .session import SdonnxError
+from .errors import SdonnxError
 
 MULTIPLE = 8
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .session import SdonnxError
+from .errors import SdonnxError
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny", "vae_decoder_tiny")
 REQUIRED = ("text_encoder", "unet", "vae_decoder")

@@ -16,7 +16,9 @@ from . import image as imaging
 from . import sampling, schedulers
 from .model import ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
-from .session import Component, SdonnxError, SessionConfig, return_freed_memory, session_config, trim_heap
+from .errors import SdonnxError
+from .session import Component, SessionConfig, session_config
+from .system import return_freed_memory, trim_heap
 from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
 
@@ -85,7 +87,7 @@ class Pipeline:
 
         low_memory: each session exists only while its component runs, without ORT's memory arena and
         patterns, and the VAE decodes in tiles. On Linux (glibc) it also makes the process return large freed
-        buffers to the system at once (`session.return_freed_memory`), a process-wide allocator setting."""
+        buffers to the system at once (`system.return_freed_memory`), a process-wide allocator setting."""
         info = read_model(model_dir if model_dir is not None else default_model_dir(), verify=verify)
         if low_memory:  # arena and patterns keep peak-sized buffers for the session's lifetime
             session_options = {"cpu_arena": False, "mem_pattern": False, **session_options}

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,10 +9,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-
-class SdonnxError(ValueError):
-    """Bad input or a bad model folder, explained in one line for the user."""
-
+from .errors import SdonnxError
+from .system import physical_cores
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -57,69 +52,6 @@ def resolve_provider(name: str) -> str:
     if name not in have:
         raise SdonnxError(f"provider {name!r} is not installed in this onnxruntime; available: {', '.join(have)}")
     return PROVIDERS[name]
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    """The C library on Linux, looked up once (find_library runs a subprocess), or None elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def return_freed_memory() -> bool:
-    """glibc only: serve every allocation over 128 KiB with its own mapping, so buffers freed by a closed session
-    or a finished layer go back to the system at once instead of staying in a fragmented heap.
-
-    glibc otherwise raises this threshold as large blocks are freed (up to 32 MiB), after which the U-Net's and
-    the VAE's activations come from the heap and its peak stays resident: measured (sampled VmRSS) on a
-    512x512 SD 1.5 int8 low-memory generation, peak 1840 MiB without, 1327 MiB with. Returns whether the
-    setting was applied."""
-    libc = _glibc()
-    try:
-        return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
-    except AttributeError:  # not glibc (musl has no mallopt)
-        return False
-
-
-def trim_heap() -> None:
-    """glibc only: give the heap's free pages back to the system (after a low-memory component closes)."""
-    libc = _glibc()
-    try:
-        if libc is not None:
-            libc.malloc_trim(0)
-    except AttributeError:
-        pass
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share one FPU, and ORT's matmuls run slower across them)."""
-    try:
-        cores, entry = set(), {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("physical id", "core id"):
-                entry[key] = value.strip()
-            elif not key and entry:
-                cores.add((entry.get("physical id"), entry.get("core id")))
-                entry = {}
-        if entry:
-            cores.add((entry.get("physical id"), entry.get("core id")))
-        if cores and (None, None) not in cores:
-            return len(cores)
-    except OSError:
-        pass
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from .session import SdonnxError
+from .errors import SdonnxError
 
 Decode = Callable[[np.ndarray], np.ndarray]  # latents [N, C, h, w] -> pixels [N, 3, h*f, w*f]
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from sdonnx.bench import format_table, parse_size, run_bench
 from sdonnx.cli import main
-from sdonnx.session import SdonnxError
+from sdonnx.errors import SdonnxError
 
 FIGURES = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode")
 

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import cli_error, picture, square_mask, tiny_folders
 from sdonnx.cli import main
 from sdonnx.model import sha256
 from sdonnx.pipeline import Pipeline
 from sdonnx.session import available_providers
-from test_pipeline import picture, square_mask, tiny_folders
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,6 @@ def sdonnx(*args: str):
 
 def generate(folder, out, *args):
     return sdonnx("generate", "a red circle", "--model", folder, "--steps", "2", "-o", out, *args)
-
-
-def assert_one_line_failure(result, *words):
-    assert result.exit_code != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    assert all(w in lines[0] for w in words), lines[0]
 
 
 def test_generate_writes_png_with_parameters(folder, tmp_path):
@@ -89,11 +81,11 @@ def test_bad_inputs_exit_with_one_line_and_no_file(folder, tmp_path):
         (("--provider", "tpu"), ("unknown provider", ", ".join(available_providers()))),
     ]
     for args, words in cases:
-        assert_one_line_failure(generate(folder, out, *args), *words)
+        cli_error(generate(folder, out, *args), *words)
         assert not out.exists() and not list(tmp_path.glob(".sdonnx-*")), args
     if "cuda" not in available_providers():
-        assert_one_line_failure(generate(folder, out, "--provider", "cuda"), "not installed", "available: ")
-    assert_one_line_failure(generate(tmp_path / "nowhere", out), "model folder not found")
+        cli_error(generate(folder, out, "--provider", "cuda"), "not installed", "available: ")
+    cli_error(generate(tmp_path / "nowhere", out), "model folder not found")
     assert not out.exists()
 
 
@@ -108,7 +100,7 @@ def test_nan_image_is_reported_not_saved(folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Pipeline, "load", classmethod(poisoned))
     out = tmp_path / "black.png"
-    assert_one_line_failure(generate(folder, out), "NaN")
+    cli_error(generate(folder, out), "NaN")
     assert not out.exists()
 
 
@@ -132,8 +124,8 @@ def test_info(folder, tmp_path):
     (ours / "unet/model.onnx").write_bytes(b"x" * files["unet/model.onnx"]["size"])
     result = sdonnx("info", ours)
     assert result.exit_code != 0 and "checksum mismatch" in result.output
-    assert_one_line_failure(generate(ours, tmp_path / "x.png"), "corrupt model folder", "unet/model.onnx")
-    assert_one_line_failure(sdonnx("info", tmp_path / "nowhere"), "not found")
+    cli_error(generate(ours, tmp_path / "x.png"), "corrupt model folder", "unet/model.onnx")
+    cli_error(sdonnx("info", tmp_path / "nowhere"), "not found")
 
 
 def test_info_without_a_folder_describes_the_bundled_model():

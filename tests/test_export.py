@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import tiny_sd
+from helpers import cli_error
 from sdonnx.export import cli as export_cli
 from sdonnx.export import folder, quantize, verify
 from sdonnx.export.onnx import Static
@@ -266,13 +267,6 @@ def test_existing_out_dir_needs_force(sources, tmp_path):
     assert leftovers(tmp_path) == ["out"]
 
 
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
 @pytest.fixture
 def unsupported_folder(sources, tmp_path):
     import shutil
@@ -288,14 +282,14 @@ def test_bad_sources_fail_in_one_line(tmp_path, unsupported_folder, monkeypatch)
     out = tmp_path / "out"
     garbage = tmp_path / "model.safetensors"
     garbage.write_bytes(b"not a checkpoint at all")
-    assert "no such file" in one_line_error(run_cli(tmp_path / "missing", out))
-    assert "safetensors" in one_line_error(run_cli(garbage, out))
-    assert "random:nope" in one_line_error(run_cli("random:nope", out))
-    assert "gated" in one_line_error(run_cli(unsupported_folder, out))
-    assert "precision" in one_line_error(run_cli("random:tiny", out, "--precision", "int4"))
-    assert "WIDTHxHEIGHT" in one_line_error(run_cli("random:tiny", out, "--static", "big"))
+    assert "no such file" in cli_error(run_cli(tmp_path / "missing", out))
+    assert "safetensors" in cli_error(run_cli(garbage, out))
+    assert "random:nope" in cli_error(run_cli("random:nope", out))
+    assert "gated" in cli_error(run_cli(unsupported_folder, out))
+    assert "precision" in cli_error(run_cli("random:tiny", out, "--precision", "int4"))
+    assert "WIDTHxHEIGHT" in cli_error(run_cli("random:tiny", out, "--static", "big"))
     monkeypatch.setattr(export_cli, "TINY_WEIGHTS", tmp_path / "no-weights")
-    assert "tiny" in one_line_error(run_cli("tiny", out))
+    assert "tiny" in cli_error(run_cli("tiny", out))
     assert leftovers(tmp_path) == ["gated", "model.safetensors"]
 
 
@@ -304,7 +298,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(sources, tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(export_cli.quantize, "apply", no_space)
-    assert "disk full" in one_line_error(run_cli(sources["sd1"][1], tmp_path / "out"))
+    assert "disk full" in cli_error(run_cli(sources["sd1"][1], tmp_path / "out"))
     assert leftovers(tmp_path) == []
 
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import tiny_sd
 from sdonnx.export.models import UNet2DConditionModel, UNetConfig
+from sdonnx.errors import SdonnxError
 from sdonnx.pipeline import Pipeline
-from sdonnx.session import SdonnxError
 
 PROMPT = "a red circle on a blue background"
 SIZE, LATENT, COND = 32, 16, 24
@@ -113,12 +113,30 @@ def test_guidance_changes_the_picture_and_negative_prompts_are_refused(lcm):
         pipe.txt2img(PROMPT, negative_prompt="blurry", seed=1)
 
 
-def test_bench_feeds_the_guidance_input(lcm):
+def test_bench_feeds_the_guidance_input(lcm, monkeypatch):
+    """sdonnx bench on an LCM folder: every U-Net call it times, the batch-2 and batch-1 figures and each txt2img
+    step, gets the embedding of the model's guidance scale."""
     from sdonnx.bench import run_bench
+    from sdonnx.sampling import guidance_embedding
+    from sdonnx.session import Component
 
+    unet_feeds = []
+    call = Component.__call__
+
+    def recording(self, **feeds):
+        if self.path.parent.name == "unet":
+            unet_feeds.append(feeds)
+        return call(self, **feeds)
+
+    monkeypatch.setattr(Component, "__call__", recording)
     report = run_bench(lcm[1] / "onnx", "cpu", None, 2, 1, None)
     assert report["components_s"]["unet_b2"]["median"] > 0 and report["txt2img_s"]["median"] > 0
     assert (report["scheduler"], report["guidance"]) == ("lcm", 8.5)
+    batches = [len(f["sample"]) for f in unet_feeds]
+    # unet_b2 and unet_b1: a warm-up and a timed call each; then one 2-step txt2img, one conditional call a step
+    assert sorted(batches) == [1, 1, 1, 1, 2, 2], batches
+    for feeds in unet_feeds:
+        np.testing.assert_array_equal(feeds["timestep_cond"], guidance_embedding(8.5, COND, len(feeds["sample"])))
 
 
 def test_qdq_calibrates_on_lcm_sampling_and_exports(lcm, tmp_path):

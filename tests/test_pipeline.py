@@ -11,26 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import SIZE, one_line_error, picture, square_mask, tiny_folders
 from sdonnx import image as imaging
+from sdonnx.errors import SdonnxError
 from sdonnx.model import default_model_dir, read_model, sha256
 from sdonnx.pipeline import Pipeline
-from sdonnx.session import Component, SdonnxError, available_providers, resolve_provider
+from sdonnx.session import Component, available_providers, resolve_provider
 
-TASKS = {"sd1": "text-to-image", "sd2": "text-to-image", "inpaint": "inpainting"}
-SIZE, LATENT = 32, 16  # pixels; the tiny VAE downsamples by 2
+LATENT = SIZE // 2  # the tiny VAE downsamples by 2
 PROMPT, NEGATIVE = "a red circle on a blue background", "green square"
-
-
-def tiny_folders(family: str, base: Path) -> tuple[Path, Path]:
-    """(diffusers folder, optimum ONNX folder) of a tiny random model; exported once per test session."""
-    pt, onnx = base / f"{family}-diffusers", base / f"{family}-onnx"
-    if not (onnx / "model_index.json").is_file():
-        from optimum.exporters.onnx import main_export
-        from tiny_sd import save_pipeline
-
-        save_pipeline(pt, family)
-        main_export(str(pt), str(onnx), task=TASKS[family])
-    return pt, onnx
 
 
 @pytest.fixture(scope="session")
@@ -63,19 +52,6 @@ def diffusers_scheduler(name: str, config):
 
 def noise(shape=(1, 4, LATENT, LATENT), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def picture() -> Image.Image:
-    """A smooth colourful 32x32 picture."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
-    return Image.fromarray((rgb * 255).astype(np.uint8))
-
-
-def square_mask() -> Image.Image:
-    m = np.zeros((SIZE, SIZE), np.uint8)
-    m[8:24, 4:20] = 255
-    return Image.fromarray(m, "L")
 
 
 def posterior_mean(encoder_output, generator=None, sample_mode="sample"):
@@ -227,13 +203,6 @@ def test_defaults_come_from_the_folder(sd1):
 
 # ---- bad input -----------------------------------------------------------------------------------
 
-def one_line_error(fn, *words):
-    with pytest.raises(SdonnxError) as err:
-        fn()
-    text = str(err.value)
-    assert "\n" not in text and all(w in text for w in words), text
-
-
 def test_bad_inputs_are_one_line_errors(sd1, tmp_path):
     _, _, pipe = sd1
     one_line_error(lambda: pipe.txt2img(PROMPT, width=30, height=32, steps=1), "multiples of 8", "30x32")
@@ -299,13 +268,28 @@ def test_default_model_dir_is_the_bundled_one_or_a_clear_error():
 
 # ---- sessions ------------------------------------------------------------------------------------
 
-def test_providers():
-    assert resolve_provider("cpu") == "CPUExecutionProvider"
-    assert resolve_provider("auto") in ("CUDAExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider")
-    one_line_error(lambda: resolve_provider("tpu"), "unknown provider", "cpu")
-    for name in ("cuda", "dml"):
-        if name not in available_providers():
-            one_line_error(lambda: resolve_provider(name), "not installed", ", ".join(available_providers()))
+@pytest.mark.parametrize("installed, have, auto", [
+    (["CPUExecutionProvider"], ["cpu"], "CPUExecutionProvider"),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], ["cpu", "cuda"], "CUDAExecutionProvider"),
+    (["DmlExecutionProvider", "CPUExecutionProvider"], ["cpu", "dml"], "DmlExecutionProvider"),
+    (["AzureExecutionProvider", "DmlExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+     ["cpu", "cuda", "dml"], "CUDAExecutionProvider"),
+])
+def test_providers(installed, have, auto, monkeypatch):
+    """Provider choice on onnxruntime builds with and without the GPU providers, whichever this machine has."""
+    from sdonnx import session
+
+    assert "cpu" in available_providers()  # this machine's own build
+    monkeypatch.setattr(session.ort, "get_available_providers", lambda: installed)
+    assert available_providers() == have
+    assert resolve_provider("auto") == auto
+    assert resolve_provider("cpu") == resolve_provider("CPU") == "CPUExecutionProvider"
+    one_line_error(lambda: resolve_provider("tpu"), "unknown provider", "cpu, cuda, dml, auto", ", ".join(have))
+    for name, full in (("cuda", "CUDAExecutionProvider"), ("dml", "DmlExecutionProvider")):
+        if full in installed:
+            assert resolve_provider(name) == full
+        else:
+            one_line_error(lambda: resolve_provider(name), f"provider {name!r} is not installed", ", ".join(have))
 
 
 def toy_graph(path: Path, float_type, time_type, time_shape, batch) -> Path:

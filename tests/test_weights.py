@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny_sd
+from helpers import one_line_error
 from sdonnx.export.models.config import ModelConfigs, get_preset
 from sdonnx.export.weights import (CheckpointError, build_models, clip_tokenizer_dir, convert_ldm, load_checkpoint,
                                    load_strict)
@@ -393,42 +394,39 @@ def test_random_full_size(preset):
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
-def one_line_error(source, match: str, **kwargs) -> str:
-    with pytest.raises(CheckpointError, match=match) as info:
-        load_checkpoint(source, **kwargs)
-    assert "\n" not in str(info.value)
-    return str(info.value)
+def load_error(source, match: str, **kwargs) -> str:
+    return one_line_error(lambda: load_checkpoint(source, **kwargs), error=CheckpointError, match=match)
 
 
 def test_bad_files(pipes, tmp_path):
     good = save_ldm(to_ldm(pipes["sd1"]), tmp_path / "good.safetensors", "safetensors")
     data = good.read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    one_line_error(tmp_path / "truncated.safetensors", "truncated.safetensors: not a readable safetensors file")
+    load_error(tmp_path / "truncated.safetensors", "truncated.safetensors: not a readable safetensors file")
     (tmp_path / "garbage.ckpt").write_bytes(b"\x00garbage" * 100)
-    one_line_error(tmp_path / "garbage.ckpt", "garbage.ckpt: not a readable PyTorch checkpoint")
+    load_error(tmp_path / "garbage.ckpt", "garbage.ckpt: not a readable PyTorch checkpoint")
     torch.save([1, 2, 3], tmp_path / "list.ckpt")
-    one_line_error(tmp_path / "list.ckpt", "list.ckpt: holds a list with no tensors")
+    load_error(tmp_path / "list.ckpt", "list.ckpt: holds a list with no tensors")
     save_file({"conv_in.weight": torch.zeros(3)}, tmp_path / "unet_only.safetensors")
-    one_line_error(tmp_path / "unet_only.safetensors", "single diffusers component")
+    load_error(tmp_path / "unet_only.safetensors", "single diffusers component")
     save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1),
                "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}, tmp_path / "xl.safetensors")
-    one_line_error(tmp_path / "xl.safetensors", "SDXL checkpoints are not supported")
-    one_line_error(tmp_path / "nope.safetensors", "no such file or folder")
+    load_error(tmp_path / "xl.safetensors", "SDXL checkpoints are not supported")
+    load_error(tmp_path / "nope.safetensors", "no such file or folder")
     (tmp_path / "notes.txt").write_text("hi")
-    one_line_error(tmp_path / "notes.txt", "unknown checkpoint type '.txt'")
+    load_error(tmp_path / "notes.txt", "unknown checkpoint type '.txt'")
 
 
 def test_wrong_shapes_and_missing_tensors_are_named(pipes, tmp_path):
     ldm = to_ldm(pipes["sd1"])
     conv1_bias = ldm.pop("first_stage_model.decoder.up.0.block.0.conv1.bias")
     path = save_ldm(ldm, tmp_path / "bad.ckpt", "ckpt")
-    one_line_error(path, r"bad.ckpt: vae: 1 missing \(decoder\.up_blocks\.1\.resnets\.0\.conv1\.bias\)")
+    load_error(path, r"bad.ckpt: vae: 1 missing \(decoder\.up_blocks\.1\.resnets\.0\.conv1\.bias\)")
     ldm["first_stage_model.decoder.up.0.block.0.conv1.bias"] = conv1_bias
     ldm["model.diffusion_model.middle_block.1.proj_out.bias"] = torch.zeros(7)
     ldm["model.diffusion_model.middle_block.1.extra.weight"] = torch.zeros(7)
     path = save_ldm(ldm, tmp_path / "bad.ckpt", "ckpt")
-    one_line_error(path, r"unet: 1 unexpected \(mid_block\.attentions\.0\.extra\.weight\); "
+    load_error(path, r"unet: 1 unexpected \(mid_block\.attentions\.0\.extra\.weight\); "
                          r"1 misshapen \(mid_block\.attentions\.0\.proj_out\.bias \(7,\) != \(64,\)\)")
 
     module = torch.nn.Linear(2, 3)
@@ -440,16 +438,16 @@ def test_bad_folders_and_sources(folders, tmp_path):
     folder = tmp_path / "pipe"
     shutil.copytree(folders["sd1"], folder)
     shutil.rmtree(folder / "unet")
-    one_line_error(folder, "diffusers folder without unet/")
+    load_error(folder, "diffusers folder without unet/")
     (folder / "model_index.json").unlink()
-    one_line_error(folder, "not a diffusers folder")
+    load_error(folder, "not a diffusers folder")
     folder = tmp_path / "noweights"
     shutil.copytree(folders["sd1"], folder)
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    one_line_error(folder, "vae: no weights")
-    one_line_error("random:sd99", "unknown source random:sd99; choose one of random:sd15")
-    one_line_error("random:tiny", "unknown prediction_type", prediction_type="x0")
-    one_line_error(folders["sd1"], "configs= only applies to single-file", configs=get_preset("tiny"))
+    load_error(folder, "vae: no weights")
+    load_error("random:sd99", "unknown source random:sd99; choose one of random:sd15")
+    load_error("random:tiny", "unknown prediction_type", prediction_type="x0")
+    load_error(folders["sd1"], "configs= only applies to single-file", configs=get_preset("tiny"))
     ckpt = load_checkpoint("random:tiny", prediction_type="v_prediction")
     assert ckpt.prediction_type == ckpt.scheduler_config["prediction_type"] == "v_prediction"
 
@@ -461,4 +459,4 @@ def test_folder_with_wrong_shape_is_named(folders, tmp_path):
     tensors = load_file(path)
     tensors["text_model.final_layer_norm.weight"] = torch.zeros(5)
     save_file(tensors, path)
-    one_line_error(folder, r"text_encoder: 1 misshapen \(text_model\.final_layer_norm\.weight \(5,\) != \(32,\)\)")
+    load_error(folder, r"text_encoder: 1 misshapen \(text_model\.final_layer_norm\.weight \(5,\) != \(32,\)\)")

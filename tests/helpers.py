@@ -1,0 +1,58 @@
+"""Helpers shared by the test files: tiny optimum-exported folders, small input pictures, one-line error checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdonnx.errors import SdonnxError
+
+TASKS = {"sd1": "text-to-image", "sd2": "text-to-image", "inpaint": "inpainting"}
+SIZE = 32  # pixels of the tiny models' pictures (sample size 16, the tiny VAE upsamples by 2)
+
+
+def tiny_folders(family: str, base: Path) -> tuple[Path, Path]:
+    """(diffusers folder, optimum ONNX folder) of a tiny random model; exported once per test session."""
+    pt, onnx = base / f"{family}-diffusers", base / f"{family}-onnx"
+    if not (onnx / "model_index.json").is_file():
+        from optimum.exporters.onnx import main_export
+        from tiny_sd import save_pipeline
+
+        save_pipeline(pt, family)
+        main_export(str(pt), str(onnx), task=TASKS[family])
+    return pt, onnx
+
+
+def picture() -> Image.Image:
+    """A smooth colourful 32x32 picture."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def square_mask() -> Image.Image:
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[8:24, 4:20] = 255
+    return Image.fromarray(m, "L")
+
+
+def one_line_error(fn, *words: str, error: type[Exception] = SdonnxError, match: str | None = None) -> str:
+    """fn() must raise `error` with a one-line message holding every word (and matching the regex `match`)."""
+    with pytest.raises(error, match=match) as info:
+        fn()
+    text = str(info.value)
+    assert "\n" not in text and all(w in text for w in words), text
+    return text
+
+
+def cli_error(result, *words: str) -> str:
+    """A CLI run (click's CliRunner result) that failed with exit status 1 and printed only `Error: ...` holding
+    every word, on stderr, with no traceback; returns that line."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and lines[0] in result.stderr, result.output
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
