@@ -49,8 +49,8 @@ def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
         ckpt.state_dicts[name].clear()
     folder.copy_tokenizer(Path(ckpt.tokenizer_dir), tmp)
     folder.write_json(tmp / "scheduler" / "scheduler_config.json", ckpt.scheduler_config)
-    folder.write_json(tmp / "model_index.json", folder.model_index(ckpt.family, ckpt.scheduler_config["_class_name"],
-                                                                   lcm=ckpt.configs.unet.time_cond_proj_dim is not None))
+    index = folder.model_index(ckpt.configs.unet, ckpt.scheduler_config["_class_name"])
+    folder.write_json(tmp / "model_index.json", index)
     tmp.rename(out)
     return out
 

@@ -136,7 +136,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
-            if job.static is not None and ckpt.configs.unet.time_cond_proj_dim is not None:
+            if job.static is not None and ckpt.configs.unet.is_lcm:
                 job.static = dataclasses.replace(job.static, batch=1)  # LCM: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
             fused = [{"file": path.name, "scale": scale, "layers": lora.fuse(models, pairs, scale, path.name)}

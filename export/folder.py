@@ -13,7 +13,7 @@ from typing import Iterator
 
 from sdonnx.model import LCM_DEFAULTS, sha256
 
-from .models.config import ModelConfigs
+from .models.config import ModelConfigs, UNetConfig
 
 FORMAT = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -123,12 +123,15 @@ def pad_token_id(tokenizer_dir: Path) -> int:
     return int(vocab[pad])
 
 
-def model_index(family: str, scheduler_class: str, lcm: bool = False) -> dict:
+def model_index(unet: UNetConfig, scheduler_class: str) -> dict:
     """diffusers' model_index.json: which library class loads each sub-folder (optimum reads it).
 
-    lcm: the U-Net takes a guidance embedding (time_cond_proj_dim), run by diffusers' LCM pipeline."""
-    pipeline = "StableDiffusionInpaintPipeline" if family.endswith("inpaint") else "StableDiffusionPipeline"
-    if lcm and not family.endswith("inpaint"):
+    The pipeline class follows the U-Net's kind: diffusers runs an LCM U-Net (guidance as an input) with its LCM
+    pipeline, and has no LCM inpainting pipeline."""
+    pipeline = "StableDiffusionPipeline"
+    if unet.is_inpaint:
+        pipeline = "StableDiffusionInpaintPipeline"
+    elif unet.is_lcm:
         pipeline = "LatentConsistencyModelPipeline"
     return {
         "_class_name": pipeline, "_diffusers_version": "0.35.2",
@@ -170,8 +173,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
     sched = dict(scheduler_config, prediction_type=prediction_type)
     write_json(root / "scheduler" / "scheduler_config.json", sched)
     write_configs(root, configs)
-    write_json(root / "model_index.json", model_index(family, sched.get("_class_name", "PNDMScheduler"),
-                                                      lcm=configs.unet.time_cond_proj_dim is not None))
+    write_json(root / "model_index.json", model_index(configs.unet, sched.get("_class_name", "PNDMScheduler")))
     scale = configs.vae.downscale
     pixels = (configs.unet.sample_size or configs.vae.sample_size // scale) * scale
     meta = {

@@ -197,6 +197,17 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
 
+    # The model kinds, named once: code asks these rather than re-deriving them from the numbers
+    @property
+    def is_lcm(self) -> bool:
+        """LCM-distilled: the guidance scale enters as an embedding (timestep_cond), not as a second batch."""
+        return self.time_cond_proj_dim is not None
+
+    @property
+    def is_inpaint(self) -> bool:
+        """SD's inpainting layout: the noisy latents, then the mask and the masked image's latents as inputs."""
+        return self.in_channels == 2 * self.out_channels + 1
+
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         """From a diffusers unet/config.json."""
