@@ -126,8 +126,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     from .weights import build_models, load_checkpoint
 
     start = time.perf_counter()
-    # (also rejects bad options before any work)
-    calibrate = quantize.scheme("unet", job.precision, "sd1", job.int8_scheme).method.startswith("static")
+    quantize.check_options(job.precision, job.int8_scheme)  # bad options fail before any work
+    calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) == "qdq"
     _check_attention(job)
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
@@ -282,9 +282,8 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
            loras: tuple[str, ...], quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21, tiny) to ONNX."""
-    if precision not in quantize.PRECISIONS:
-        raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
     try:
+        quantize.check_options(precision, int8_scheme)  # before the default OUT_DIR is named after the precision
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,

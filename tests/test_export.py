@@ -130,7 +130,9 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         assert info["precision"] == quantize.scheme(component, precision[:4], "sd1").precision
         assert info["verify"]["psnr"] > floor
     unet_ops = meta["components"]["unet"]["ops"]
-    assert meta["components"]["unet"]["quantization"]["benchmark"]["setup"]  # measured choices are reported
+    # measured choices are reported: the report names the repository's results file, which holds them
+    measured = Path(__file__).resolve().parents[1] / meta["components"]["unet"]["quantization"]["benchmark"]
+    assert json.loads(measured.read_text())["setup"]
     if precision == "int8-qdq":  # convolutions run as QDQ int8 but conv_in/conv_out and the residual-stream ones
         assert unet_ops["QuantizeLinear"] > 0 and unet_ops["DequantizeLinear"] > unet_ops["QuantizeLinear"]
         graph = onnx.load(str(out / "unet" / "model.onnx")).graph
@@ -293,6 +295,7 @@ def test_bad_sources_fail_in_one_line(tmp_path, unsupported_folder, monkeypatch)
     assert "random:nope" in one_line_error(run_cli("random:nope", out))
     assert "gated" in one_line_error(run_cli(unsupported_folder, out))
     assert "precision" in one_line_error(run_cli("random:tiny", out, "--precision", "int4"))
+    assert "int8 scheme" in one_line_error(run_cli("random:tiny", out, "--precision", "int8", "--int8-scheme", "int4"))
     assert "WIDTHxHEIGHT" in one_line_error(run_cli("random:tiny", out, "--static", "big"))
     monkeypatch.setattr(export_cli, "TINY_WEIGHTS", tmp_path / "no-weights")
     assert "tiny" in one_line_error(run_cli("tiny", out))
@@ -329,6 +332,13 @@ def test_helpers():
         Static.parse("512")
     assert verify.psnr(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == float("inf")
     assert folder._finite({"a": [float("inf")], "b": 1.5}) == {"a": [None], "b": 1.5}
+    # the scheme each graph gets: qdq calibrates the full U-Net only, compact concerns the U-Net graphs
+    kinds = {c: quantize.kind_of(c, "int8", "qdq") for c in ("text_encoder", "unet", "unet_shallow", "vae_decoder")}
+    assert kinds == {"text_encoder": "dynamic", "unet": "qdq", "unet_shallow": "dynamic", "vae_decoder": "none"}
+    assert quantize.kind_of("unet_shallow", "int8", "compact") == "compact"
+    assert quantize.kind_of("unet", "fp16", "qdq") == "fp16" and quantize.kind_of("unet", "fp32", "qdq") == "none"
+    assert "attention softmax" in quantize.scheme("unet", "fp16", "sd2").method
+    assert "attention softmax" not in quantize.scheme("unet", "fp16", "sd1").method
     # ORT's calibrator fails when its last fold of feeds is empty
     assert all(n % quantize._fold_size(n) and quantize._fold_size(n) <= max(4, n + 1) for n in range(1, 40))
 
