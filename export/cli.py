@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import gc
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +251,31 @@ def _step_cache_report(job: ExportJob, root: Path, features: Path, inputs: dict,
             "deep_features_verify": result}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during an export; a KeyboardInterrupt so that it unwinds (and cleans up) exactly like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the block runs, SIGTERM (systemctl stop, docker stop, CI time-outs) raises Terminated.
+
+    A second SIGTERM is ignored so it cannot cut short the removal of the partial folder. Signal handlers can
+    only be set from the main thread; elsewhere SIGTERM keeps its handler."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
@@ -288,7 +315,12 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,
                         loras=tuple(lora.parse_spec(spec) for spec in loras))
-        meta = run_export(job, progress=not quiet)
+        with _sigterm_unwinds():
+            meta = run_export(job, progress=not quiet)
+    except Terminated:
+        stopped = click.ClickException("export stopped by SIGTERM; its partial folder was removed")
+        stopped.exit_code = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
+        raise stopped from None
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise click.ClickException(f"disk full while writing {out_dir or 'the model folder'}; "

@@ -6,7 +6,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -29,13 +31,15 @@ class FolderExistsError(ValueError):
 def atomic_folder(out_dir: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; it becomes `out_dir` only if the block completes.
 
-    Any exception, KeyboardInterrupt included, removes it, so no partial model folder is ever left.
+    Any exception, KeyboardInterrupt included, removes it, so no partial model folder is ever left; what a
+    killed export (SIGKILL, power loss) leaves, the next export to `out_dir` removes.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise FolderExistsError(f"{out_dir} already exists (use --force to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    remove_stale_partials(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir, os.getpid()), dir=out_dir.parent))
     try:
         yield tmp
         _share(tmp)
@@ -43,6 +47,49 @@ def atomic_folder(out_dir: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "_"
+
+
+def partial_prefix(out_dir: Path, pid: int) -> str:
+    """Name start of the hidden folder process `pid` of this host exports `out_dir` into.
+
+    The host is named too: on a shared disk, or in containers with their own PID numbering, a PID means
+    nothing on another host."""
+    return _partials(out_dir) + f"pid{pid}-{_host()}-"
+
+
+def _partials(out_dir: Path) -> str:
+    return f".{Path(out_dir).name}.partial-"
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Remove the partial folders of `out_dir` whose exporting process (on this host) is gone; returns them.
+
+    Folders of live exports, of other hosts and of unknown owners (no PID in the name) stay."""
+    start = _partials(out_dir)
+    owner = re.compile(r"pid(\d+)-" + re.escape(_host()) + "-")
+    stale = []
+    for path in Path(out_dir).parent.iterdir():
+        found = owner.match(path.name[len(start):]) if path.name.startswith(start) else None
+        if found and path.is_dir() and not _alive(int(found[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there; without a safe probe, assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        pass
+    return True
 
 
 def _share(root: Path) -> None:

@@ -6,6 +6,10 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +257,53 @@ def test_interrupt_leaves_nothing(sources, tmp_path, monkeypatch):
     result = run_cli(sources["sd1"][1], tmp_path / "out")
     assert result.exit_code != 0
     assert leftovers(tmp_path) == []
+
+
+# An export whose work stalls (loading the weights sleeps), so SIGTERM surely arrives mid-export
+STALLED_EXPORT = """
+import sys, time
+import sdonnx.export.weights as weights
+weights.load_checkpoint = lambda *args, **kwargs: time.sleep(300)
+from sdonnx.cli import main
+main(["export", *sys.argv[1:], "--quiet"], prog_name="sdonnx")
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is a POSIX signal")
+def test_sigterm_leaves_nothing(tmp_path):
+    """systemctl stop, docker stop and CI time-outs send SIGTERM: the export unwinds as on Ctrl-C."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_EXPORT, "random:tiny", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leftovers(tmp_path) and leftovers(tmp_path)[0].startswith(folder.partial_prefix(out, proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip() == "Error: export stopped by SIGTERM; its partial folder was removed"
+    assert leftovers(tmp_path) == []
+
+
+def test_next_export_removes_partials_of_dead_exports(sources, tmp_path):
+    """A killed export (SIGKILL) leaves its partial folder; the next export to the same OUT removes it, but
+    never the folder of a live export, of an unknown owner or of another OUT."""
+    out = tmp_path / "out"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead = tmp_path / (folder.partial_prefix(out, ended.pid) + "dead")
+    keep = [tmp_path / (folder.partial_prefix(out, os.getpid()) + "live"), tmp_path / ".out.partial-unknown",
+            tmp_path / (folder.partial_prefix(tmp_path / "other", ended.pid) + "other")]
+    for path in [dead, *keep]:
+        (path / "unet").mkdir(parents=True)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert run_cli(sources["sd1"][1], out).exit_code == 0
+    assert leftovers(tmp_path) == sorted(["out", *(p.name for p in keep)])
+    assert signal.getsignal(signal.SIGTERM) is handler  # the export's SIGTERM handler is gone with it
 
 
 def test_existing_out_dir_needs_force(sources, tmp_path):
