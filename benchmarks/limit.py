@@ -40,7 +40,7 @@ def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2
                 ctx = torch.empty(batch, 77, cfg.cross_attention_dim)
                 t = torch.tensor(500.0)
                 # an LCM U-Net's guidance input (a [batch, 256] projection: a negligible share of the FLOPs)
-                cond = None if cfg.time_cond_proj_dim is None else torch.empty(batch, cfg.time_cond_proj_dim)
+                cond = torch.empty(batch, cfg.time_cond_proj_dim) if cfg.is_lcm else None
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 unet(x, t, ctx, cond)

@@ -19,6 +19,8 @@ FOLDERS = {
     "sdonnx-int8-qdq": "sdonnx-int8-qdq",
     "sdonnx-fp16": "sdonnx-fp16",  # for GPU providers (benchmarks/gpu.py)
 }
+# the sdonnx command of this interpreter: `sdonnx` on PATH may be absent (a venv not activated) or another install's
+SDONNX = [sys.executable, "-m", "sdonnx"]
 # sdonnx export options of our folders
 EXPORTS = {
     "sdonnx-fp32": ["--precision", "fp32"],
@@ -49,8 +51,8 @@ def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
         ckpt.state_dicts[name].clear()
     folder.copy_tokenizer(Path(ckpt.tokenizer_dir), tmp)
     folder.write_json(tmp / "scheduler" / "scheduler_config.json", ckpt.scheduler_config)
-    folder.write_json(tmp / "model_index.json", folder.model_index(ckpt.family, ckpt.scheduler_config["_class_name"],
-                                                                   lcm=ckpt.configs.unet.time_cond_proj_dim is not None))
+    index = folder.model_index(ckpt.configs.unet, ckpt.scheduler_config["_class_name"])
+    folder.write_json(tmp / "model_index.json", index)
     tmp.rename(out)
     return out
 
@@ -104,7 +106,7 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
     for name, options in EXPORTS.items():
         out = paths.get(name)
         if out is not None and not (out / "sdonnx.json").is_file():
-            _run(["sdonnx", "export", str(src), str(out), *options, "--force", "--quiet"],
+            _run([*SDONNX, "export", str(src), str(out), *options, "--force", "--quiet"],
                  work / f"export-{name.removeprefix('sdonnx-')}.log")
     out = paths.get("optimum-fp32")
     if out is not None and not (out / "model_index.json").is_file():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import gc
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +128,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     from .weights import build_models, load_checkpoint
 
     start = time.perf_counter()
-    # (also rejects bad options before any work)
-    calibrate = quantize.scheme("unet", job.precision, "sd1", job.int8_scheme).method.startswith("static")
+    quantize.check_options(job.precision, job.int8_scheme)  # bad options fail before any work
+    calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) == "qdq"
     _check_attention(job)
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
@@ -136,7 +138,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
-            if job.static is not None and ckpt.configs.unet.time_cond_proj_dim is not None:
+            if job.static is not None and ckpt.configs.unet.is_lcm:
                 job.static = dataclasses.replace(job.static, batch=1)  # LCM: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
             fused = [{"file": path.name, "scale": scale, "layers": lora.fuse(models, pairs, scale, path.name)}
@@ -255,6 +257,31 @@ def _step_cache_report(job: ExportJob, root: Path, features: Path, inputs: dict,
             "deep_features_verify": result}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during an export; a KeyboardInterrupt so that it unwinds (and cleans up) exactly like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the block runs, SIGTERM (systemctl stop, docker stop, CI time-outs) raises Terminated.
+
+    A second SIGTERM is ignored so it cannot cut short the removal of the partial folder. Signal handlers can
+    only be set from the main thread; elsewhere SIGTERM keeps its handler."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
@@ -292,14 +319,18 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
            loras: tuple[str, ...], defaults: str, quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
     random:sd-turbo, tiny) to ONNX."""
-    if precision not in quantize.PRECISIONS:
-        raise click.ClickException(f"unknown precision {precision!r}; choose one of {', '.join(quantize.PRECISIONS)}")
     try:
+        quantize.check_options(precision, int8_scheme)  # before the default OUT_DIR is named after the precision
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,
                         loras=tuple(lora.parse_spec(spec) for spec in loras), defaults=folder.parse_defaults(defaults))
-        meta = run_export(job, progress=not quiet)
+        with _sigterm_unwinds():
+            meta = run_export(job, progress=not quiet)
+    except Terminated:
+        stopped = click.ClickException("export stopped by SIGTERM; its partial folder was removed")
+        stopped.exit_code = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
+        raise stopped from None
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise click.ClickException(f"disk full while writing {out_dir or 'the model folder'}; "

@@ -6,7 +6,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +16,7 @@ from typing import Iterator
 from sdonnx import schedulers
 from sdonnx.model import DEFAULTS, sha256
 
-from .models.config import PRESET_DEFAULTS, ModelConfigs
+from .models.config import PRESET_DEFAULTS, ModelConfigs, UNetConfig
 
 FORMAT = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -30,13 +32,15 @@ class FolderExistsError(ValueError):
 def atomic_folder(out_dir: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; it becomes `out_dir` only if the block completes.
 
-    Any exception, KeyboardInterrupt included, removes it, so no partial model folder is ever left.
+    Any exception, KeyboardInterrupt included, removes it, so no partial model folder is ever left; what a
+    killed export (SIGKILL, power loss) leaves, the next export to `out_dir` removes.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise FolderExistsError(f"{out_dir} already exists (use --force to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    remove_stale_partials(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir, os.getpid()), dir=out_dir.parent))
     try:
         yield tmp
         _share(tmp)
@@ -44,6 +48,49 @@ def atomic_folder(out_dir: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "_"
+
+
+def partial_prefix(out_dir: Path, pid: int) -> str:
+    """Name start of the hidden folder process `pid` of this host exports `out_dir` into.
+
+    The host is named too: on a shared disk, or in containers with their own PID numbering, a PID means
+    nothing on another host."""
+    return _partials(out_dir) + f"pid{pid}-{_host()}-"
+
+
+def _partials(out_dir: Path) -> str:
+    return f".{Path(out_dir).name}.partial-"
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Remove the partial folders of `out_dir` whose exporting process (on this host) is gone; returns them.
+
+    Folders of live exports, of other hosts and of unknown owners (no PID in the name) stay."""
+    start = _partials(out_dir)
+    owner = re.compile(r"pid(\d+)-" + re.escape(_host()) + "-")
+    stale = []
+    for path in Path(out_dir).parent.iterdir():
+        found = owner.match(path.name[len(start):]) if path.name.startswith(start) else None
+        if found and path.is_dir() and not _alive(int(found[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there; without a safe probe, assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        pass
+    return True
 
 
 def _share(root: Path) -> None:
@@ -124,12 +171,15 @@ def pad_token_id(tokenizer_dir: Path) -> int:
     return int(vocab[pad])
 
 
-def model_index(family: str, scheduler_class: str, lcm: bool = False) -> dict:
+def model_index(unet: UNetConfig, scheduler_class: str) -> dict:
     """diffusers' model_index.json: which library class loads each sub-folder (optimum reads it).
 
-    lcm: the U-Net takes a guidance embedding (time_cond_proj_dim), run by diffusers' LCM pipeline."""
-    pipeline = "StableDiffusionInpaintPipeline" if family.endswith("inpaint") else "StableDiffusionPipeline"
-    if lcm and not family.endswith("inpaint"):
+    The pipeline class follows the U-Net's kind: diffusers runs an LCM U-Net (guidance as an input) with its LCM
+    pipeline, and has no LCM inpainting pipeline."""
+    pipeline = "StableDiffusionPipeline"
+    if unet.is_inpaint:
+        pipeline = "StableDiffusionInpaintPipeline"
+    elif unet.is_lcm:
         pipeline = "LatentConsistencyModelPipeline"
     return {
         "_class_name": pipeline, "_diffusers_version": "0.35.2",
@@ -206,8 +256,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
     sched = dict(scheduler_config, prediction_type=prediction_type)
     write_json(root / "scheduler" / "scheduler_config.json", sched)
     write_configs(root, configs)
-    write_json(root / "model_index.json", model_index(family, sched.get("_class_name", "PNDMScheduler"),
-                                                      lcm=configs.unet.time_cond_proj_dim is not None))
+    write_json(root / "model_index.json", model_index(configs.unet, sched.get("_class_name", "PNDMScheduler")))
     scale = configs.vae.downscale
     pixels = (configs.unet.sample_size or configs.vae.sample_size // scale) * scale
     meta = {

@@ -239,7 +239,7 @@ def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: 
                   "timestep": torch.tensor(981.0),
                   "encoder_hidden_states": torch.randn(batch, TEXT_LENGTH, configs.unet.cross_attention_dim,
                                                        generator=g)}
-        if configs.unet.time_cond_proj_dim is not None:  # LCM: a guidance embedding has values in [-1, 1]
+        if configs.unet.is_lcm:  # a guidance embedding has values in [-1, 1]
             inputs["timestep_cond"] = torch.rand(batch, configs.unet.time_cond_proj_dim, generator=g) * 2 - 1
         return inputs
     if component == "vae_encoder":

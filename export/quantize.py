@@ -44,75 +44,83 @@ CALIBRATION_PROMPTS = ("a photo of a cat", "an astronaut riding a horse on the m
                        "a large green triangle on a white background", "a city street at night, rain")
 
 
-# Measured by a paired benchmark (one process, median of 5 interleaved runs) on a mid-size random U-Net: SD 1.5
-# layout with channels 160/320/640/640 and one resnet per level, batch 2, 32x32 latents, ORT 1.32 CPU provider,
-# 2 threads of a 2-core AVX-512 VNNI machine. Error is against PyTorch fp32 on the same inputs.
-UNET_BENCHMARK = {
-    "setup": "mid-size random SD1.5-layout U-Net (160/320/640/640, 1 resnet/level), batch 2, 32x32 latents, "
-             "ORT 1.32 CPU, 2 threads, median of 5 paired runs; speedup vs the fp32 graph in the same process",
-    "fp32, ORT basic offline": {"size_mb": 564.8, "speedup": 1.0, "psnr_db": 136.4},
-    "fp32, not optimized offline": {"size_mb": 565.1, "speedup": 1.11, "psnr_db": 136.4,
-                                    "note": "same speed within noise: ORT redoes the fusions online"},
-    "int8 dynamic MatMul/Gemm, per-channel 7-bit (shipped: dynamic)": {
-        "size_mb": 443.8, "speedup": 1.33, "max_abs_err": 0.0173, "psnr_db": 57.0},
-    "int8 dynamic MatMul/Gemm, per-channel 8-bit": {"size_mb": 443.8, "speedup": 1.30, "psnr_db": 57.6,
-                                                    "note": "full range saturates on AVX2 without VNNI"},
-    "int8 dynamic MatMul/Gemm, per-tensor": {"size_mb": 443.4, "speedup": 1.29, "psnr_db": 57.1},
-    "int8 dynamic incl. Conv": {"size_mb": 156.1, "speedup": 0.51, "max_abs_err": 0.0923, "psnr_db": 43.6,
-                                "note": "rejected: twice as slow as fp32"},
-    "int8 static QDQ Conv only": {"size_mb": 277.7, "speedup": 1.26, "max_abs_err": 0.107, "psnr_db": 40.9},
-    "int8 static QDQ Conv (all of them) + dynamic MatMul/Gemm": {
-        "size_mb": 156.5, "speedup": 2.01, "max_abs_err": 0.113, "psnr_db": 40.7,
-        "note": "measured before qdq kept the residual-stream convolutions float; with them float (shipped: "
-                "qdq) and MultiHeadAttention, the SD 1.5 U-Net call at 512x512 batch 2 takes 0.49x optimum "
-                "fp32's time (benchmarks/results/sd15-unet-cpu.md) at 47.5 dB"},
-    "fp16 on the CPU provider": {"size_mb": 282.9, "speedup": 0.88, "psnr_db": 62.0,
-                                 "note": "fp16 is for GPU providers; CPU runs it slower than fp32"},
-}
+# What each scheme measured on a mid-size U-Net (size, speed, error against PyTorch): the export report names
+# the file rather than copying the table into every folder
+BENCHMARK_FILE = "benchmarks/results/int8-schemes-unet.json"
 
 
 def notes(component: str, chosen: Scheme) -> dict:
-    """The export report's quantization entry: the method and, for a quantized U-Net, what each choice measured."""
+    """The export report's quantization entry: the method and, for a quantized U-Net, where each choice's
+    measurements are."""
     out = {"method": chosen.method}
     if component == "unet" and chosen.precision != "fp32":
-        out["benchmark"] = UNET_BENCHMARK
+        out["benchmark"] = BENCHMARK_FILE
     return out
+
+
+KINDS = ("none", "fp16") + INT8_SCHEMES
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """What one component gets at one precision; `method` is written to the export report."""
+    """What one component gets: `kind` picks the conversion, `method` is the export report's description."""
 
-    precision: str  # precision the graph's weights end up in: fp32, fp16 or int8
+    kind: str  # one of KINDS
     method: str
+
+    @property
+    def precision(self) -> str:
+        """The precision the graph's weights end up in: fp32, fp16 or int8."""
+        return {"none": "fp32", "fp16": "fp16"}.get(self.kind, "int8")
+
+
+def check_options(precision: str, int8_scheme: str = "dynamic") -> None:
+    """The one check of the requested precision and int8 scheme: a one-line ValueError naming the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if int8_scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown int8 scheme {int8_scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
+
+
+def kind_of(component: str, precision: str, int8_scheme: str = "dynamic") -> str:
+    """The conversion `component` gets for options that passed `check_options`.
+
+    The VAE decoder overflows in fp16 (diffusers upcasts it too) and its convolutions do not speed up with
+    dynamic int8, so the VAE always stays fp32. qdq calibrates the full U-Net only and compact concerns the
+    U-Net graphs' convolutions; every other component gets dynamic int8 under them.
+    """
+    if precision == "fp32" or component.startswith("vae"):
+        return "none"
+    if precision == "fp16":
+        return "fp16"
+    if (int8_scheme == "qdq" and component == "unet") or (int8_scheme == "compact" and component in COMPACT_COMPONENTS):
+        return int8_scheme
+    return "dynamic"
+
+
+_DYNAMIC = ("dynamic int8 MatMul/Gemm (per-channel 7-bit weights, activations quantized per call); "
+            "time embedding and normalisations kept fp32")
+METHODS = {
+    "none": "none (ORT basic graph optimizations only)",
+    "fp16": "fp16 weights and activations; fp32 I/O and {fp16_kept} kept fp32",
+    "dynamic": _DYNAMIC + "; convolutions kept fp32",
+    "qdq": "static QDQ int8 convolutions (per-channel weights, uint8 activations calibrated on guided sampling runs "
+           "of our models; conv_in/conv_out and the convolutions reading the residual stream (shortcuts, "
+           "down/upsamplers, proj_out) kept fp32) + " + _DYNAMIC,
+    "compact": _DYNAMIC + "; convolution weights stored int8 (per output channel) and dequantized per call "
+                          "(DequantizeLinear -> fp32 Conv): a third of the size and memory, conv_in/conv_out kept fp32",
+}
+
+
+def _fp16_keeps_softmax(family: str) -> bool:
+    return family.startswith("sd2")
 
 
 def scheme(component: str, precision: str, family: str, int8_scheme: str = "dynamic") -> Scheme:
-    """The quantization applied to `component` for a requested `precision` (the VAE always stays fp32).
-
-    The VAE decoder overflows in fp16 (diffusers upcasts it too) and its convolutions do not speed up
-    with dynamic int8, so both lower precisions leave it fp32.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
-    if precision == "fp32" or component.startswith("vae"):
-        return Scheme("fp32", "none (ORT basic graph optimizations only)")
-    if precision == "fp16":
-        kept = "normalisations" + (", attention softmax" if family.startswith("sd2") else "")
-        return Scheme("fp16", f"fp16 weights and activations; fp32 I/O and {kept} kept fp32")
-    if int8_scheme not in INT8_SCHEMES:
-        raise ValueError(f"unknown int8 scheme {int8_scheme!r}; one of {', '.join(INT8_SCHEMES)}")
-    dynamic = ("dynamic int8 MatMul/Gemm (per-channel 7-bit weights, activations quantized per call); "
-               "time embedding and normalisations kept fp32")
-    if int8_scheme == "compact" and component in COMPACT_COMPONENTS:
-        return Scheme("int8", dynamic + "; convolution weights stored int8 (per output channel) and dequantized "
-                              "per call (DequantizeLinear -> fp32 Conv): a third of the size and memory, "
-                              "conv_in/conv_out kept fp32")
-    if int8_scheme == "qdq" and component == "unet":
-        return Scheme("int8", "static QDQ int8 convolutions (per-channel weights, uint8 activations calibrated on "
-                              "guided sampling runs of our models; conv_in/conv_out and the convolutions reading the "
-                              "residual stream (shortcuts, down/upsamplers, proj_out) kept fp32) + " + dynamic)
-    return Scheme("int8", dynamic + "; convolutions kept fp32")
+    """The quantization applied to `component` of a `family` checkpoint for a requested `precision`."""
+    kind = kind_of(component, precision, int8_scheme)
+    kept = "normalisations" + (", attention softmax" if _fp16_keeps_softmax(family) else "")
+    return Scheme(kind, METHODS[kind].format(fp16_kept=kept))
 
 
 def apply(component: str, precision: str, family: str, src: Path, dst: Path, int8_scheme: str = "dynamic",
@@ -123,19 +131,19 @@ def apply(component: str, precision: str, family: str, src: Path, dst: Path, int
     """
     chosen = scheme(component, precision, family, int8_scheme)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if chosen.precision == "fp16":
-        to_fp16(src, dst, FP16_KEEP_OPS_SD2 if family.startswith("sd2") else FP16_KEEP_OPS)
-    elif chosen.method.startswith("static"):
+    if chosen.kind == "none":
+        move_model(src, dst)
+    elif chosen.kind == "fp16":
+        to_fp16(src, dst, FP16_KEEP_OPS_SD2 if _fp16_keeps_softmax(family) else FP16_KEEP_OPS)
+    elif chosen.kind == "qdq":
         convs = dst.parent / "_qdq" / "model.onnx"
         to_int8_static_convs(src, convs, calibration or [])
         to_int8_dynamic(convs, dst)
         shutil.rmtree(convs.parent)
-    elif chosen.precision == "int8":
+    else:  # dynamic, compact: compact also stores the convolution weights int8
         to_int8_dynamic(src, dst)
-        if int8_scheme == "compact" and component in COMPACT_COMPONENTS:
+        if chosen.kind == "compact":
             int8_conv_weights(dst)
-    else:
-        move_model(src, dst)
     return chosen
 
 

@@ -102,8 +102,9 @@ def convert_ldm(state_dict: Tensors,
     """An LDM (CompVis) state dict -> (family, configs, {component: fp32 state dict in our layout})."""
     _reject_unsupported(state_dict)
     parts = _split_ldm(state_dict)
-    family = _ldm_family(parts)
-    configs = configs or _ldm_configs(family, parts)
+    base = "sd2" if parts["openclip"] else "sd1"
+    configs = configs or _ldm_configs(base, parts)
+    family = base + _inpaint_suffix(configs.unet)
     layers = configs.unet.layers_per_block
     n_vae = len(configs.vae.block_out_channels)
     text_rules = _openclip_key if family.startswith("sd2") else _clip_key
@@ -244,7 +245,7 @@ def _load_folder(folder: Path) -> Checkpoint:
         if not (tokenizer_dir / name).is_file():
             raise CheckpointError(f"{tokenizer_dir}: missing {name}")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
-    family = ("sd2" if configs.clip.hidden_act == "gelu" else "sd1") + _inpaint_suffix(configs.unet.in_channels)
+    family = ("sd2" if configs.clip.hidden_act == "gelu" else "sd1") + _inpaint_suffix(configs.unet)
     return _finish(str(folder), family, configs, state_dicts, tokenizer_dir, scheduler)
 
 
@@ -268,8 +269,8 @@ def _read_config(component_dir: Path, cls):
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def _inpaint_suffix(in_channels: int) -> str:
-    return "-inpaint" if in_channels == 9 else ""
+def _inpaint_suffix(unet: UNetConfig) -> str:
+    return "-inpaint" if unet.is_inpaint else ""
 
 
 def _weight_files(component_dir: Path) -> list[Path]:
@@ -403,25 +404,21 @@ def _split_ldm(state_dict: Tensors) -> dict[str, Tensors]:
     return {"unet": parts["unet"], "vae": parts["vae"], "text_encoder": text, "openclip": bool(parts["openclip"])}
 
 
-def _ldm_family(parts: dict) -> str:
-    base = "sd2" if parts["openclip"] else "sd1"
-    return base + _inpaint_suffix(parts["unet"]["input_blocks.0.0.weight"].shape[1])
-
-
 def _count(keys: Iterable[str], pattern: str) -> int:
     """How many distinct indices fill the (\\d+) group of `pattern`."""
     rx = re.compile(pattern)
     return len({m[1] for k in keys if (m := rx.match(k))})
 
 
-def _ldm_configs(family: str, parts: dict) -> ModelConfigs:
-    """The preset of the family, with every size the tensor shapes reveal replaced by the file's own."""
-    preset = get_preset({"sd1": "sd15", "sd1-inpaint": "sd15-inpaint"}.get(family, "sd21"))
+def _ldm_configs(base: str, parts: dict) -> ModelConfigs:
+    """The preset of the base family (sd1, sd2), with every size the tensor shapes reveal (the U-Net's input
+    channels, so the inpainting layout, among them) replaced by the file's own."""
+    preset = get_preset("sd15" if base == "sd1" else "sd21")
     try:
         return ModelConfigs(
             clip=_ldm_clip_config(preset.clip, parts["text_encoder"], parts["openclip"]),
             vae=_ldm_vae_config(preset.vae, parts["vae"]),
-            unet=_ldm_unet_config(preset.unet, parts["unet"], family.startswith("sd2")),
+            unet=_ldm_unet_config(preset.unet, parts["unet"], base == "sd2"),
         )
     except KeyError as err:
         raise CheckpointError(f"missing tensor {err.args[0]} needed to read the architecture") from None
@@ -602,7 +599,7 @@ def _load_random(name: str, seed: int) -> Checkpoint:
     state_dicts = {}
     for component in COMPONENTS:
         state_dicts[component] = _model_class(component)(_config_of(configs, component)).state_dict()
-    scheduler = dict(LCM_SCHEDULER) if configs.unet.time_cond_proj_dim else _family_scheduler(family)
+    scheduler = dict(LCM_SCHEDULER) if configs.unet.is_lcm else _family_scheduler(family)
     scheduler = dict(PRESET_SCHEDULERS.get(name, scheduler))
     return _finish(f"random:{name}", family, configs, state_dicts, tokenizer_dir, scheduler)
 

@@ -84,8 +84,7 @@ class ModelInfo:
 
     @property
     def is_inpaint(self) -> bool:
-        """A 9-channel inpainting U-Net: latents, mask and masked-image latents."""
-        return self.unet_in_channels > self.latent_channels
+        return is_inpainting_unet(self.unet_in_channels, self.latent_channels)
 
     def vae(self, which: str | None) -> tuple[str, str, float]:
         """(encoder, decoder, latent scale) of the `full` or `tiny` VAE (None: the folder's default)."""
@@ -106,6 +105,11 @@ class ModelInfo:
     def precision(self, component: str) -> str | None:
         owner = "unet" if component == "unet_features" else component  # the same U-Net, one more output
         return self.meta.get("components", {}).get(owner, {}).get("precision")
+
+
+def is_inpainting_unet(in_channels: int, latent_channels: int) -> bool:
+    """SD's inpainting U-Net layout: the noisy latents, then the mask and the masked image's latents as inputs."""
+    return in_channels == 2 * latent_channels + 1
 
 
 def _read_json(path: Path) -> dict:
@@ -141,7 +145,7 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
     vsf = int(meta.get("vae_scale_factor", 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)))
     prediction = meta.get("prediction_type", sched_cfg.get("prediction_type", "epsilon"))
     sample = int(meta.get("sample_size", unet_cfg.get("sample_size", 64) * vsf))
-    family = meta.get("family") or _infer_family(in_ch > latent_ch, prediction, text_cfg)
+    family = meta.get("family") or _infer_family(is_inpainting_unet(in_ch, latent_ch), prediction, text_cfg)
     lcm = meta.get("guidance_embedding_dim", unet_cfg.get("time_cond_proj_dim"))
     tiny = _read_json(root / "vae_decoder_tiny" / "config.json") if "vae_decoder_tiny" in components else None
     return ModelInfo(

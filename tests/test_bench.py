@@ -218,3 +218,23 @@ def test_benchmark_worker_on_the_bundled_model(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, str(bench / "worker.py"), "diffusers-fp16", str(tmp_path), "--size", "64"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "runs on a GPU only" in done.stderr
+
+
+def test_benchmark_exports_run_sdonnx_with_this_interpreter(tmp_path, monkeypatch):
+    """benchmarks/prepare.py starts each export with the interpreter running it, not `sdonnx` from PATH (absent
+    when a venv's python runs unactivated); that command works with an empty PATH."""
+    import subprocess
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import prepare
+
+    commands = []
+    monkeypatch.setattr(prepare, "_run", lambda cmd, log: commands.append(cmd))
+    (tmp_path / "diffusers").mkdir()
+    (tmp_path / "diffusers" / "model_index.json").write_text("{}")  # the weights are there: only exports left
+    prepare.prepare(tmp_path, "tiny", ["sdonnx-fp32", "sdonnx-int8"])
+    assert [cmd[:4] for cmd in commands] == [[sys.executable, "-m", "sdonnx", "export"]] * 2
+    done = subprocess.run([*commands[0][:3], "--version"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": ""})
+    assert done.returncode == 0 and done.stdout.startswith("sdonnx, version"), done.stderr

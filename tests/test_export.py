@@ -6,6 +6,10 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +135,9 @@ def test_each_precision_loads_and_stays_close(precision, sources, exported):
         assert info["precision"] == quantize.scheme(component, precision[:4], "sd1").precision
         assert info["verify"]["psnr"] > floor
     unet_ops = meta["components"]["unet"]["ops"]
-    assert meta["components"]["unet"]["quantization"]["benchmark"]["setup"]  # measured choices are reported
+    # measured choices are reported: the report names the repository's results file, which holds them
+    measured = Path(__file__).resolve().parents[1] / meta["components"]["unet"]["quantization"]["benchmark"]
+    assert json.loads(measured.read_text())["setup"]
     if precision == "int8-qdq":  # convolutions run as QDQ int8 but conv_in/conv_out and the residual-stream ones
         assert unet_ops["QuantizeLinear"] > 0 and unet_ops["DequantizeLinear"] > unet_ops["QuantizeLinear"]
         graph = onnx.load(str(out / "unet" / "model.onnx")).graph
@@ -254,6 +260,53 @@ def test_interrupt_leaves_nothing(sources, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+# An export whose work stalls (loading the weights sleeps), so SIGTERM surely arrives mid-export
+STALLED_EXPORT = """
+import sys, time
+import sdonnx.export.weights as weights
+weights.load_checkpoint = lambda *args, **kwargs: time.sleep(300)
+from sdonnx.cli import main
+main(["export", *sys.argv[1:], "--quiet"], prog_name="sdonnx")
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is a POSIX signal")
+def test_sigterm_leaves_nothing(tmp_path):
+    """systemctl stop, docker stop and CI time-outs send SIGTERM: the export unwinds as on Ctrl-C."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_EXPORT, "random:tiny", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leftovers(tmp_path) and leftovers(tmp_path)[0].startswith(folder.partial_prefix(out, proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip() == "Error: export stopped by SIGTERM; its partial folder was removed"
+    assert leftovers(tmp_path) == []
+
+
+def test_next_export_removes_partials_of_dead_exports(sources, tmp_path):
+    """A killed export (SIGKILL) leaves its partial folder; the next export to the same OUT removes it, but
+    never the folder of a live export, of an unknown owner or of another OUT."""
+    out = tmp_path / "out"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead = tmp_path / (folder.partial_prefix(out, ended.pid) + "dead")
+    keep = [tmp_path / (folder.partial_prefix(out, os.getpid()) + "live"), tmp_path / ".out.partial-unknown",
+            tmp_path / (folder.partial_prefix(tmp_path / "other", ended.pid) + "other")]
+    for path in [dead, *keep]:
+        (path / "unet").mkdir(parents=True)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert run_cli(sources["sd1"][1], out).exit_code == 0
+    assert leftovers(tmp_path) == sorted(["out", *(p.name for p in keep)])
+    assert signal.getsignal(signal.SIGTERM) is handler  # the export's SIGTERM handler is gone with it
+
+
 def test_existing_out_dir_needs_force(sources, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -288,6 +341,7 @@ def test_bad_sources_fail_in_one_line(tmp_path, unsupported_folder, monkeypatch)
     assert "gated" in cli_error(run_cli(unsupported_folder, out))
     assert "precision" in cli_error(run_cli("random:tiny", out, "--precision", "int4"))
     assert "WIDTHxHEIGHT" in cli_error(run_cli("random:tiny", out, "--static", "big"))
+    assert "int8 scheme" in cli_error(run_cli("random:tiny", out, "--precision", "int8", "--int8-scheme", "int4"))
     monkeypatch.setattr(export_cli, "TINY_WEIGHTS", tmp_path / "no-weights")
     assert "tiny" in cli_error(run_cli("tiny", out))
     assert leftovers(tmp_path) == ["gated", "model.safetensors"]
@@ -323,6 +377,13 @@ def test_helpers():
         Static.parse("512")
     assert verify.psnr(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == float("inf")
     assert folder._finite({"a": [float("inf")], "b": 1.5}) == {"a": [None], "b": 1.5}
+    # the scheme each graph gets: qdq calibrates the full U-Net only, compact concerns the U-Net graphs
+    kinds = {c: quantize.kind_of(c, "int8", "qdq") for c in ("text_encoder", "unet", "unet_shallow", "vae_decoder")}
+    assert kinds == {"text_encoder": "dynamic", "unet": "qdq", "unet_shallow": "dynamic", "vae_decoder": "none"}
+    assert quantize.kind_of("unet_shallow", "int8", "compact") == "compact"
+    assert quantize.kind_of("unet", "fp16", "qdq") == "fp16" and quantize.kind_of("unet", "fp32", "qdq") == "none"
+    assert "attention softmax" in quantize.scheme("unet", "fp16", "sd2").method
+    assert "attention softmax" not in quantize.scheme("unet", "fp16", "sd1").method
     # ORT's calibrator fails when its last fold of feeds is empty
     assert all(n % quantize._fold_size(n) and quantize._fold_size(n) <= max(4, n + 1) for n in range(1, 40))
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from sdonnx.model import is_inpainting_unet
+
 DIFFUSERS_VERSION = "0.35.2"
 TRANSFORMERS_VERSION = "4.57.6"
 
@@ -197,15 +199,15 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
 
+    # The model kinds, named once: code asks these rather than re-deriving them from the numbers
     @property
     def is_lcm(self) -> bool:
-        """An LCM-distilled U-Net: the guidance scale is an input (timestep_cond)."""
+        """LCM-distilled: the guidance scale enters as an embedding (timestep_cond), not as a second batch."""
         return self.time_cond_proj_dim is not None
 
     @property
     def is_inpaint(self) -> bool:
-        """A 9-channel inpainting U-Net: latents, mask and masked-image latents."""
-        return self.in_channels > self.out_channels
+        return is_inpainting_unet(self.in_channels, self.out_channels)
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:

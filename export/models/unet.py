@@ -194,7 +194,7 @@ class UNet2DConditionModel(nn.Module):
         t = t.reshape(-1).expand(sample.shape[0])  # a shape op, so the batch stays dynamic in ONNX
         emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                  self.config.freq_shift)
-        if (timestep_cond is None) != (self.config.time_cond_proj_dim is None):
+        if (timestep_cond is not None) != self.config.is_lcm:
             raise ValueError("timestep_cond must be given exactly when the U-Net has time_cond_proj_dim "
                              f"(here {self.config.time_cond_proj_dim})")
         return self.time_embedding(emb.to(sample.dtype), timestep_cond)
