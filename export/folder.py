@@ -13,7 +13,7 @@ from typing import Iterator
 
 from sdonnx.model import LCM_DEFAULTS, sha256
 
-from .models.config import ModelConfigs
+from .models.config import ModelConfigs, TinyVAEConfig
 
 FORMAT = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -158,13 +158,28 @@ def source_defaults(source: str) -> dict:
     return {k: suggested[k] for k in DEFAULTS if k in suggested}
 
 
+def write_tiny_vae(root: Path, config: TinyVAEConfig, source: str) -> dict:
+    """The tiny VAE graphs' config.json (AutoencoderTiny's, for optimum); returns sdonnx.json's tiny_vae entry.
+
+    Its graphs work in its own latent scale, like the full VAE's: decode(latents / scaling_factor + shift_factor),
+    and encode gives latent_sample, which (latent_sample - shift_factor) * scaling_factor brings to the diffusion
+    model's latents. For TAESD/TAESDXL the factors are 1 and 0.
+    """
+    for part in ("vae_encoder_tiny", "vae_decoder_tiny"):
+        write_json(root / part / "config.json", config.to_dict())
+    return {"source": str(source), "encoder": "vae_encoder_tiny/model.onnx", "decoder": "vae_decoder_tiny/model.onnx",
+            "latent_channels": config.latent_channels, "vae_scale_factor": config.downscale,
+            "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor}
+
+
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
                    static: dict | None, report: dict, step_cache: dict | None = None,
-                   defaults: dict | None = None) -> dict:
+                   defaults: dict | None = None, tiny_vae: dict | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
 
-    `defaults` (steps, guidance, scheduler) override the generic ones for models that know better.
+    `defaults` (steps, guidance, scheduler) override the generic ones for models that know better;
+    `tiny_vae`: write_tiny_vae's entry, when the folder holds one.
     """
     copy_tokenizer(tokenizer_dir, root)
     sched = dict(scheduler_config, prediction_type=prediction_type)
@@ -187,6 +202,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
                          height=(static or {}).get("height", pixels)),
         "static_shape": static,
         "step_cache": step_cache,
+        "tiny_vae": tiny_vae,
         "export_report": report,
     }
     write_json(root / "sdonnx.json", meta)

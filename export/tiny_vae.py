@@ -184,8 +184,9 @@ def _original_pair(path: Path) -> tuple[Path, Path]:
             raise CheckpointError(f"tiny VAE {path}: neither a diffusers folder (config.json) nor one holding "
                                   f"taesd_encoder/taesd_decoder weights")
         if len(stems) > 1:
-            raise CheckpointError(f"tiny VAE {path}: holds several encoders ({', '.join(s + 'encoder' for s in stems)}); "
-                                  f"pass one file, e.g. {path / (stems[0] + 'encoder.pth')}")
+            names = ", ".join(s + "encoder" for s in stems)
+            raise CheckpointError(f"tiny VAE {path}: holds several encoders ({names}); pass one file, e.g. "
+                                  f"{path / (stems[0] + 'encoder.pth')}")
         return _find(path, stems[0] + "encoder"), _find(path, stems[0] + "decoder")
     m = re.fullmatch(r"(.*)(encoder|decoder)", path.stem)
     if m is None:

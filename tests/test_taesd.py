@@ -203,3 +203,160 @@ def test_latent_space_mismatch_fails_in_one_line(saved):
     with pytest.raises(ValueError) as err:
         tiny_vae.load_tiny_vae(root / "diffusers", vae=VAEConfig())  # one stage: no downscaling
     assert "scales images by 4 but the model's VAE by 1" in one_line(err)
+
+
+# ------------------------------------------------------------------------------------ sdonnx export --tiny-vae
+
+
+def run_cli(*args) -> object:
+    from click.testing import CliRunner
+
+    from sdonnx.export import cli as export_cli
+
+    return CliRunner().invoke(export_cli.export, [*map(str, args), "--quiet"])
+
+
+def diffusers_twin(model: AutoencoderTiny):
+    """diffusers' AutoencoderTiny holding our model's weights."""
+    from diffusers import AutoencoderTiny as Reference
+
+    ref = Reference.from_config(model.config.to_dict())
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref.eval()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    import tiny_sd
+
+    return tiny_sd.save_pipeline(tmp_path_factory.mktemp("tiny-sd") / "sd1", seed=1)
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "with-tiny-vae"
+    result = run_cli(source, out, "--tiny-vae", "random")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def session(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def test_export_writes_verified_tiny_vae_graphs(exported):
+    import hashlib
+
+    meta = json.loads((exported / "sdonnx.json").read_text())
+    on_disk = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()} - {"sdonnx.json"}
+    assert set(meta["files"]) == on_disk
+    for part in ("vae_encoder_tiny", "vae_decoder_tiny"):
+        for name in ("model.onnx", "config.json"):
+            data = (exported / part / name).read_bytes()
+            assert meta["files"][f"{part}/{name}"] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        info = meta["components"][part]
+        assert info["precision"] == "fp32" and info["verify"]["psnr"] > 60 and info["verify"]["max_abs_err"] < 1e-4
+        assert info["ops"]["Conv"] > 0
+    assert set(meta["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny",
+                                       "vae_decoder_tiny"}
+    assert meta["tiny_vae"] == {"source": "random", "encoder": "vae_encoder_tiny/model.onnx",
+                                "decoder": "vae_decoder_tiny/model.onnx", "latent_channels": 4,
+                                "vae_scale_factor": meta["vae_scale_factor"], "scaling_factor": 1.0,
+                                "shift_factor": 0.0}
+    config = TinyVAEConfig.from_dict(json.loads((exported / "vae_decoder_tiny" / "config.json").read_text()))
+    assert config == tiny_vae.random_tiny_vae(downscale=meta["vae_scale_factor"]).config
+
+
+@torch.no_grad()
+def test_exported_tiny_vae_matches_diffusers(exported):
+    """The graphs, at a batch and size they were not traced with, against diffusers' AutoencoderTiny holding the
+    weights `random` stands for (seed 0, fitted to the tiny model's 2x downscale)."""
+    ref = diffusers_twin(tiny_vae.random_tiny_vae(seed=0, downscale=2))
+    encoder = session(exported / "vae_encoder_tiny" / "model.onnx")
+    decoder = session(exported / "vae_decoder_tiny" / "model.onnx")
+    names = [([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]) for s in (encoder, decoder)]
+    assert names == [(["sample"], ["latent_sample"]), (["latent_sample"], ["sample"])]
+    for s in (encoder, decoder):  # batch and sizes stay dynamic
+        assert all(isinstance(d, str) for a in s.get_inputs() + s.get_outputs() for d in (a.shape[0], *a.shape[2:]))
+    torch.manual_seed(2)
+    image = torch.rand(3, 3, 10, 14) * 2 - 1
+    latents = torch.randn(3, 4, 5, 7) * 2
+    for got, want in ((encoder.run(None, {"sample": image.numpy()})[0], ref.encode(image).latents),
+                      (decoder.run(None, {"latent_sample": latents.numpy()})[0], ref.decode(latents).sample)):
+        assert want.std() > 1e-3
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=0)
+
+
+def test_optimum_runs_the_tiny_graphs_as_its_vae(exported, source, tmp_path):
+    """Swapped in as optimum's vae_encoder/vae_decoder (their config.json says scaling_factor 1), the tiny graphs
+    give the images of diffusers' pipeline with pipe.vae = AutoencoderTiny."""
+    import shutil
+
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    folder = tmp_path / "optimum"
+    shutil.copytree(exported, folder)
+    for part in ("vae_encoder", "vae_decoder"):
+        shutil.rmtree(folder / part)
+        (folder / f"{part}_tiny").rename(folder / part)
+    pipe = StableDiffusionPipeline.from_pretrained(source)
+    pipe.vae = diffusers_twin(tiny_vae.random_tiny_vae(seed=0, downscale=2))
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=2, height=32, width=32, guidance_scale=7.5, output_type="np")
+    got = ORTStableDiffusionPipeline.from_pretrained(folder)("a red circle", latents=latents, **kwargs).images
+    want = pipe("a red circle", latents=latents, **kwargs).images
+    assert want.std() > 1e-3
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_bad_tiny_vae_fails_in_one_line_before_any_export(source, tmp_path, monkeypatch):
+    from sdonnx.export import cli as export_cli
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("a graph was exported before the tiny VAE was checked")
+
+    monkeypatch.setattr(export_cli.graphs, "export_component", no_export)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "taesd_encoder.safetensors").write_bytes(b"garbage")
+    (broken / "taesd_decoder.safetensors").write_bytes(b"garbage")
+    sd3_like = tmp_path / "sd3-like"  # 16 latent channels, the right 2x scale
+    reference(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+              num_decoder_blocks=(1, 1), latent_channels=16).save_pretrained(sd3_like)
+    taesd = tmp_path / "taesd"  # 4 latent channels but 8x
+    reference().save_pretrained(taesd)
+    out = tmp_path / "out"
+    cases = {tmp_path / "missing": "no such file", broken: "not a readable safetensors",
+             sd3_like: "16 latent channels but the model's VAE has 4",
+             taesd: "scales images by 8 but the model's VAE by 2", "random:sdxl": "unknown tiny VAE"}
+    for path, expected in cases.items():
+        result = run_cli(source, out, "--tiny-vae", path)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+        assert expected in lines[0], lines[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "sd3-like", "taesd"]  # nothing written
+
+
+@torch.no_grad()
+def test_real_taesd_graphs_keep_sizes_dynamic(tmp_path):
+    """The standard (8x, four-stage) TAESD exports and runs at a batch and size other than the traced one."""
+    from sdonnx.export import onnx as graphs
+    from sdonnx.export import verify
+
+    model = tiny_vae.random_tiny_vae(seed=0)
+    for component in graphs.TINY_VAE_COMPONENTS:
+        module = graphs.wrap(component, {"tiny_vae": model})
+        path = graphs.export_component(component, module,
+                                       graphs.tiny_vae_inputs(component, model.config, 1, (2, 2)),
+                                       tmp_path / component / "model.onnx")
+        inputs = graphs.tiny_vae_inputs(component, model.config, 2, (3, 5), seed=1)
+        want = module(**inputs)
+        got = verify.run_graph(path, {k: v.numpy() for k, v in inputs.items()}, threads=1)[0]
+        assert got.shape == tuple(want.shape) == ((2, 4, 3, 5) if component == "vae_encoder_tiny" else (2, 3, 24, 40))
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=0)
