@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..system import peak_rss_mb
-from . import folder, lora, onnx as graphs, optimize as opt, quantize, verify
+from . import folder, lora, onnx as graphs, optimize as opt, quantize, tiny_vae, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
 
@@ -40,6 +40,7 @@ class ExportJob:
     attention: str = "standard"  # "mha": U-Net attention as ORT's MultiHeadAttention (flash attention on CPU)
     loras: tuple = ()  # (path, scale) of LoRA files fused into the weights before export, in order
     defaults: dict = field(default_factory=dict)  # generation defaults given with --defaults (folder.parse_defaults)
+    tiny_vae: str | None = None  # --tiny-vae: a TAESD folder or file, or random; None: not exported
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -72,6 +73,8 @@ class Progress:
 
 
 def _inputs(job: ExportJob, component: str, models: dict, configs, batch: int, hw: tuple, seed: int) -> dict:
+    if component in graphs.TINY_VAE_COMPONENTS:
+        return graphs.tiny_vae_inputs(component, models["tiny_vae"].config, batch, hw, seed)
     if component == "unet_shallow":
         unet_inputs = graphs.sample_inputs("unet", configs, batch, hw, seed)
         return graphs.with_deep_features(unet_inputs, models["unet"], job.step_cache)
@@ -98,7 +101,7 @@ def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, 
 
 
 OWNERS = {"text_encoder": "text_encoder", "unet": "unet", "unet_shallow": "unet", "vae_encoder": "vae",
-          "vae_decoder": "vae"}
+          "vae_decoder": "vae", "vae_encoder_tiny": "tiny_vae", "vae_decoder_tiny": "tiny_vae"}
 
 
 def _free(models: dict, component: str, components: tuple[str, ...]) -> None:
@@ -133,14 +136,22 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     _check_attention(job)
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
+    if job.defaults.get("vae") == "tiny" and not job.tiny_vae:
+        raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
+    tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
+    parts += graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
     bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
+            # a tiny VAE of another model family's latents fails here, in one line, before any export
+            tiny_model = tiny_vae.build_tiny_vae(tiny, ckpt.configs.vae) if tiny is not None else None
             if job.static is not None and ckpt.configs.unet.is_lcm:
                 job.static = dataclasses.replace(job.static, batch=1)  # LCM: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
+            if tiny_model is not None:
+                models["tiny_vae"] = tiny_model
             fused = [{"file": path.name, "scale": scale, "layers": lora.fuse(models, pairs, scale, path.name)}
                      for path, scale, pairs in adapters]
             del adapters  # the models hold the fused weights now
@@ -173,6 +184,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET,
                       "attention": job.attention, "loras": fused}
+            tiny_entry = None if tiny_model is None else folder.write_tiny_vae(root, tiny_model.config, job.tiny_vae)
             return folder.write_metadata(
                 root, version=__version__, source=job.source,
                 family="tiny" if job.source == "tiny" else ckpt.family,
@@ -180,7 +192,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
                 components=job.components, report=report, step_cache=step_cache,
                 defaults=folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm,
-                                                    job.defaults),
+                                                    job.defaults), tiny_vae=tiny_entry,
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -310,13 +322,17 @@ def _one_line(err: BaseException) -> str:
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA (.safetensors, kohya or diffusers/PEFT layout) into the weights, at SCALE "
                    "(default 1); repeatable.")
+@click.option("--tiny-vae", "tiny_vae_source", metavar="PATH|random", default=None,
+              help="Also export a tiny VAE (TAESD) as vae_encoder_tiny/ and vae_decoder_tiny/: a diffusers "
+                   "AutoencoderTiny folder, a taesd_encoder/taesd_decoder .pth/.safetensors file or folder, or "
+                   "random (TAESD with random weights).")
 @click.option("--defaults", "defaults", metavar="KEY=VALUE,...", default="",
               help="What `sdonnx generate` runs the folder with when not told: steps, guidance, scheduler, vae "
                    "(e.g. a turbo model: steps=1,guidance=0,scheduler=euler_a).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
-           loras: tuple[str, ...], defaults: str, quiet: bool) -> None:
+           loras: tuple[str, ...], tiny_vae_source: str | None, defaults: str, quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
     random:sd-turbo, tiny) to ONNX."""
     try:
@@ -324,7 +340,8 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,
-                        loras=tuple(lora.parse_spec(spec) for spec in loras), defaults=folder.parse_defaults(defaults))
+                        loras=tuple(lora.parse_spec(spec) for spec in loras), defaults=folder.parse_defaults(defaults),
+                        tiny_vae=tiny_vae_source)
         with _sigterm_unwinds():
             meta = run_export(job, progress=not quiet)
     except Terminated:

@@ -16,7 +16,7 @@ from typing import Iterator
 from sdonnx import schedulers
 from sdonnx.model import DEFAULTS, sha256
 
-from .models.config import PRESET_DEFAULTS, ModelConfigs, UNetConfig
+from .models.config import PRESET_DEFAULTS, ModelConfigs, TinyVAEConfig, UNetConfig
 
 FORMAT = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -245,12 +245,28 @@ def generation_defaults(source: str, lcm: bool, overrides: dict | None = None) -
             **(overrides or {})}
 
 
+def write_tiny_vae(root: Path, config: TinyVAEConfig, source: str) -> dict:
+    """The tiny VAE graphs' config.json (AutoencoderTiny's, for optimum); returns sdonnx.json's tiny_vae entry.
+
+    Its graphs work in its own latent scale, like the full VAE's: decode(latents / scaling_factor + shift_factor),
+    and encode gives latent_sample, which (latent_sample - shift_factor) * scaling_factor brings to the diffusion
+    model's latents. For TAESD/TAESDXL the factors are 1 and 0.
+    """
+    for part in ("vae_encoder_tiny", "vae_decoder_tiny"):
+        write_json(root / part / "config.json", config.to_dict())
+    return {"source": str(source), "encoder": "vae_encoder_tiny/model.onnx", "decoder": "vae_decoder_tiny/model.onnx",
+            "latent_channels": config.latent_channels, "vae_scale_factor": config.downscale,
+            "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor}
+
+
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
-                   static: dict | None, report: dict, defaults: dict, step_cache: dict | None = None) -> dict:
+                   static: dict | None, report: dict, defaults: dict, step_cache: dict | None = None,
+                   tiny_vae: dict | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
 
     `defaults`: steps, guidance and scheduler (generation_defaults); the image size is the model's.
+    `tiny_vae`: write_tiny_vae's entry, when the folder holds one.
     """
     copy_tokenizer(tokenizer_dir, root)
     sched = dict(scheduler_config, prediction_type=prediction_type)
@@ -271,6 +287,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
                          height=(static or {}).get("height", pixels)),
         "static_shape": static,
         "step_cache": step_cache,
+        "tiny_vae": tiny_vae,
         "export_report": report,
     }
     write_json(root / "sdonnx.json", meta)

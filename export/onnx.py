@@ -11,7 +11,7 @@ import onnx
 import torch
 from torch import nn
 
-from .models.config import ModelConfigs
+from .models.config import ModelConfigs, TinyVAEConfig
 from .models.layers import Attention, merge_heads, split_heads
 
 OPSET = 17
@@ -19,6 +19,8 @@ TEXT_LENGTH = 77
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # with the step cache: the shallow graph, and the full U-Net's second graph file that also hands out deep features
 STEP_CACHE_COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_encoder", "vae_decoder")
+# with --tiny-vae: TAESD's graphs beside the full VAE's, with the same input and image conventions
+TINY_VAE_COMPONENTS = ("vae_encoder_tiny", "vae_decoder_tiny")
 FEATURES_FILE = "model_features.onnx"
 # protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -119,6 +121,17 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latent_sample)
 
 
+class TinyVaeEncoderGraph(nn.Module):
+    """image in [-1, 1] -> latent_sample: the tiny VAE's latents, deterministic (optimum's name for such an output)"""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor):
+        return self.vae.encode(sample)
+
+
 class _MultiHeadAttention(torch.autograd.Function):
     """q, k, v [B, S, heads * d] -> [B, S, heads * d]; traced as one com.microsoft.MultiHeadAttention node."""
 
@@ -192,7 +205,11 @@ SIGNATURES = {
     "vae_decoder": Signature(("latent_sample",), ("sample",),
                              {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
                               "sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}),
+    "vae_encoder_tiny": Signature(("sample",), ("latent_sample",),
+                                  {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
+                                   "latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}),
 }
+SIGNATURES["vae_decoder_tiny"] = SIGNATURES["vae_decoder"]
 
 
 def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None = None) -> nn.Module:
@@ -213,6 +230,10 @@ def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None =
         return VaeEncoderGraph(models["vae"]).eval()
     if component == "vae_decoder":
         return VaeDecoderGraph(models["vae"]).eval()
+    if component == "vae_encoder_tiny":
+        return TinyVaeEncoderGraph(models["tiny_vae"]).eval()
+    if component == "vae_decoder_tiny":  # the same call and signature as the full decoder's
+        return VaeDecoderGraph(models["tiny_vae"]).eval()
     raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
 
 
@@ -247,6 +268,20 @@ def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: 
     if component == "vae_decoder":
         return {"latent_sample": torch.randn(batch, lat_ch, h, w, generator=g) / configs.vae.scaling_factor}
     raise ValueError(f"unknown component {component!r}")
+
+
+def tiny_vae_inputs(component: str, cfg: TinyVAEConfig, batch: int, latent_hw: tuple[int, int], seed: int = 0
+                    ) -> dict[str, torch.Tensor]:
+    """sample_inputs for the tiny VAE: images in [-1, 1], or unit-variance diffusion
+    latents brought into its own latent scale as the runtime would."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    if component == "vae_encoder_tiny":
+        return {"sample": torch.rand(batch, cfg.in_channels, h * cfg.downscale, w * cfg.downscale, generator=g) * 2 - 1}
+    if component == "vae_decoder_tiny":
+        z = torch.randn(batch, cfg.latent_channels, h, w, generator=g)
+        return {"latent_sample": z / cfg.scaling_factor + cfg.shift_factor}
+    raise ValueError(f"unknown tiny VAE component {component!r}")
 
 
 def trace_shape(component: str, configs: ModelConfigs, static: Static | None) -> tuple[int, tuple[int, int]]:

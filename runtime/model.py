@@ -74,7 +74,7 @@ class ModelInfo:
     scheduler_config: dict
     static_shape: dict | None = None
     guidance_embedding_dim: int | None = None  # an LCM-distilled U-Net's timestep_cond width
-    tiny_scaling_factor: float | None = None  # latent scale of the tiny VAE, where the folder has one
+    tiny_scaling: tuple[float, float] | None = None  # the tiny VAE's (scaling, shift) factors, where there is one
     meta: dict = field(default_factory=dict)  # sdonnx.json, {} for optimum folders
     checks: dict = field(default_factory=dict)  # file -> "sha256 ok" | "size ok" | ...
 
@@ -86,16 +86,16 @@ class ModelInfo:
     def is_inpaint(self) -> bool:
         return is_inpainting_unet(self.unet_in_channels, self.latent_channels)
 
-    def vae(self, which: str | None) -> tuple[str, str, float]:
-        """(encoder, decoder, latent scale) of the `full` or `tiny` VAE (None: the folder's default)."""
+    def vae(self, which: str | None) -> tuple[str, str, float, float]:
+        """(encoder, decoder, scaling, shift) of the `full` or `tiny` VAE (None: the folder's default); the
+        U-Net's latents are (VAE latents - shift) * scaling."""
         which = (which or self.defaults.vae).lower()
         if which not in VAES:
             raise SdonnxError(f"unknown vae {which!r}: choose full or tiny")
-        if which == "tiny" and self.tiny_scaling_factor is None:
+        if which == "tiny" and self.tiny_scaling is None:
             raise SdonnxError(f"{self.path.name} has no tiny VAE (vae_decoder_tiny/): export it with "
                               "`sdonnx export ... --tiny-vae PATH`")
-        scale = self.scaling_factor if which == "full" else self.tiny_scaling_factor
-        return (*VAES[which], scale)
+        return (*VAES[which], *((self.scaling_factor, 0.0) if which == "full" else self.tiny_scaling))
 
     @property
     def is_lcm(self) -> bool:
@@ -154,7 +154,9 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
         prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample, bool(lcm)),
         scheduler_config={**sched_cfg, "prediction_type": prediction}, static_shape=meta.get("static_shape"),
         guidance_embedding_dim=int(lcm) if lcm else None,
-        tiny_scaling_factor=None if tiny is None else float(tiny.get("scaling_factor", 1.0)), meta=meta, checks=checks)
+        tiny_scaling=None if tiny is None else (float(tiny.get("scaling_factor", 1.0)),
+                                                float(tiny.get("shift_factor") or 0.0)),
+        meta=meta, checks=checks)
 
 
 def _infer_family(inpaint: bool, prediction: str, text_cfg: dict) -> str:

@@ -258,7 +258,7 @@ class Pipeline:
 
     def _encode(self, pixels: np.ndarray, vae: str | None = None) -> np.ndarray:
         """[-1, 1] pixels -> scaled latents; the mean of the latent distribution, so img2img is deterministic."""
-        name, _, scale = self.info.vae(vae)
+        name, _, scale, shift = self.info.vae(vae)
         with self._using(name) as encoder:
             out = encoder(sample=pixels)
         if "latent_parameters" in out:
@@ -266,12 +266,12 @@ class Pipeline:
             latents = moments[:, : moments.shape[1] // 2]
         else:  # older exports sample inside the graph; a tiny VAE's encoder gives the latents themselves
             latents = out["latent_sample"]
-        return (latents * scale).astype(np.float32)
+        return ((latents - shift) * scale).astype(np.float32)
 
     def _decode(self, latents: np.ndarray, vae: str | None = None) -> np.ndarray:
         """Scaled latents -> [0, 1] pixels (NHWC) through the `full` or `tiny` VAE decoder."""
-        _, name, scale = self.info.vae(vae)
-        raw = latents / scale
+        _, name, scale, shift = self.info.vae(vae)
+        raw = latents / scale + shift
         with self._using(name) as decoder:
             if self.tiles is None:
                 sample = decoder(latent_sample=raw)["sample"]

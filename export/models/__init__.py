@@ -1,11 +1,13 @@
 """Our PyTorch Stable Diffusion models; state_dict keys follow the diffusers/transformers layout."""
 
 from .clip import CLIPTextModel
-from .config import PRESETS, CLIPConfig, ConfigError, ModelConfigs, UNetConfig, VAEConfig, get_preset
+from .config import (PRESETS, TINY_VAE_PRESETS, CLIPConfig, ConfigError, ModelConfigs, TinyVAEConfig, UNetConfig,
+                     VAEConfig, get_preset)
+from .taesd import AutoencoderTiny
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
 __all__ = [
-    "AutoencoderKL", "CLIPConfig", "CLIPTextModel", "ConfigError", "ModelConfigs", "PRESETS",
-    "UNet2DConditionModel", "UNetConfig", "VAEConfig", "get_preset",
+    "AutoencoderKL", "AutoencoderTiny", "CLIPConfig", "CLIPTextModel", "ConfigError", "ModelConfigs", "PRESETS",
+    "TINY_VAE_PRESETS", "TinyVAEConfig", "UNet2DConditionModel", "UNetConfig", "VAEConfig", "get_preset",
 ]

@@ -127,6 +127,65 @@ class VAEConfig:
         return _write(self, header, _VAE_FIXED)
 
 
+_TINY_VAE_FIXED = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2}
+
+
+@dataclass(frozen=True)
+class TinyVAEConfig:
+    """AutoencoderTiny (diffusers defaults, which are TAESD's; TAESDXL's config is the same, only its weights differ).
+
+    Its latents are the diffusion model's scaled latents: scaling_factor 1 and shift_factor 0 for SD and SDXL.
+    latent_magnitude / latent_shift only map latents to [0, 1] for storing them as 8-bit images.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    latent_channels: int = 4
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)
+    latent_magnitude: float = 3
+    latent_shift: float = 0.5
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    force_upcast: bool = False
+
+    def __post_init__(self) -> None:
+        for part in ("encoder", "decoder"):
+            channels, blocks = getattr(self, f"{part}_block_out_channels"), getattr(self, f"num_{part}_blocks")
+            if len(channels) != len(blocks) or not channels:
+                raise ConfigError(f"TinyVAEConfig: {part} needs one block count per stage, got {channels} "
+                                  f"channels and {blocks} blocks")
+            # diffusers builds each stage's first conv from that stage's own width, so only equal widths run
+            if len(set(channels)) != 1:
+                raise ConfigError(f"TinyVAEConfig: {part}_block_out_channels must all be equal, got {channels}")
+        if len(self.encoder_block_out_channels) != len(self.decoder_block_out_channels):
+            raise ConfigError(f"TinyVAEConfig: encoder and decoder need as many stages (so one undoes the other's "
+                              f"scaling), got {len(self.encoder_block_out_channels)} and "
+                              f"{len(self.decoder_block_out_channels)}")
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side (8 for TAESD)."""
+        return 2 ** (len(self.encoder_block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TinyVAEConfig:
+        """From a diffusers AutoencoderTiny config.json."""
+        return _read(cls, d, _TINY_VAE_FIXED)
+
+    def to_dict(self) -> dict:
+        # diffusers also records the decoder widths as block_out_channels
+        header = {"_class_name": "AutoencoderTiny", "_diffusers_version": DIFFUSERS_VERSION,
+                  "block_out_channels": list(self.decoder_block_out_channels)}
+        return _write(self, header, _TINY_VAE_FIXED)
+
+
+# TAESD (SD 1.x/2.x latents) and TAESDXL (SDXL latents) share one architecture; their trained weights differ
+TINY_VAE_PRESETS: dict[str, TinyVAEConfig] = {"taesd": TinyVAEConfig(), "taesdxl": TinyVAEConfig()}
+
+
 CROSS_DOWN, DOWN, CROSS_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
 _UNET_FIXED = {

@@ -1,0 +1,193 @@
+"""The runtime with a tiny VAE (TAESD) beside the full one: whole pipelines equal diffusers' with
+pipe.vae = AutoencoderTiny on the same latents, previews, folder defaults and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from helpers import SIZE, cli_error, one_line_error, picture, square_mask
+from sdonnx.pipeline import Pipeline
+
+PROMPT, NEGATIVE = "a red circle on a blue background", "green square"
+LATENT = SIZE // 2  # the tiny test VAE downsamples by 2
+TOL = 2 / 255
+
+
+def export(*args):
+    from sdonnx.export import cli as export_cli
+
+    return CliRunner().invoke(export_cli.export, [*map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """family -> (diffusers folder, our export with --tiny-vae random, its pipeline)."""
+    import tiny_sd
+
+    root, out = tmp_path_factory.mktemp("tiny-vae"), {}
+    for family in ("sd1", "inpaint"):
+        pt = tiny_sd.save_pipeline(root / family, family, seed=1)
+        onnx = root / f"{family}-onnx"
+        result = export(pt, onnx, "--tiny-vae", "random")
+        assert result.exit_code == 0, result.output
+        out[family] = (pt, onnx, Pipeline.load(onnx))
+    return out
+
+
+def reference(cls, pt):
+    """diffusers' pipeline `cls` on the folder, its VAE swapped for the AutoencoderTiny `random` stands for."""
+    from diffusers import AutoencoderTiny
+
+    from sdonnx.export.tiny_vae import random_tiny_vae
+
+    ours = random_tiny_vae(seed=0, downscale=2)
+    tiny = AutoencoderTiny.from_config(ours.config.to_dict())
+    tiny.load_state_dict(ours.state_dict(), strict=True)
+    ref = cls.from_pretrained(pt, safety_checker=None)
+    ref.vae = tiny.eval()
+    return ref
+
+
+def noise(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+
+
+def well_conditioned(run, lat: np.ndarray, got: np.ndarray) -> None:
+    """A nudge of the latents far below the tolerance moves the reference far less than it."""
+    assert np.abs(run(lat + 1e-5) - got).max() < 0.1 * TOL
+
+
+def test_txt2img_with_the_tiny_vae_matches_diffusers(folders):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pt, _, pipe = folders["sd1"]
+    ref = reference(StableDiffusionPipeline, pt)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    lat = noise(1)
+
+    def theirs(x):
+        return ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, width=SIZE,
+                   height=SIZE, latents=torch.from_numpy(x), output_type="np").images
+
+    want = theirs(lat)
+    ours = pipe.txt2img(PROMPT, NEGATIVE, steps=4, guidance=7.5, scheduler="ddim", width=SIZE, height=SIZE,
+                        latents=lat, output_type="np", vae="tiny")
+    full = pipe.txt2img(PROMPT, NEGATIVE, steps=4, guidance=7.5, scheduler="ddim", width=SIZE, height=SIZE,
+                        latents=lat, output_type="np")
+    assert want.std() > 0.01 and np.abs(full - want).max() > 10 * TOL  # the tiny VAE draws its own picture
+    np.testing.assert_allclose(ours, want, atol=TOL, rtol=0)
+    well_conditioned(theirs, lat, want)
+
+
+def test_img2img_encodes_with_the_tiny_vae_as_diffusers(folders, monkeypatch):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as mod
+
+    pt, _, pipe = folders["sd1"]
+    lat = noise(3)
+    drawn = {"noise": lat}
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **_: torch.from_numpy(drawn["noise"]))
+    ref = reference(StableDiffusionImg2ImgPipeline, pt)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+
+    def theirs(x):
+        drawn["noise"] = x
+        return ref(PROMPT, picture(), strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=5,
+                   guidance_scale=7.5, output_type="np").images
+
+    want = theirs(lat)
+    ours = pipe.img2img(PROMPT, picture(), strength=0.6, negative_prompt=NEGATIVE, steps=5, guidance=7.5,
+                        scheduler="ddim", latents=lat, output_type="np", vae="tiny")
+    np.testing.assert_allclose(ours, want, atol=TOL, rtol=0)
+    well_conditioned(theirs, lat, want)
+
+
+@pytest.mark.parametrize("family", ["sd1", "inpaint"])
+def test_inpaint_with_the_tiny_vae_matches_diffusers(folders, family):
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline
+
+    pt, _, pipe = folders[family]
+    ref = reference(StableDiffusionInpaintPipeline, pt)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    image, mask, lat = picture(), square_mask(), noise(5)
+
+    def theirs(x):
+        return ref(PROMPT, image, mask, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=7.5,
+                   height=SIZE, width=SIZE, latents=torch.from_numpy(x), output_type="np").images[0]
+
+    want = theirs(lat)
+    ours = pipe.inpaint(PROMPT, image, mask, negative_prompt=NEGATIVE, steps=3, guidance=7.5, scheduler="euler",
+                        latents=lat, output_type="np", vae="tiny")[0]
+    inside = np.asarray(mask) >= 128  # diffusers does not paste the original back outside the mask
+    np.testing.assert_allclose(ours[inside], want[inside], atol=TOL, rtol=0)
+    well_conditioned(lambda x: theirs(x)[inside], lat, want[inside])
+
+
+def test_preview_decodes_the_current_latents(folders):
+    _, _, pipe = folders["sd1"]
+    seen = []
+
+    def callback(k, total, latents):
+        seen.append(pipe.preview(latents))
+
+    final = pipe.txt2img(PROMPT, steps=3, seed=2, width=SIZE, height=SIZE, vae="tiny", callback=callback)[0]
+    assert [len(p) for p in seen] == [1, 1, 1] and seen[0][0].size == (SIZE, SIZE)
+    # the last step's latents are the final ones: the preview of them is the picture itself
+    assert np.array_equal(np.asarray(seen[-1][0]), np.asarray(final))
+    assert not np.array_equal(np.asarray(seen[0][0]), np.asarray(final))
+    assert final.info["sdonnx"].vae == "tiny"
+
+
+def test_generate_vae_and_preview_every(folders, tmp_path, monkeypatch):
+    from sdonnx import cli, image
+
+    _, onnx, _ = folders["sd1"]
+    written = []
+    real = image.save_png
+    monkeypatch.setattr(image, "save_png", lambda img, path, params=None: written.append(path.name) or
+                        real(img, path, params))
+    out = tmp_path / "cat.png"
+    result = CliRunner().invoke(cli.main, ["generate", PROMPT, "--model", str(onnx), "--steps", "5", "--seed", "3",
+                                           "--vae", "tiny", "--preview-every", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert written == ["cat-preview.png", "cat-preview.png", "cat.png"]  # after steps 2 and 4, not the last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # the preview is gone once the image is there
+    assert "Vae: tiny" in Image.open(out).text["parameters"]
+
+
+def test_folder_default_vae(folders, tmp_path):
+    pt, _, _ = folders["sd1"]
+    out = tmp_path / "tiny-default"
+    result = export(pt, out, "--tiny-vae", "random", "--defaults", "vae=tiny,steps=2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "sdonnx.json").read_text())["defaults"]["vae"] == "tiny"
+    pipe = Pipeline.load(out)
+    assert pipe.txt2img(PROMPT, seed=1)[0].info["sdonnx"].vae == "tiny"
+    assert pipe.txt2img(PROMPT, seed=1, vae="full")[0].info["sdonnx"].vae == "full"
+
+
+def test_tiny_vae_bad_input_is_one_line(folders, tmp_path):
+    from sdonnx import cli
+
+    pt, _, pipe = folders["sd1"]
+    one_line_error(lambda: pipe.txt2img(PROMPT, steps=1, vae="small"), "unknown vae", "small")
+    # a folder without a tiny VAE: one line, no picture and no preview written
+    bare = tmp_path / "bare"
+    assert export(pt, bare).exit_code == 0
+    one_line_error(lambda: Pipeline.load(bare).txt2img(PROMPT, steps=1, vae="tiny"), "no tiny VAE", "--tiny-vae")
+    for extra in (["--vae", "tiny"], ["--preview-every", "1"]):
+        out = tmp_path / "x.png"
+        result = CliRunner().invoke(cli.main, ["generate", PROMPT, "--model", str(bare), "--steps", "2",
+                                               "-o", str(out), *extra])
+        cli_error(result, "no tiny VAE")
+        assert not out.exists() and not (tmp_path / "x-preview.png").exists()
+    cli_error(export(pt, tmp_path / "never", "--defaults", "vae=tiny"), "--tiny-vae")
+    assert not (tmp_path / "never").exists()
