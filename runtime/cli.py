@@ -212,9 +212,13 @@ def info(model_dir: Path | None, verify: bool) -> None:
                    "with --step-cache).")
 @click.option("--low-memory", is_flag=True,
               help="Load as `generate --low-memory` does and time only the txt2img runs and their steps.")
+@click.option("--vae", type=click.Choice(["full", "tiny"], case_sensitive=False),
+              help="Time the full or the tiny VAE (default: the model's).")
+@click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
+              help="Make a tiny-VAE preview every K steps of the txt2img runs, as generate does, and time them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, runs: int, scheduler: str | None,
-          cache_interval: int, low_memory: bool, as_json: bool) -> None:
+          cache_interval: int, low_memory: bool, vae: str | None, preview_every: int | None, as_json: bool) -> None:
     """Measure load time, per-component and per-step latency and peak memory of a model on this machine."""
     import json
 
@@ -223,7 +227,7 @@ def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, r
     try:
         report = run_bench(model_dir, provider, parse_size(size) if size else None, steps, runs, scheduler,
                            cache_interval=cache_interval, low_memory=low_memory,
-                           progress=lambda msg: click.echo(msg, err=True))
+                           progress=lambda msg: click.echo(msg, err=True), vae=vae, preview_every=preview_every)
     except (ValueError, OSError) as err:
         raise _fail(err) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))

@@ -191,3 +191,15 @@ def test_tiny_vae_bad_input_is_one_line(folders, tmp_path):
         assert not out.exists() and not (tmp_path / "x-preview.png").exists()
     cli_error(export(pt, tmp_path / "never", "--defaults", "vae=tiny"), "--tiny-vae")
     assert not (tmp_path / "never").exists()
+
+
+def test_bench_times_the_tiny_vae_and_previews(folders):
+    from sdonnx.bench import format_table, run_bench
+
+    _, onnx, _ = folders["sd1"]
+    report = run_bench(onnx, steps=3, runs=1, size=(SIZE, SIZE), vae="tiny", preview_every=1)
+    assert report["vae"] == "vae_decoder_tiny" and report["components_s"]["vae_decode"]["n"] == 1
+    assert report["preview_s"]["n"] == 2 and report["preview_s"]["median"] > 0  # after steps 1 and 2, not 3
+    assert "preview every 1" in format_table(report) and "VAE decode (tiny)" in format_table(report)
+    plain = run_bench(onnx, steps=2, runs=1, size=(SIZE, SIZE))
+    assert plain["vae"] == "vae_decoder" and plain["preview_s"]["n"] == 0 and "preview" not in format_table(plain)
