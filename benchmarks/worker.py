@@ -111,9 +111,9 @@ def torch_system(system: str, folder: str, size: int, steps: int, provider: str 
     pipe.set_progress_bar_config(disable=True)
     ids = pipe.tokenizer([NEGATIVE, PROMPT], padding="max_length", max_length=77, truncation=True,
                          return_tensors="np").input_ids
-    channels = int(pipe.unet.config.in_channels)
+    channels, latent = int(pipe.unet.config.in_channels), int(pipe.unet.config.out_channels)
     x = {k: torch.from_numpy(v).to(device, dtype if v.dtype == np.float32 and system.startswith("diffusers") else None)
-         for k, v in figure_inputs(size, size, pipe.vae_scale_factor, channels, channels, ctx_dim, ids).items()}
+         for k, v in figure_inputs(size, size, pipe.vae_scale_factor, channels, latent, ctx_dim, ids).items()}
     t = torch.tensor(TIMESTEP)
     clock = StepClock(back_to_back=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -100,7 +100,7 @@ def run_bench(model_dir: str | Path | None = None, provider: str = "cpu", size: 
         "guidance": info.defaults.guidance, "cache_interval": int(cache_interval), "low_memory": low_memory,
         "load_s": load_s, "components_s": components,
         "step_s": stats(clock.steps), "txt2img_s": stats(end_to_end), "peak_rss_mb": peak_rss_mb(),
-        "vae": info.vae(vae)[1], "preview_every": preview_every, "preview_s": stats(previews),
+        "vae": (vae or info.defaults.vae).lower(), "preview_every": preview_every, "preview_s": stats(previews),
         "machine": machine(),
     }
 
@@ -136,7 +136,7 @@ def format_table(report: dict) -> str:
              f"load      {report['load_s']:.2f} s",
              "",
              f"{'':<22}{'median ms':>12}{'min ms':>12}{'max ms':>12}"]
-    tiny = " (tiny)" if report.get("vae", "").endswith("_tiny") else ""
+    tiny = " (tiny)" if report.get("vae") == "tiny" else ""
     rows = [(f"text encoder 2x77", report["components_s"].get("text_encoder")),
             ("U-Net batch 2", report["components_s"].get("unet_b2")),
             ("U-Net batch 1", report["components_s"].get("unet_b1")),

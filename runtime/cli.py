@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .model import VAES
 
 # Commands that need the [export] extra (torch) are imported only when invoked,
 # so `sdonnx generate` never pays for, or requires, torch.
@@ -83,7 +84,7 @@ def _outputs(out: Path, n: int) -> list[Path]:
                    "--step-cache).")
 @click.option("--low-memory", is_flag=True,
               help="Load each component only while it runs, no memory arena, VAE decoded in tiles.")
-@click.option("--vae", type=click.Choice(["full", "tiny"], case_sensitive=False),
+@click.option("--vae", type=click.Choice(list(VAES), case_sensitive=False),
               help="Decode (and encode) with the full VAE or the tiny one (folders exported with --tiny-vae); "
                    "default: the model's.")
 @click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
@@ -108,11 +109,12 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
                    seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval,
                    vae=vae)
     preview = output.with_name(f"{output.stem}-preview{output.suffix or '.png'}") if preview_every else None
+    previewed: list = []  # set once this run wrote the preview, which then is its own to remove
     try:
         pipe = Pipeline.load(model_dir, provider=provider, low_memory=low_memory)
         if preview is not None:
             pipe.info.vae("tiny")  # a one-line error before any work when the folder has no tiny VAE
-        images = _with_progress(pipe, prompt, init_image, mask, strength, options, preview, preview_every)
+        images = _with_progress(pipe, prompt, init_image, mask, strength, options, preview, preview_every, previewed)
         # exactly what the run used (defaults and the drawn seed resolved by the pipeline)
         params = dict(images[0].info["sdonnx"].parameters(), init_image=init_image and init_image.name,
                       mask=mask and mask.name)
@@ -123,12 +125,13 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
     except (ValueError, OSError) as err:
         raise _fail(err) from None
     finally:
-        if preview is not None:
+        if previewed:
             preview.unlink(missing_ok=True)
 
 
 def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None, strength: float | None,
-                   options: dict, preview: Path | None = None, every: int | None = None) -> list:
+                   options: dict, preview: Path | None = None, every: int | None = None,
+                   previewed: list | None = None) -> list:
     """Run the task the options ask for, with a progress bar over the denoising steps; with `preview`, every
     `every` steps (not the last) the tiny VAE's picture of the first image's latents is written there."""
     from tqdm import tqdm
@@ -143,6 +146,7 @@ def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None
         bars[0].update(1)
         if preview is not None and (step + 1) % every == 0 and step + 1 < total:
             save_png(pipe.preview(latents[:1])[0], preview, {"preview": f"step {step + 1}/{total}"})
+            previewed.append(step)
 
     try:
         if mask is not None:
@@ -179,12 +183,12 @@ def info(model_dir: Path | None, verify: bool) -> None:
     loras = (m.meta.get("export_report") or {}).get("loras")
     if loras:
         click.echo("loras        " + ", ".join(f"{x['file']} x {x['scale']} ({x['layers']} layers)" for x in loras))
-    click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}"
+    click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}, {d.vae} VAE"
                + (f"; static shape {m.static_shape}" if m.static_shape else ""))
     click.echo("components")
     for name, path in m.components.items():
         size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-        click.echo(f"  {name:<13} {m.precision(name) or '?':<5} {size / 2**20:10.2f} MiB")
+        click.echo(f"  {name:<16} {m.precision(name) or '?':<5} {size / 2**20:10.2f} MiB")
     files = m.meta.get("files") or {}
     if not files:
         click.echo("checksums    none recorded")
@@ -212,7 +216,7 @@ def info(model_dir: Path | None, verify: bool) -> None:
                    "with --step-cache).")
 @click.option("--low-memory", is_flag=True,
               help="Load as `generate --low-memory` does and time only the txt2img runs and their steps.")
-@click.option("--vae", type=click.Choice(["full", "tiny"], case_sensitive=False),
+@click.option("--vae", type=click.Choice(list(VAES), case_sensitive=False),
               help="Time the full or the tiny VAE (default: the model's).")
 @click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
               help="Make a tiny-VAE preview every K steps of the txt2img runs, as generate does, and time them.")

@@ -60,9 +60,11 @@ def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, .
         "unet_b1": lambda: c["unet"](**unet1),
     }
     encoder, decoder = info.vae(vae)[:2]
-    calls["vae_decode"] = lambda: c[decoder](latent_sample=x["latents1"])
-    if encoder in c:
-        calls["vae_encode"] = lambda: c[encoder](sample=x["image"])
+    vae_decoder = pipe.component(decoder)
+    calls["vae_decode"] = lambda: vae_decoder(latent_sample=x["latents1"])
+    if encoder in info.components:
+        vae_encoder = pipe.component(encoder)
+        calls["vae_encode"] = lambda: vae_encoder(sample=x["image"])
     if info.has_step_cache and set(STEP_CACHE_FIGURES) & set(names):
         calls.update(_step_cache_calls(pipe, unet2))
     return {name: call for name, call in calls.items() if name in names}
