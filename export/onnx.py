@@ -6,6 +6,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -49,18 +50,6 @@ class Static:
         return cls(w, h)
 
 
-class TextEncoderGraph(nn.Module):
-    """input_ids -> (last_hidden_state, pooler_output)"""
-
-    def __init__(self, text_encoder: nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor):
-        hidden, pooled = self.text_encoder(input_ids)[:2]
-        return hidden, pooled
-
-
 class UNetGraph(nn.Module):
     """(sample, timestep [], encoder_hidden_states[, timestep_cond]) -> out_sample"""
 
@@ -98,29 +87,16 @@ class UNetShallowGraph(nn.Module):
                                          timestep_cond)
 
 
-class VaeEncoderGraph(nn.Module):
-    """image in [-1, 1] -> latent_parameters = concat(mean, logvar) on channels, as optimum exports it"""
+class OneInputGraph(nn.Module):
+    """A graph of one input: `run(module, x)`, the input by position (tracing) or by its graph name (checks)"""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, module: nn.Module, run: Callable[[nn.Module, torch.Tensor], object]):
         super().__init__()
-        self.vae = vae
-
-    def forward(self, sample: torch.Tensor):
-        mean, logvar = self.vae.encode(sample)
-        return torch.cat([mean, logvar], dim=1)
-
-
-class VaeMethodGraph(nn.Module):
-    """One array in, one out through a VAE's `decode` (raw latents -> image in [-1, 1]) or a tiny VAE's `encode`
-    (image -> its latents, deterministic: optimum's `latent_sample`)"""
-
-    def __init__(self, vae: nn.Module, method: str):
-        super().__init__()
-        self.vae, self.method = vae, method
+        self.module, self.run = module, run
 
     def forward(self, *args: torch.Tensor, **named: torch.Tensor):
-        (x,) = (*args, *named.values())  # the one input, by position (tracing) or by its graph name (checks)
-        return getattr(self.vae, self.method)(x)
+        (x,) = (*args, *named.values())
+        return self.run(self.module, x)
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -210,18 +186,17 @@ def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None =
         if cache_depth is None:
             raise ValueError("unet_shallow needs a step-cache depth")
         return UNetShallowGraph(models["unet"], cache_depth).eval()
-    if component == "text_encoder":
-        return TextEncoderGraph(models["text_encoder"]).eval()
+    if component == "text_encoder":  # input_ids -> (last_hidden_state, pooler_output)
+        return OneInputGraph(models["text_encoder"], lambda te, ids: tuple(te(ids)[:2])).eval()
     if component == "unet":
         return UNetGraph(models["unet"]).eval()
-    if component == "vae_encoder":
-        return VaeEncoderGraph(models["vae"]).eval()
-    if component == "vae_decoder":
-        return VaeMethodGraph(models["vae"], "decode").eval()
-    if component == "vae_encoder_tiny":
-        return VaeMethodGraph(models["tiny_vae"], "encode").eval()
-    if component == "vae_decoder_tiny":  # the same call and signature as the full decoder's
-        return VaeMethodGraph(models["tiny_vae"], "decode").eval()
+    if component == "vae_encoder":  # image in [-1, 1] -> concat(mean, logvar) on channels, as optimum exports it
+        return OneInputGraph(models["vae"], lambda vae, x: torch.cat(vae.encode(x), dim=1)).eval()
+    if component in ("vae_decoder", "vae_decoder_tiny"):  # raw latents -> image in [-1, 1]
+        return OneInputGraph(models["vae" if component == "vae_decoder" else "tiny_vae"],
+                             lambda vae, z: vae.decode(z)).eval()
+    if component == "vae_encoder_tiny":  # image -> the tiny VAE's latents, deterministic (optimum's latent_sample)
+        return OneInputGraph(models["tiny_vae"], lambda vae, x: vae.encode(x)).eval()
     raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
 
 

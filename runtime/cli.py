@@ -60,10 +60,34 @@ def _outputs(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(1, n + 1)]
 
 
+# options `generate` and `bench` share: a run is timed as it is generated
+MODEL = click.option("--model", "model_dir", type=click.Path(path_type=Path),
+                     help="Model folder (default: the bundled tiny model).")
+PROVIDER = click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+CACHE_INTERVAL = click.option("--cache-interval", type=int, default=1, show_default=True,
+                              help="Run the full U-Net every k-th step, the shallow graph in between (folders "
+                                   "exported with --step-cache).")
+LOW_MEMORY = click.option("--low-memory", is_flag=True, help="Load each component only while it runs, no memory "
+                          "arena, VAE decoded in tiles (bench: times only the txt2img runs and their steps).")
+VAE = click.option("--vae", type=click.Choice(list(VAES), case_sensitive=False),
+                   help="Decode (and encode) with the full VAE or the tiny one (folders exported with --tiny-vae); "
+                        "default: the model's.")
+PREVIEW_EVERY = click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
+                             help="Every K steps, the tiny VAE's picture of the current latents (generate: written to "
+                                  "OUT-preview.png, removed once the image is written; bench: timed).")
+
+
+
+def run_options(command):
+    """The options of how a generation runs, which `generate` and `bench` share."""
+    for option in reversed((CACHE_INTERVAL, LOW_MEMORY, VAE, PREVIEW_EVERY)):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path),
-              help="Model folder (default: the bundled tiny model).")
+@MODEL
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--steps", type=int, help="Denoising steps (default: the model's).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns it off (an LCM U-Net "
@@ -76,20 +100,10 @@ def _outputs(out: Path, n: int) -> list[Path]:
 @click.option("--strength", type=float, help="How much of --init-image to repaint, in (0, 1].")
 @click.option("--mask", type=click.Path(path_type=Path),
               help="Inpaint the white part of this mask (needs --init-image).")
-@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+@PROVIDER
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
-@click.option("--cache-interval", type=int, default=1, show_default=True,
-              help="Run the full U-Net every k-th step, the shallow graph in between (folders exported with "
-                   "--step-cache).")
-@click.option("--low-memory", is_flag=True,
-              help="Load each component only while it runs, no memory arena, VAE decoded in tiles.")
-@click.option("--vae", type=click.Choice(list(VAES), case_sensitive=False),
-              help="Decode (and encode) with the full VAE or the tiny one (folders exported with --tiny-vae); "
-                   "default: the model's.")
-@click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
-              help="Every K steps, write the tiny VAE's picture of the current latents to OUT-preview.png "
-                   "(removed once the image is written).")
+@run_options
 def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: int | None, guidance: float | None,
              scheduler: str | None, seed: int | None, width: int | None, height: int | None,
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
@@ -204,22 +218,13 @@ def info(model_dir: Path | None, verify: bool) -> None:
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path),
-              help="Model folder (default: the bundled tiny model).")
-@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+@MODEL
+@PROVIDER
 @click.option("--size", metavar="WxH", help="Image size (default: the model's).")
 @click.option("--steps", type=int, default=5, show_default=True, help="Denoising steps of each txt2img run.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed runs of each figure, after a warm-up.")
 @click.option("--scheduler", help="Sampler of the txt2img runs (default: the model's).")
-@click.option("--cache-interval", type=int, default=1, show_default=True,
-              help="Time the txt2img runs with the step cache: the full U-Net every k-th step (folders exported "
-                   "with --step-cache).")
-@click.option("--low-memory", is_flag=True,
-              help="Load as `generate --low-memory` does and time only the txt2img runs and their steps.")
-@click.option("--vae", type=click.Choice(list(VAES), case_sensitive=False),
-              help="Time the full or the tiny VAE (default: the model's).")
-@click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
-              help="Make a tiny-VAE preview every K steps of the txt2img runs, as generate does, and time them.")
+@run_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, runs: int, scheduler: str | None,
           cache_interval: int, low_memory: bool, vae: str | None, preview_every: int | None, as_json: bool) -> None:
