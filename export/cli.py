@@ -169,10 +169,15 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 _free(models, c, parts)
             for c in parts:
                 bar.step(f"optimize {c}", _optimize, work / c)
+            calibration = {"unet": feeds}  # static int8's inputs of each graph it quantizes
+            if feeds is not None and tiny_model is not None:
+                t = tiny_model.config
+                calibration[quantize.TINY_DECODER] = quantize.decoder_feeds(
+                    feeds, ckpt.configs.vae.latent_channels, t.scaling_factor, t.shift_factor)
             for c in parts:
                 scheme = bar.step(f"quantize {c}", quantize.apply, c, job.precision, ckpt.family,
                                   work / c / "opt" / "model.onnx", root / c / "model.onnx", job.int8_scheme,
-                                  feeds)
+                                  calibration.get(c))
                 job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
             _remove(work)
             step_cache = None

@@ -228,3 +228,29 @@ def test_sdonnx_info_lists_the_tiny_vae(folders):
     result = CliRunner().invoke(cli.main, ["info", str(onnx)])
     assert result.exit_code == 0, result.output
     assert "vae_decoder_tiny" in result.output and "vae_encoder_tiny" in result.output and "full VAE" in result.output
+
+
+def test_qdq_runs_the_tiny_decoder_as_static_int8(folders, tmp_path):
+    """--int8-scheme qdq also quantizes the tiny VAE's decoder (its first and last convolutions float), calibrated
+    on the U-Net calibration runs' latents; the picture stays close to the fp32 folder's."""
+    import onnx
+
+    pt, _, fp32 = folders["sd1"]
+    out = tmp_path / "qdq"
+    result = export(pt, out, "--precision", "int8", "--int8-scheme", "qdq", "--tiny-vae", "random")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "sdonnx.json").read_text())
+    assert meta["components"]["vae_decoder_tiny"]["precision"] == "int8"
+    assert "first and last convolutions kept fp32" in meta["components"]["vae_decoder_tiny"]["quantization"]["method"]
+    assert meta["components"]["vae_encoder_tiny"]["precision"] == "fp32" and meta["components"]["vae_decoder"]["precision"] == "fp32"
+    graph = onnx.load(str(out / "vae_decoder_tiny" / "model.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    quantized = [producers.get(c.input[0]) is not None and producers[c.input[0]].op_type == "DequantizeLinear"
+                 for c in convs]
+    assert quantized[1:-1] and all(quantized[1:-1]) and not quantized[0] and not quantized[-1]
+    pipe = Pipeline.load(out)
+    lat = noise(7)
+    ours = pipe.txt2img(PROMPT, steps=2, scheduler="euler", latents=lat, output_type="np", vae="tiny")
+    ref = fp32.txt2img(PROMPT, steps=2, scheduler="euler", latents=lat, output_type="np", vae="tiny")
+    assert np.abs(ours - ref).mean() < 0.02, np.abs(ours - ref).mean()
