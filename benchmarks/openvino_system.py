@@ -11,7 +11,9 @@ back: so only one compiled copy of each part is ever resident, and the peak RSS 
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -28,6 +30,8 @@ def openvino_system(folder: str, size: int, steps: int, guidance: float, precisi
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: no hub look-up (none is reachable here)
     from optimum.intel import OVStableDiffusionPipeline
 
+    if _unet_config(folder).get("time_cond_proj_dim"):
+        raise SystemExit("the OpenVINO systems run SD's guided pipeline; an LCM folder is not supported here")
     config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
     pipe = OVStableDiffusionPipeline.from_pretrained(folder, compile=False, ov_config=config)
     pipe.set_progress_bar_config(disable=True)
@@ -82,6 +86,11 @@ def openvino_system(folder: str, size: int, steps: int, guidance: float, precisi
              "threads": int(request.get_property("INFERENCE_NUM_THREADS")), "static_shapes": not dynamic,
              "versions": _versions()}
     return calls, clock, facts
+
+
+def _unet_config(folder: str) -> dict:
+    path = Path(folder) / "unet" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _shapes(part) -> dict[str, list[int] | None]:

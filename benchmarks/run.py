@@ -42,6 +42,9 @@ KNOWN = {
     "openvino-fp32-f32": ("openvino-fp32", ["--inference-precision", "f32"]),
     "openvino-int8": ("openvino-int8", []),
     "openvino-int8-f32": ("openvino-int8", ["--inference-precision", "f32"]),
+    # the same IRs with their dynamic shapes kept (optimum-intel's default; FastSD reshapes), to see what static buys
+    "openvino-fp32-dynamic": ("openvino-fp32", ["--dynamic"]),
+    "openvino-int8-dynamic": ("openvino-int8", ["--dynamic"]),
 }
 
 
