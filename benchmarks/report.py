@@ -148,11 +148,12 @@ def _peer_lines(report: dict) -> list[str]:
     if not runs:
         return []
     versions = ", ".join(f"{k} {v}" for k, v in runs[-1]["versions"].items())
-    precision = {}
+    how: dict[str, set] = {}
     for r in runs:
-        precision.setdefault(r["system"], set()).add(r.get("inference_precision"))
-    per_system = "; ".join(f"{k} {', '.join(sorted(map(str, v)))}" for k, v in precision.items())
-    return [f"OpenVINO peers (own venv): {versions}; static shapes; inference precision: {per_system}.  "]
+        shapes = "static" if r.get("static_shapes", True) else "dynamic"
+        how.setdefault(r["system"], set()).add(f"{r.get('inference_precision')} {shapes}")
+    per_system = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in how.items())
+    return [f"OpenVINO peers (own venv): {versions}. Inference precision and shapes: {per_system}.  "]
 
 
 def preparation(report: dict) -> list[str]:
