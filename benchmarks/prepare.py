@@ -24,6 +24,8 @@ FOLDERS = {
     "sdonnx-fp16": "sdonnx-fp16",  # for GPU providers (benchmarks/gpu.py)
     "openvino-fp32": "openvino-fp32",  # OpenVINO IR (optimum-cli export openvino), in the OpenVINO venv
     "openvino-int8": "openvino-int8",  # its hybrid int8 quantization (openvino_int8.py), made from openvino-fp32
+    "taesd": "taesd",  # a tiny VAE (diffusers AutoencoderTiny folder, random TAESD): the --weights sd-turbo runs
+    "optimum-fp32-tiny": "optimum-fp32-tiny",  # optimum's folder with the tiny VAE's graphs as its VAE
 }
 RECORD = "prepare.json"  # in the work folder: how long each folder took to make, and its process's peak RSS
 # the sdonnx command of this interpreter: `sdonnx` on PATH may be absent (a venv not activated) or another install's
@@ -37,6 +39,9 @@ EXPORTS = {
     "sdonnx-int8-qdq": ["--precision", "int8", "--int8-scheme", "qdq", "--attention", "mha", "--step-cache"],
     "sdonnx-fp16": ["--precision", "fp16"],
 }
+# what every export of a --weights kind adds: a turbo model's defaults (1 step, no guidance; and its qdq
+# calibration on its own unguided few-step runs); `{taesd}` is the tiny VAE's folder, exported beside the full one
+WEIGHT_EXPORTS = {"sd-turbo": ["--defaults", "steps=1,guidance=0,scheduler=euler_a", "--tiny-vae", "{taesd}"]}
 
 
 def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
@@ -60,6 +65,21 @@ def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
     folder.write_json(tmp / "scheduler" / "scheduler_config.json", ckpt.scheduler_config)
     index = folder.model_index(ckpt.configs.unet, ckpt.scheduler_config["_class_name"])
     folder.write_json(tmp / "model_index.json", index)
+    tmp.rename(out)
+    return out
+
+
+def write_taesd(out: Path, seed: int = 0) -> Path:
+    """TAESD's architecture with random weights as a diffusers AutoencoderTiny folder (what diffusers loads and
+    `sdonnx export --tiny-vae` reads), so every system decodes with the same tiny VAE."""
+    from safetensors.torch import save_file
+    from sdonnx.export import folder
+    from sdonnx.export.tiny_vae import random_tiny_vae
+
+    model = random_tiny_vae(seed=seed)
+    tmp = out.with_name(out.name + ".tmp")
+    folder.write_json(tmp / "config.json", model.config.to_dict())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
     tmp.rename(out)
     return out
 
@@ -154,17 +174,25 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
     """Create whatever of the `needed` folders is missing (default: all that the running interpreter makes, not
     those of the peers in their own venvs); returns name -> folder."""
     work.mkdir(parents=True, exist_ok=True)
-    wanted = (lambda k: k in needed) if needed is not None else (lambda k: peers.venv_of(k) is None)
+    if needed is not None and "optimum-fp32-tiny" in needed:  # made from these two
+        needed = [*needed, "optimum-fp32", "sdonnx-fp32"]
+    # default: every folder of our venv's systems, but not the tiny-VAE ones only --weights sd-turbo makes
+    wanted = ((lambda k: k in needed) if needed is not None else
+              (lambda k: peers.venv_of(k) is None and k not in ("taesd", "optimum-fp32-tiny")))
     paths = {k: work / v for k, v in FOLDERS.items() if wanted(k) or k == "weights"}
-    src = paths["weights"]
+    src, taesd = paths["weights"], work / FOLDERS["taesd"]
     if not (src / "model_index.json").is_file():
         print(f"writing {weights} weights -> {src}", file=sys.stderr, flush=True)
         {"sd15": write_random_sd15, "sd15-lcm": lambda o: write_random_sd15(o, preset="sd15-lcm"),
+         "sd-turbo": lambda o: write_random_sd15(o, preset="sd-turbo"),
          "bundled": copy_bundled, "tiny": write_tiny}[weights](src)
+    extra = [x.format(taesd=taesd) for x in WEIGHT_EXPORTS.get(weights, [])]
+    if "{taesd}" in WEIGHT_EXPORTS.get(weights, []) and not (taesd / "config.json").is_file():
+        write_taesd(taesd)
     for name, options in EXPORTS.items():
         out = paths.get(name)
         if out is not None and not (out / "sdonnx.json").is_file():
-            _record(work, name, _run([*SDONNX, "export", str(src), str(out), *options, "--force", "--quiet"],
+            _record(work, name, _run([*SDONNX, "export", str(src), str(out), *options, *extra, "--force", "--quiet"],
                                      work / f"export-{name.removeprefix('sdonnx-')}.log"))
     out = paths.get("optimum-fp32")
     if out is not None and not (out / "model_index.json").is_file():
@@ -172,8 +200,28 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
         made = _run([sys.executable, "-c", OPTIMUM_EXPORT, str(src), str(tmp)], work / "export-optimum.log")
         tmp.rename(out)
         _record(work, "optimum-fp32", made)
+    out = paths.get("optimum-fp32-tiny")
+    if out is not None and not (out / "model_index.json").is_file():
+        with_tiny_vae(paths["optimum-fp32"], paths["sdonnx-fp32"], out)
     _openvino(work, paths)
     return paths
+
+
+def with_tiny_vae(optimum: Path, ours: Path, out: Path) -> Path:
+    """optimum's folder with our export's tiny VAE graphs as its vae_decoder/vae_encoder (their config.json says
+    scaling factor 1, so optimum's pipeline scales as diffusers does with pipe.vae = AutoencoderTiny); the other
+    files are hard links, not copies."""
+    import os
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(optimum, tmp, copy_function=os.link)
+    for part in ("vae_decoder", "vae_encoder"):
+        shutil.rmtree(tmp / part)
+        shutil.copytree(ours / f"{part}_tiny", tmp / part)
+    tmp.rename(out)
+    return out
 
 
 def folder_sizes(paths: dict[str, Path]) -> dict[str, float]:

@@ -133,7 +133,8 @@ def markdown(report: dict) -> str:
                          f"| {system} | {c['runs']} | {figs} | {step} | - | - | {c['load_s']:.1f} | "
                          f"{c['peak_rss_mb']:.0f} |")
         lines.append("")
-        lines += against(report, size, systems)
+        for base in ("optimum-fp32", "optimum-fp32-tiny"):  # the second: the same pipeline with the tiny VAE
+            lines += against(report, size, systems, base)
     lines += preparation(report)
     failed = [r for r in report["runs"] if "error" in r]
     if failed:
@@ -182,8 +183,8 @@ def against(report: dict, size: str, systems: dict, base: str = "optimum-fp32") 
     lines = [f"Against {base} (fraction of its time; below 1 is faster). Mean step = a whole {steps}-step "
              "generation's step intervals averaged (prompt encoding in the first), median over runs; full / cached "
              "step = step-cache steps that run the whole U-Net / only its shallow part.", "",
-             f"| system | U-Net b2 | median step | mean step | full step | cached step | txt2img ({steps} steps) | "
-             "VAE dec | peak RSS MB |", "|---" * 9 + "|"]
+             f"| system | U-Net b2 | U-Net b1 | median step | mean step | full step | cached step | txt2img ({steps} "
+             "steps) | VAE dec | peak RSS MB |", "|---" * 10 + "|"]
 
     def ratio(c: dict, key: str, base_key: str | None = None) -> str:
         mine, theirs = c.get(key), b.get(base_key or key)
@@ -196,7 +197,8 @@ def against(report: dict, size: str, systems: dict, base: str = "optimum-fp32") 
         if not c:
             continue
         name = system + (f" (interval {c['cache_interval']})" if c.get("cache_interval") else "")
-        lines.append(f"| {name} | {ratio(c, 'unet_b2')} | {ratio(c, 'step')} | {ratio(c, 'step_mean')} | "
+        lines.append(f"| {name} | {ratio(c, 'unet_b2')} | {ratio(c, 'unet_b1')} | {ratio(c, 'step')} | "
+                     f"{ratio(c, 'step_mean')} | "
                      f"{ratio(c, 'step_full', 'step')} | {ratio(c, 'step_cached', 'step')} | {ratio(c, 'txt2img')} | "
                      f"{ratio(c, 'vae_decode')} | {c['peak_rss_mb']:.0f} |")
     return lines + [""]

@@ -36,6 +36,13 @@ KNOWN = {
     "sdonnx-int8-lowmem": ("sdonnx-int8-compact", ["--cache-interval", "{k}", "--low-memory"]),
     # static QDQ int8 convolutions (residual-stream ones float) + MultiHeadAttention, with the step cache
     "sdonnx-int8-qdq": ("sdonnx-int8-qdq", ["--cache-interval", "{k}"]),
+    # the same folders decoding (and encoding) with the tiny VAE exported beside the full one (--weights sd-turbo)
+    "sdonnx-fp32-tiny": ("sdonnx-fp32", ["--vae", "tiny"]),
+    "sdonnx-int8-tiny": ("sdonnx-int8", ["--vae", "tiny"]),
+    "sdonnx-int8-qdq-tiny": ("sdonnx-int8-qdq", ["--cache-interval", "{k}", "--vae", "tiny"]),
+    # the peers with the same tiny VAE: optimum's folder with its graphs as the VAE, diffusers with AutoencoderTiny
+    "optimum-fp32-tiny": ("optimum-fp32-tiny", []),
+    "diffusers-fp32-tiny": ("weights", ["--vae", "tiny"]),
     # OpenVINO (optimum-intel's pipeline, static shapes), in its own venv (peers.py): the fp32 IR and NNCF's hybrid
     # int8, each at OpenVINO's default inference precision (bf16 on a CPU with AVX512-BF16/AMX) and at f32
     "openvino-fp32": ("openvino-fp32", []),
@@ -81,6 +88,8 @@ def worker_command(system: str, folder: Path | str, size: int, steps: int, warmu
 
 def worker(system: str, folder: Path, size: int, args: argparse.Namespace) -> dict:
     extra = [x.format(k=args.cache_interval) for x in KNOWN[system][1]] + ["--repeat", str(args.repeat)]
+    if args.guidance is not None:
+        extra += ["--guidance", str(args.guidance)]
     return run_worker(system, folder, size, args.steps, args.warmup, args.figures, extra)
 
 
@@ -168,9 +177,11 @@ def save(report: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", choices=["sd15", "sd15-lcm", "bundled", "tiny"], default="sd15",
+    ap.add_argument("--weights", choices=["sd15", "sd15-lcm", "sd-turbo", "bundled", "tiny"], default="sd15",
                     help="sd15: SD 1.5 architecture, random weights; sd15-lcm: its LCM-distilled layout (guidance an "
-                         "input of the U-Net, LCM sampler; run it with --steps 4); bundled: the trained tiny model that ships "
+                         "input of the U-Net, LCM sampler; run it with --steps 4); sd-turbo: SD 2.1's architecture at "
+                         "512 with a random tiny VAE (TAESD) beside its VAE (run it with --steps 1 --guidance 0 "
+                         "--cache-interval 1); bundled: the trained tiny model that ships "
                          "with sdonnx (export/tiny/weights); tiny: tests/tiny_sd.py (harness check)")
     ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels, comma-separated")
     ap.add_argument("--runs", type=int, default=5, help="timed runs (fresh worker each) per system and size")
@@ -184,6 +195,8 @@ def main() -> None:
     ap.add_argument("--figures", default="text_encoder,unet_b2,unet_b1,vae_decode,vae_encode,txt2img",
                     help="which figures each worker times (a subset saves time on long generations)")
     ap.add_argument("--cache-interval", type=int, default=3, help="step-cache interval of sdonnx-int8-cache/lowmem")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="guidance scale of every system's txt2img (default: the worker's, SD's 7.5)")
     ap.add_argument("--append", action="store_true",
                     help="add the runs to results/<name>.json instead of starting it afresh (rounds continue)")
     ap.add_argument("--work", default=None, help="model folders (default: models/bench/WEIGHTS, git-ignored)")

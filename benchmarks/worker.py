@@ -32,7 +32,7 @@ from sdonnx.system import peak_rss_mb
 # every system runs SD's default guidance (LCM folders too: the same scale reaches their U-Net as an input)
 GUIDANCE, TIMESTEP = DEFAULTS["sd"].guidance, 500
 FIGURES = (*figures.FIGURES, "txt2img")
-PEERS = ("optimum-fp32", "diffusers-fp32", "diffusers-fp16")
+PEERS = ("optimum-fp32", "diffusers-fp32", "diffusers-fp16", "optimum-fp32-tiny", "diffusers-fp32-tiny")
 OPENVINO = "openvino-"  # any openvino-<name>: the folder decides what runs, the options how
 
 
@@ -49,8 +49,9 @@ def gpu_used_mb() -> float | None:
 
 # ---- the systems: each returns {figure: zero-argument callable}, and the back-to-back StepClock of its txt2img
 
-def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
-                  low_memory: bool = False, provider: str = "cpu") -> tuple[dict[str, Callable], StepClock]:
+def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1, low_memory: bool = False,
+                  provider: str = "cpu", guidance: float = GUIDANCE,
+                  vae: str = "full") -> tuple[dict[str, Callable], StepClock]:
     from sdonnx.model import scheduler_name
     from sdonnx.pipeline import Pipeline
 
@@ -63,17 +64,20 @@ def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1,
 
     def txt2img(n: int = steps):
         clock.begin()
-        pipe.txt2img(prompt, negative, steps=n, guidance=GUIDANCE, scheduler=scheduler, seed=SEED,
-                     width=size, height=size, callback=clock.tick, output_type="np", cache_interval=cache_interval)
+        pipe.txt2img(prompt, negative, steps=n, guidance=guidance, scheduler=scheduler, seed=SEED, width=size,
+                     height=size, callback=clock.tick, output_type="np", cache_interval=cache_interval, vae=vae)
 
     if low_memory:  # no component stays open between calls: only the whole generation is meaningful
         return {"txt2img": txt2img}, clock
-    return {**figures.component_calls(pipe, size, size, figures.FIGURES, GUIDANCE), "txt2img": txt2img}, clock
+    return {**figures.component_calls(pipe, size, size, figures.FIGURES, guidance, vae), "txt2img": txt2img}, clock
 
 
-def torch_system(system: str, folder: str, size: int, steps: int,
-                 provider: str = "cpu") -> tuple[dict[str, Callable], StepClock]:
-    """diffusers on PyTorch, or optimum's ORT pipeline (which runs diffusers' loop over ORT components)."""
+def torch_system(system: str, folder: str, size: int, steps: int, provider: str = "cpu", guidance: float = GUIDANCE,
+                 vae: str = "full") -> tuple[dict[str, Callable], StepClock]:
+    """diffusers on PyTorch, or optimum's ORT pipeline (which runs diffusers' loop over ORT components).
+
+    vae "tiny": diffusers with pipe.vae = AutoencoderTiny from the `taesd` folder beside the weights; optimum's
+    folder then is one whose vae_decoder/vae_encoder graphs are the tiny VAE's (prepare.py makes it)."""
     import torch
 
     device = "cuda" if provider == "cuda" else "cpu"
@@ -82,7 +86,7 @@ def torch_system(system: str, folder: str, size: int, steps: int,
         raise SystemExit(f"{system} runs on a GPU only: add --provider cuda")
 
     lcm = _unet_config(folder).get("time_cond_proj_dim")  # LCM-distilled: its own pipeline, guidance an input
-    if system == "optimum-fp32":
+    if system.startswith("optimum"):
         from optimum.onnxruntime import ORTLatentConsistencyModelPipeline, ORTStableDiffusionPipeline
 
         pipe = (ORTLatentConsistencyModelPipeline if lcm else ORTStableDiffusionPipeline).from_pretrained(folder)
@@ -98,14 +102,21 @@ def torch_system(system: str, folder: str, size: int, steps: int,
                                    torch_dtype=dtype).to(device)
         te, unet = pipe.text_encoder, pipe.unet
         ctx_dim = int(pipe.unet.config.cross_attention_dim)
+        if vae == "tiny":
+            from pathlib import Path
+
+            from diffusers import AutoencoderTiny
+
+            pipe.vae = AutoencoderTiny.from_pretrained(Path(folder).parent / "taesd", torch_dtype=dtype).to(device)
         decode = lambda z: pipe.vae.decode(z).sample  # noqa: E731
-        encode = lambda im: pipe.vae.encode(im).latent_dist.mean  # noqa: E731
+        encode = ((lambda im: pipe.vae.encode(im).latents) if vae == "tiny"  # noqa: E731
+                  else (lambda im: pipe.vae.encode(im).latent_dist.mean))
     pipe.set_progress_bar_config(disable=True)
     ids = pipe.tokenizer([NEGATIVE, PROMPT], padding="max_length", max_length=77, truncation=True,
                          return_tensors="np").input_ids
-    channels = int(pipe.unet.config.in_channels)
+    channels, latent = int(pipe.unet.config.in_channels), int(pipe.unet.config.out_channels)
     x = {k: torch.from_numpy(v).to(device, dtype if v.dtype == np.float32 and system.startswith("diffusers") else None)
-         for k, v in figure_inputs(size, size, pipe.vae_scale_factor, channels, channels, ctx_dim, ids).items()}
+         for k, v in figure_inputs(size, size, pipe.vae_scale_factor, channels, latent, ctx_dim, ids).items()}
     t = torch.tensor(TIMESTEP)
     clock = StepClock(back_to_back=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -120,13 +131,13 @@ def torch_system(system: str, folder: str, size: int, steps: int,
     if lcm:  # the guidance embedding both LCM pipelines feed their U-Net (the same numbers as our runtime's)
         from sdonnx.sampling import guidance_embedding
 
-        emb = torch.from_numpy(guidance_embedding(GUIDANCE, lcm, 2))
+        emb = torch.from_numpy(guidance_embedding(guidance, lcm, 2))
         cond = {"timestep_cond": emb.to(device, dtype) if system.startswith("diffusers") else emb}
     cond1 = {k: v[:1] for k, v in cond.items()}
 
     def txt2img(n: int = steps):
         clock.begin()
-        pipe(PROMPT, **negative, num_inference_steps=n, guidance_scale=GUIDANCE, height=size,
+        pipe(PROMPT, **negative, num_inference_steps=n, guidance_scale=guidance, height=size,
              width=size, generator=torch.Generator().manual_seed(SEED), output_type="np", callback_on_step_end=step_end)
 
     def synced(fn: Callable) -> Callable:
@@ -149,23 +160,24 @@ def torch_system(system: str, folder: str, size: int, steps: int,
 
 def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup: int,
             wanted: tuple[str, ...] = FIGURES, cache_interval: int = 1, low_memory: bool = False,
-            provider: str = "cpu", inference_precision: str | None = None, dynamic: bool = False) -> dict:
+            provider: str = "cpu", guidance: float = GUIDANCE, vae: str = "full",
+            inference_precision: str | None = None, dynamic: bool = False) -> dict:
     gpu_before = gpu_used_mb() if provider == "cuda" else None
     start = time.perf_counter()
     facts: dict = {}
     if system.startswith("sdonnx"):
-        calls, clock = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider)
+        calls, clock = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider, guidance, vae)
         guard = _nullcontext
     elif system.startswith(OPENVINO):
         import torch
         from openvino_system import openvino_system
 
-        calls, clock, facts = openvino_system(folder, size, steps, GUIDANCE, inference_precision, dynamic)
+        calls, clock, facts = openvino_system(folder, size, steps, guidance, inference_precision, dynamic)
         guard = torch.inference_mode  # the pipeline's loop (scheduler, guidance) runs on torch tensors
     else:
         import torch
 
-        calls, clock = torch_system(system, folder, size, steps, provider)
+        calls, clock = torch_system(system, folder, size, steps, provider, guidance, vae)
         guard = torch.inference_mode
     load_s = time.perf_counter() - start
     names = [f for f in FIGURES if f in wanted and f in calls]
@@ -202,7 +214,7 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
     result = {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
               "generations": generations,
               "peak_rss_mb": peak_rss_mb(), "threads": _threads(system), "cache_interval": cache_interval,
-              "low_memory": low_memory, "provider": provider, **facts}
+              "low_memory": low_memory, "provider": provider, "guidance": guidance, "vae": vae, **facts}
     if gpu_before is not None:
         # ORT's CUDA arena and PyTorch's caching allocator keep what they took, so at the end this is the peak
         after = gpu_used_mb()
@@ -250,6 +262,9 @@ def main() -> None:
     ap.add_argument("--low-memory", action="store_true", help="sdonnx only: Pipeline.load(low_memory=True)")
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: ONNX Runtime's CUDA execution provider / PyTorch on the GPU")
+    ap.add_argument("--guidance", type=float, default=GUIDANCE, help="guidance scale of the txt2img figure")
+    ap.add_argument("--vae", choices=["full", "tiny"], default="full",
+                    help="tiny: decode and encode with the tiny VAE (TAESD) in every figure")
     ap.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
                     help="openvino only: INFERENCE_PRECISION_HINT (default: OpenVINO's own choice for this CPU)")
     ap.add_argument("--dynamic", action="store_true", help="openvino only: keep the IR's dynamic shapes")
@@ -268,7 +283,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown figures: {', '.join(sorted(unknown))}")
     result = measure(a.system, a.folder, a.size, a.steps, a.repeat, a.warmup, wanted, a.cache_interval, a.low_memory,
-                     a.provider, a.inference_precision, a.dynamic)
+                     a.provider, a.guidance, a.vae, a.inference_precision, a.dynamic)
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 

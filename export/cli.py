@@ -147,8 +147,10 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                             prediction_type=job.prediction_type)
             # a tiny VAE of another model family's latents fails here, in one line, before any export
             tiny_model = tiny_vae.build_tiny_vae(tiny, ckpt.configs.vae) if tiny is not None else None
-            if job.static is not None and ckpt.configs.unet.is_lcm:
-                job.static = dataclasses.replace(job.static, batch=1)  # LCM: no [uncond, cond] batch
+            unguided = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm,
+                                                  job.defaults)["guidance"] <= 1.0
+            if job.static is not None and (ckpt.configs.unet.is_lcm or unguided):
+                job.static = dataclasses.replace(job.static, batch=1)  # LCM, turbo: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
             if tiny_model is not None:
                 models["tiny_vae"] = tiny_model
@@ -364,6 +366,6 @@ def _print_summary(job: ExportJob, meta: dict) -> None:
                f"{job.timings['total']:.1f} s, peak RSS {meta['export_report']['peak_rss_mb']:.0f} MB)")
     for name, info in meta["components"].items():
         v = info["verify"]
-        click.echo(f"  {name:<13} {info['precision']:<5} max abs err {v['max_abs_err']:.2e}  PSNR {v['psnr']} dB")
+        click.echo(f"  {name:<16} {info['precision']:<5} max abs err {v['max_abs_err']:.2e}  PSNR {v['psnr']} dB")
     for w in job.warnings:
         click.echo(f"  warning: {w}")

@@ -67,14 +67,15 @@ def _partials(out_dir: Path) -> str:
 
 
 def remove_stale_partials(out_dir: Path) -> list[Path]:
-    """Remove the partial folders of `out_dir` whose exporting process (on this host) is gone; returns them.
+    """Remove the partial folders of `out_dir` whose exporting process (on this host) is gone, and the replaced
+    folders (`.OUT.old-PID`, --force) a killed export was still deleting; returns them.
 
     Folders of live exports, of other hosts and of unknown owners (no PID in the name) stay."""
-    start = _partials(out_dir)
-    owner = re.compile(r"pid(\d+)-" + re.escape(_host()) + "-")
+    partial = re.compile(re.escape(_partials(out_dir)) + r"pid(\d+)-" + re.escape(_host()) + "-")
+    replaced = re.compile(re.escape(f".{Path(out_dir).name}.old-") + r"(\d+)$")
     stale = []
     for path in Path(out_dir).parent.iterdir():
-        found = owner.match(path.name[len(start):]) if path.name.startswith(start) else None
+        found = partial.match(path.name) or replaced.match(path.name)
         if found and path.is_dir() and not _alive(int(found[1])):
             shutil.rmtree(path, ignore_errors=True)
             stale.append(path)
@@ -115,7 +116,11 @@ def _replace(new: Path, out_dir: Path) -> None:
             old.rename(out_dir)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # SIGTERM or Ctrl-C mid-way: finish it (a second SIGTERM is ignored), then stop
+            shutil.rmtree(old, ignore_errors=True)
+            raise
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -6,6 +6,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -49,18 +50,6 @@ class Static:
         return cls(w, h)
 
 
-class TextEncoderGraph(nn.Module):
-    """input_ids -> (last_hidden_state, pooler_output)"""
-
-    def __init__(self, text_encoder: nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor):
-        hidden, pooled = self.text_encoder(input_ids)[:2]
-        return hidden, pooled
-
-
 class UNetGraph(nn.Module):
     """(sample, timestep [], encoder_hidden_states[, timestep_cond]) -> out_sample"""
 
@@ -98,38 +87,16 @@ class UNetShallowGraph(nn.Module):
                                          timestep_cond)
 
 
-class VaeEncoderGraph(nn.Module):
-    """image in [-1, 1] -> latent_parameters = concat(mean, logvar) on channels, as optimum exports it"""
+class OneInputGraph(nn.Module):
+    """A graph of one input: `run(module, x)`, the input by position (tracing) or by its graph name (checks)"""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, module: nn.Module, run: Callable[[nn.Module, torch.Tensor], object]):
         super().__init__()
-        self.vae = vae
+        self.module, self.run = module, run
 
-    def forward(self, sample: torch.Tensor):
-        mean, logvar = self.vae.encode(sample)
-        return torch.cat([mean, logvar], dim=1)
-
-
-class VaeDecoderGraph(nn.Module):
-    """raw latents -> image in [-1, 1]"""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample: torch.Tensor):
-        return self.vae.decode(latent_sample)
-
-
-class TinyVaeEncoderGraph(nn.Module):
-    """image in [-1, 1] -> latent_sample: the tiny VAE's latents, deterministic (optimum's name for such an output)"""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, sample: torch.Tensor):
-        return self.vae.encode(sample)
+    def forward(self, *args: torch.Tensor, **named: torch.Tensor):
+        (x,) = (*args, *named.values())
+        return self.run(self.module, x)
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -181,35 +148,32 @@ class Signature:
     dynamic_axes: dict
 
 
+_LATENTS = {0: "batch_size", 2: "height", 3: "width"}  # the U-Net's latent-sized tensors
+
+
+def _image_to_image(inp: str, inp_size: str, out: str, out_size: str) -> Signature:
+    """One [batch, channels, H, W] input to one output; sizes name their axes: sample_* (pixels), latent_*."""
+    return Signature((inp,), (out,), {inp: {0: "batch_size", 2: f"{inp_size}_height", 3: f"{inp_size}_width"},
+                                      out: {0: "batch_size", 2: f"{out_size}_height", 3: f"{out_size}_width"}})
+
+
 SIGNATURES = {
     "text_encoder": Signature(("input_ids",), ("last_hidden_state", "pooler_output"),
                               {"input_ids": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"},
                                "pooler_output": {0: "batch_size"}}),
     "unet": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
-                      {"sample": {0: "batch_size", 2: "height", 3: "width"},
-                       "encoder_hidden_states": {0: "batch_size"},
-                       "out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
+                      {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"}, "out_sample": _LATENTS}),
     "unet_features": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample", "deep_features"),
-                               {"sample": {0: "batch_size", 2: "height", 3: "width"},
-                                "encoder_hidden_states": {0: "batch_size"},
-                                "out_sample": {0: "batch_size", 2: "height", 3: "width"},
-                                "deep_features": {0: "batch_size", 2: "height", 3: "width"}}),
+                               {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"},
+                                "out_sample": _LATENTS, "deep_features": _LATENTS}),
     "unet_shallow": Signature(("sample", "timestep", "encoder_hidden_states", "deep_features"), ("out_sample",),
-                              {"sample": {0: "batch_size", 2: "height", 3: "width"},
-                               "encoder_hidden_states": {0: "batch_size"},
-                               "deep_features": {0: "batch_size", 2: "height", 3: "width"},
-                               "out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
-    "vae_encoder": Signature(("sample",), ("latent_parameters",),
-                             {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
-                              "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}),
-    "vae_decoder": Signature(("latent_sample",), ("sample",),
-                             {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
-                              "sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}),
-    "vae_encoder_tiny": Signature(("sample",), ("latent_sample",),
-                                  {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
-                                   "latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}),
+                              {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"},
+                               "deep_features": _LATENTS, "out_sample": _LATENTS}),
+    "vae_encoder": _image_to_image("sample", "sample", "latent_parameters", "latent"),
+    "vae_decoder": _image_to_image("latent_sample", "latent", "sample", "sample"),
+    "vae_encoder_tiny": _image_to_image("sample", "sample", "latent_sample", "latent"),
+    "vae_decoder_tiny": _image_to_image("latent_sample", "latent", "sample", "sample"),
 }
-SIGNATURES["vae_decoder_tiny"] = SIGNATURES["vae_decoder"]
 
 
 def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None = None) -> nn.Module:
@@ -222,18 +186,17 @@ def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None =
         if cache_depth is None:
             raise ValueError("unet_shallow needs a step-cache depth")
         return UNetShallowGraph(models["unet"], cache_depth).eval()
-    if component == "text_encoder":
-        return TextEncoderGraph(models["text_encoder"]).eval()
+    if component == "text_encoder":  # input_ids -> (last_hidden_state, pooler_output)
+        return OneInputGraph(models["text_encoder"], lambda te, ids: tuple(te(ids)[:2])).eval()
     if component == "unet":
         return UNetGraph(models["unet"]).eval()
-    if component == "vae_encoder":
-        return VaeEncoderGraph(models["vae"]).eval()
-    if component == "vae_decoder":
-        return VaeDecoderGraph(models["vae"]).eval()
-    if component == "vae_encoder_tiny":
-        return TinyVaeEncoderGraph(models["tiny_vae"]).eval()
-    if component == "vae_decoder_tiny":  # the same call and signature as the full decoder's
-        return VaeDecoderGraph(models["tiny_vae"]).eval()
+    if component == "vae_encoder":  # image in [-1, 1] -> concat(mean, logvar) on channels, as optimum exports it
+        return OneInputGraph(models["vae"], lambda vae, x: torch.cat(vae.encode(x), dim=1)).eval()
+    if component in ("vae_decoder", "vae_decoder_tiny"):  # raw latents -> image in [-1, 1]
+        return OneInputGraph(models["vae" if component == "vae_decoder" else "tiny_vae"],
+                             lambda vae, z: vae.decode(z)).eval()
+    if component == "vae_encoder_tiny":  # image -> the tiny VAE's latents, deterministic (optimum's latent_sample)
+        return OneInputGraph(models["tiny_vae"], lambda vae, x: vae.encode(x)).eval()
     raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
 
 

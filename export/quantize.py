@@ -104,9 +104,9 @@ METHODS = {
     "none": "none (ORT basic graph optimizations only)",
     "fp16": "fp16 weights and activations; fp32 I/O and {fp16_kept} kept fp32",
     "dynamic": _DYNAMIC + "; convolutions kept fp32",
-    "qdq": "static QDQ int8 convolutions (per-channel weights, uint8 activations calibrated on guided sampling runs "
-           "of our models; conv_in/conv_out and the convolutions reading the residual stream (shortcuts, "
-           "down/upsamplers, proj_out) kept fp32) + " + _DYNAMIC,
+    "qdq": "static QDQ int8 convolutions (per-channel weights, uint8 activations calibrated on sampling runs "
+           "of our models, run as the folder's defaults say; conv_in/conv_out and the convolutions reading "
+           "the residual stream (shortcuts, down/upsamplers, proj_out) kept fp32) + " + _DYNAMIC,
     "compact": _DYNAMIC + "; convolution weights stored int8 (per output channel) and dequantized per call "
                           "(DequantizeLinear -> fp32 Conv): a third of the size and memory, conv_in/conv_out kept fp32",
 }

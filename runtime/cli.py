@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .model import VAES
 
 # Commands that need the [export] extra (torch) are imported only when invoked,
 # so `sdonnx generate` never pays for, or requires, torch.
@@ -59,10 +60,34 @@ def _outputs(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(1, n + 1)]
 
 
+# options `generate` and `bench` share: a run is timed as it is generated
+MODEL = click.option("--model", "model_dir", type=click.Path(path_type=Path),
+                     help="Model folder (default: the bundled tiny model).")
+PROVIDER = click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+CACHE_INTERVAL = click.option("--cache-interval", type=int, default=1, show_default=True,
+                              help="Run the full U-Net every k-th step, the shallow graph in between (folders "
+                                   "exported with --step-cache).")
+LOW_MEMORY = click.option("--low-memory", is_flag=True, help="Load each component only while it runs, no memory "
+                          "arena, VAE decoded in tiles (bench: times only the txt2img runs and their steps).")
+VAE = click.option("--vae", type=click.Choice(list(VAES), case_sensitive=False),
+                   help="Decode (and encode) with the full VAE or the tiny one (folders exported with --tiny-vae); "
+                        "default: the model's.")
+PREVIEW_EVERY = click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
+                             help="Every K steps, the tiny VAE's picture of the current latents (generate: written to "
+                                  "OUT-preview.png, removed once the image is written; bench: timed).")
+
+
+
+def run_options(command):
+    """The options of how a generation runs, which `generate` and `bench` share."""
+    for option in reversed((CACHE_INTERVAL, LOW_MEMORY, VAE, PREVIEW_EVERY)):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path),
-              help="Model folder (default: the bundled tiny model).")
+@MODEL
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--steps", type=int, help="Denoising steps (default: the model's).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale; <= 1 turns it off (an LCM U-Net "
@@ -75,20 +100,10 @@ def _outputs(out: Path, n: int) -> list[Path]:
 @click.option("--strength", type=float, help="How much of --init-image to repaint, in (0, 1].")
 @click.option("--mask", type=click.Path(path_type=Path),
               help="Inpaint the white part of this mask (needs --init-image).")
-@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+@PROVIDER
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
-@click.option("--cache-interval", type=int, default=1, show_default=True,
-              help="Run the full U-Net every k-th step, the shallow graph in between (folders exported with "
-                   "--step-cache).")
-@click.option("--low-memory", is_flag=True,
-              help="Load each component only while it runs, no memory arena, VAE decoded in tiles.")
-@click.option("--vae", type=click.Choice(["full", "tiny"], case_sensitive=False),
-              help="Decode (and encode) with the full VAE or the tiny one (folders exported with --tiny-vae); "
-                   "default: the model's.")
-@click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
-              help="Every K steps, write the tiny VAE's picture of the current latents to OUT-preview.png "
-                   "(removed once the image is written).")
+@run_options
 def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: int | None, guidance: float | None,
              scheduler: str | None, seed: int | None, width: int | None, height: int | None,
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
@@ -108,11 +123,12 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
                    seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval,
                    vae=vae)
     preview = output.with_name(f"{output.stem}-preview{output.suffix or '.png'}") if preview_every else None
+    previewed: list = []  # set once this run wrote the preview, which then is its own to remove
     try:
         pipe = Pipeline.load(model_dir, provider=provider, low_memory=low_memory)
         if preview is not None:
             pipe.info.vae("tiny")  # a one-line error before any work when the folder has no tiny VAE
-        images = _with_progress(pipe, prompt, init_image, mask, strength, options, preview, preview_every)
+        images = _with_progress(pipe, prompt, init_image, mask, strength, options, preview, preview_every, previewed)
         # exactly what the run used (defaults and the drawn seed resolved by the pipeline)
         params = dict(images[0].info["sdonnx"].parameters(), init_image=init_image and init_image.name,
                       mask=mask and mask.name)
@@ -123,12 +139,13 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
     except (ValueError, OSError) as err:
         raise _fail(err) from None
     finally:
-        if preview is not None:
+        if previewed:
             preview.unlink(missing_ok=True)
 
 
 def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None, strength: float | None,
-                   options: dict, preview: Path | None = None, every: int | None = None) -> list:
+                   options: dict, preview: Path | None = None, every: int | None = None,
+                   previewed: list | None = None) -> list:
     """Run the task the options ask for, with a progress bar over the denoising steps; with `preview`, every
     `every` steps (not the last) the tiny VAE's picture of the first image's latents is written there."""
     from tqdm import tqdm
@@ -143,6 +160,7 @@ def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None
         bars[0].update(1)
         if preview is not None and (step + 1) % every == 0 and step + 1 < total:
             save_png(pipe.preview(latents[:1])[0], preview, {"preview": f"step {step + 1}/{total}"})
+            previewed.append(step)
 
     try:
         if mask is not None:
@@ -179,12 +197,12 @@ def info(model_dir: Path | None, verify: bool) -> None:
     loras = (m.meta.get("export_report") or {}).get("loras")
     if loras:
         click.echo("loras        " + ", ".join(f"{x['file']} x {x['scale']} ({x['layers']} layers)" for x in loras))
-    click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}"
+    click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}, {d.vae} VAE"
                + (f"; static shape {m.static_shape}" if m.static_shape else ""))
     click.echo("components")
     for name, path in m.components.items():
         size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-        click.echo(f"  {name:<13} {m.precision(name) or '?':<5} {size / 2**20:10.2f} MiB")
+        click.echo(f"  {name:<16} {m.precision(name) or '?':<5} {size / 2**20:10.2f} MiB")
     files = m.meta.get("files") or {}
     if not files:
         click.echo("checksums    none recorded")
@@ -200,21 +218,16 @@ def info(model_dir: Path | None, verify: bool) -> None:
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path),
-              help="Model folder (default: the bundled tiny model).")
-@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+@MODEL
+@PROVIDER
 @click.option("--size", metavar="WxH", help="Image size (default: the model's).")
 @click.option("--steps", type=int, default=5, show_default=True, help="Denoising steps of each txt2img run.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed runs of each figure, after a warm-up.")
 @click.option("--scheduler", help="Sampler of the txt2img runs (default: the model's).")
-@click.option("--cache-interval", type=int, default=1, show_default=True,
-              help="Time the txt2img runs with the step cache: the full U-Net every k-th step (folders exported "
-                   "with --step-cache).")
-@click.option("--low-memory", is_flag=True,
-              help="Load as `generate --low-memory` does and time only the txt2img runs and their steps.")
+@run_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, runs: int, scheduler: str | None,
-          cache_interval: int, low_memory: bool, as_json: bool) -> None:
+          cache_interval: int, low_memory: bool, vae: str | None, preview_every: int | None, as_json: bool) -> None:
     """Measure load time, per-component and per-step latency and peak memory of a model on this machine."""
     import json
 
@@ -223,7 +236,7 @@ def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, r
     try:
         report = run_bench(model_dir, provider, parse_size(size) if size else None, steps, runs, scheduler,
                            cache_interval=cache_interval, low_memory=low_memory,
-                           progress=lambda msg: click.echo(msg, err=True))
+                           progress=lambda msg: click.echo(msg, err=True), vae=vae, preview_every=preview_every)
     except (ValueError, OSError) as err:
         raise _fail(err) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))

@@ -43,9 +43,10 @@ def figure_inputs(width: int, height: int, factor: int, unet_channels: int, late
 
 
 def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, ...] = FIGURES + STEP_CACHE_FIGURES,
-                    guidance: float | None = None) -> dict[str, Callable[[], object]]:
+                    guidance: float | None = None, vae: str | None = None) -> dict[str, Callable[[], object]]:
     """One zero-argument call per figure in `names` that the folder has, on `figure_inputs` of the run's shapes;
-    an LCM U-Net gets the guidance input of `guidance` (default: the model's)."""
+    an LCM U-Net gets the guidance input of `guidance` (default: the model's), the VAE figures time the `vae`
+    ("full" or "tiny"; default: the model's)."""
     info, c = pipe.info, pipe.components
     x = figure_inputs(width, height, info.vae_scale_factor, info.unet_in_channels, info.latent_channels,
                       _context_dim(pipe), pipe.tokenizer([NEGATIVE, PROMPT]))
@@ -57,10 +58,13 @@ def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, .
         "text_encoder": lambda: c["text_encoder"](input_ids=x["ids"]),
         "unet_b2": lambda: c["unet"](**unet2),
         "unet_b1": lambda: c["unet"](**unet1),
-        "vae_decode": lambda: c["vae_decoder"](latent_sample=x["latents1"]),
     }
-    if "vae_encoder" in c:
-        calls["vae_encode"] = lambda: c["vae_encoder"](sample=x["image"])
+    encoder, decoder = info.vae(vae)[:2]
+    vae_decoder = pipe.component(decoder)
+    calls["vae_decode"] = lambda: vae_decoder(latent_sample=x["latents1"])
+    if encoder in info.components:
+        vae_encoder = pipe.component(encoder)
+        calls["vae_encode"] = lambda: vae_encoder(sample=x["image"])
     if info.has_step_cache and set(STEP_CACHE_FIGURES) & set(names):
         calls.update(_step_cache_calls(pipe, unet2))
     return {name: call for name, call in calls.items() if name in names}

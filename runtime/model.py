@@ -154,7 +154,7 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
         prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample, bool(lcm)),
         scheduler_config={**sched_cfg, "prediction_type": prediction}, static_shape=meta.get("static_shape"),
         guidance_embedding_dim=int(lcm) if lcm else None,
-        tiny_scaling=None if tiny is None else (float(tiny.get("scaling_factor", 1.0)),
+        tiny_scaling=None if tiny is None else (float(tiny.get("scaling_factor") or 1.0),
                                                 float(tiny.get("shift_factor") or 0.0)),
         meta=meta, checks=checks)
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from . import image as imaging
 from . import sampling, schedulers
-from .model import ModelInfo, default_model_dir, read_model
+from .model import VAES, ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
 from .errors import SdonnxError
 from .session import Component, SessionConfig, session_config
@@ -23,8 +23,7 @@ from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
 
 TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
-# loaded up front unless low_memory
-EAGER = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny", "vae_decoder_tiny")
+EAGER = ("text_encoder", "unet")  # loaded up front unless low_memory, with the folder's default VAE
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,9 @@ class Pipeline:
             session_options = {"cpu_arena": False, "mem_pattern": False, **session_options}
             return_freed_memory()
         config = session_config(provider, **session_options)
+        eager = (*EAGER, *info.vae(None)[:2])
         components = {} if low_memory else {name: Component(path, config) for name, path in info.components.items()
-                                            if name in EAGER}
+                                            if name in eager}
         tokenizer = CLIPTokenizer.from_dir(info.path / "tokenizer")
         return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None)
 
@@ -166,6 +166,10 @@ class Pipeline:
         if static and (width, height) != (static["width"], static["height"]):
             raise SdonnxError(f"this model was exported for {static['width']}x{static['height']} only, "
                               f"not {width}x{height}")
+        if self.info.unet_in_channels != self.info.latent_channels and not self.info.is_inpaint:
+            raise SdonnxError(f"{self.info.path.name}: a U-Net of {self.info.unet_in_channels} input channels is "
+                              f"neither a text-to-image ({self.info.latent_channels}) nor an inpainting one "
+                              f"({2 * self.info.latent_channels + 1}); it is not supported")
         if int(num_images) < 1:
             raise SdonnxError(f"num_images must be at least 1, got {num_images}")
         steps = int(steps if steps is not None else d.steps)
@@ -273,19 +277,23 @@ class Pipeline:
         _, name, scale, shift = self.info.vae(vae)
         raw = latents / scale + shift
         with self._using(name) as decoder:
-            if self.tiles is None:
+            if self.tiles is None or name == VAES["tiny"][1]:  # the tiny decoder needs little memory: never tiled
                 sample = decoder(latent_sample=raw)["sample"]
             else:
                 sample = decode_tiled(lambda z: decoder(latent_sample=z)["sample"], raw, self.tiles,
                                       self.info.vae_scale_factor)
         if not np.isfinite(sample).all():
-            raise SdonnxError("the VAE decoder produced NaN/inf (an fp16 overflow?): use an fp32 vae_decoder; "
-                              "no image was written")
+            raise SdonnxError(f"{name} produced NaN/inf (an fp16 overflow?): use an fp32 {name}")
         return imaging.decoded_to_unit(sample)
 
     def preview(self, latents: np.ndarray) -> list[Image.Image]:
         """A quick look at a run's current latents (a step callback's third argument) through the tiny VAE."""
         return imaging.to_pil(self._decode(latents, "tiny"))
+
+    def component(self, name: str) -> Component:
+        """The open session of component `name`, opened now if it is not yet (not in low-memory mode)."""
+        with self._using(name) as component:
+            return component
 
     def guidance_input(self, w: float, batch: int) -> dict[str, np.ndarray]:
         """An LCM U-Net's `timestep_cond` input for guidance scale w ({} for other U-Nets)."""

@@ -291,15 +291,16 @@ def test_sigterm_leaves_nothing(tmp_path):
 
 
 def test_next_export_removes_partials_of_dead_exports(sources, tmp_path):
-    """A killed export (SIGKILL) leaves its partial folder; the next export to the same OUT removes it, but
-    never the folder of a live export, of an unknown owner or of another OUT."""
+    """A killed export (SIGKILL) leaves its partial folder (or the half-deleted old OUT of --force); the next export
+    to the same OUT removes it, but never the folder of a live export, of an unknown owner or of another OUT."""
     out = tmp_path / "out"
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    dead = tmp_path / (folder.partial_prefix(out, ended.pid) + "dead")
+    dead = [tmp_path / (folder.partial_prefix(out, ended.pid) + "dead"), tmp_path / f".out.old-{ended.pid}"]
     keep = [tmp_path / (folder.partial_prefix(out, os.getpid()) + "live"), tmp_path / ".out.partial-unknown",
-            tmp_path / (folder.partial_prefix(tmp_path / "other", ended.pid) + "other")]
-    for path in [dead, *keep]:
+            tmp_path / (folder.partial_prefix(tmp_path / "other", ended.pid) + "other"),
+            tmp_path / f".out.old-{os.getpid()}", tmp_path / f".other.old-{ended.pid}"]
+    for path in [*dead, *keep]:
         (path / "unet").mkdir(parents=True)
     handler = signal.getsignal(signal.SIGTERM)
     assert run_cli(sources["sd1"][1], out).exit_code == 0

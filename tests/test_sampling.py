@@ -56,22 +56,38 @@ def test_step_cache_runs_the_full_graph_every_interval():
     np.testing.assert_array_equal(shallow.calls[3]["deep_features"], full.calls[1]["sample"] * 2.0)  # step 5: step 3
 
 
-def test_denoise_appends_inpainting_channels_and_reimposes():
+def test_denoise_appends_the_inpainting_channels():
+    unet, ctx = Recorder(), contexts()
+    sched = create("euler", {}, 3)
+    rng = np.random.default_rng(3)
+    extra = np.ones((1, 5, 2, 2), np.float32)
+    start = sampling.Start(0, rng.standard_normal((1, 4, 2, 2)).astype(np.float32) * sched.init_noise_sigma,
+                           extra=extra)
+    steps = []
+    sampling.denoise(sched, start, sampling.every_step(sampling.guided(unet, ctx, 2.0)), rng,
+                     lambda k, total, lat: steps.append((k, total)))
+    assert steps == [(0, 3), (1, 3), (2, 3)]
+    assert all(c["sample"].shape == (2, 9, 2, 2) and np.array_equal(c["sample"][:, 4:], np.ones((2, 5, 2, 2)))
+               for c in unet.calls)
+
+
+def test_denoise_reimposes_the_known_latents_outside_the_mask():
     unet, ctx = Recorder(), contexts()
     sched = create("euler_a", {}, 4)
     rng = np.random.default_rng(3)
     keep = rng.standard_normal((1, 4, 2, 2)).astype(np.float32)
+    noise = rng.standard_normal((1, 4, 2, 2)).astype(np.float32)
     mask = np.zeros((1, 1, 2, 2), np.float32)
     mask[..., 0, 0] = 1.0
-    extra = np.ones((1, 5, 2, 2), np.float32)
     start = sampling.Start(0, rng.standard_normal((1, 4, 2, 2)).astype(np.float32) * sched.init_noise_sigma,
-                           extra=extra, keep=keep, keep_mask=mask, noise=rng.standard_normal((1, 4, 2, 2)))
-    steps = []
+                           keep=keep, keep_mask=mask, noise=noise)
+    seen = []
     out = sampling.denoise(sched, start, sampling.every_step(sampling.guided(unet, ctx, 2.0)), rng,
-                           lambda k, total, lat: steps.append((k, total)))
-    assert steps == [(0, 4), (1, 4), (2, 4), (3, 4)]
-    assert all(c["sample"].shape == (2, 9, 2, 2) for c in unet.calls)
-    np.testing.assert_allclose(out[..., 1:, :], keep[..., 1:, :], atol=1e-6)  # outside the mask: the clean latents
+                           lambda k, total, lat: seen.append(lat))
+    assert all(c["sample"].shape == (2, 4, 2, 2) for c in unet.calls)
+    # after step 1, outside the mask: the clean latents noised to step 2's level; after the last, the clean ones
+    np.testing.assert_allclose(seen[1][..., 1:, :], sched.add_noise(keep, noise, 2)[..., 1:, :], atol=1e-5)
+    np.testing.assert_allclose(out[..., 1:, :], keep[..., 1:, :], atol=1e-6)
     assert not np.allclose(out[..., 0, 0], keep[..., 0, 0])
 
 
@@ -96,7 +112,9 @@ def test_pipeline_reports_the_settings_it_used():
     assert np.array_equal(np.asarray(first), np.asarray(again))  # the reported seed reproduces the picture
     other = pipe.img2img("a red circle", first, strength=0.5, steps=4, guidance=2.0, seed=4)[0].info["sdonnx"]
     assert (other.strength, other.guidance, other.seed, other.steps) == (0.5, 2.0, 4, 4)
-    assert s.parameters()["size"] == f"{d.width}x{d.height}" and "cache_interval" in s.parameters()
+    assert s.parameters()["size"] == f"{d.width}x{d.height}" and s.parameters()["cache_interval"] is None
+    cached = pipe.txt2img("a red circle", steps=4, cache_interval=2, seed=1)[0].info["sdonnx"]
+    assert cached.parameters()["cache_interval"] == 2
 
 
 @pytest.mark.parametrize("seed", [None, 11])

@@ -191,3 +191,40 @@ def test_tiny_vae_bad_input_is_one_line(folders, tmp_path):
         assert not out.exists() and not (tmp_path / "x-preview.png").exists()
     cli_error(export(pt, tmp_path / "never", "--defaults", "vae=tiny"), "--tiny-vae")
     assert not (tmp_path / "never").exists()
+
+
+def test_bench_times_the_tiny_vae_and_previews(folders):
+    from sdonnx.bench import format_table, run_bench
+
+    _, onnx, _ = folders["sd1"]
+    report = run_bench(onnx, steps=3, runs=1, size=(SIZE, SIZE), vae="tiny", preview_every=1)
+    assert report["vae"] == "tiny" and report["components_s"]["vae_decode"]["n"] == 1
+    assert report["preview_s"]["n"] == 2 and report["preview_s"]["median"] > 0  # after steps 1 and 2, not 3
+    assert "preview every 1" in format_table(report) and "VAE decode (tiny)" in format_table(report)
+    plain = run_bench(onnx, steps=2, runs=1, size=(SIZE, SIZE))
+    assert plain["vae"] == "full" and plain["preview_s"]["n"] == 0 and "preview" not in format_table(plain)
+
+
+def test_preview_with_low_memory_and_several_images(folders, tmp_path):
+    from sdonnx import cli
+
+    _, onnx, _ = folders["sd1"]
+    out = tmp_path / "two.png"
+    result = CliRunner().invoke(cli.main, ["generate", PROMPT, "--model", str(onnx), "--steps", "3", "--seed", "1",
+                                           "--low-memory", "--num-images", "2", "--preview-every", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two-1.png", "two-2.png"]
+    # a file of the preview's name that this run did not write is not this run's to remove
+    (tmp_path / "mine-preview.png").write_bytes(b"not ours")
+    result = CliRunner().invoke(cli.main, ["generate", PROMPT, "--model", str(tmp_path / "missing"),
+                                           "--preview-every", "1", "-o", str(tmp_path / "mine.png")])
+    assert result.exit_code != 0 and (tmp_path / "mine-preview.png").read_bytes() == b"not ours"
+
+
+def test_sdonnx_info_lists_the_tiny_vae(folders):
+    from sdonnx import cli
+
+    _, onnx, _ = folders["sd1"]
+    result = CliRunner().invoke(cli.main, ["info", str(onnx)])
+    assert result.exit_code == 0, result.output
+    assert "vae_decoder_tiny" in result.output and "vae_encoder_tiny" in result.output and "full VAE" in result.output

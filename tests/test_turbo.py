@@ -154,3 +154,19 @@ def test_bad_defaults_fail_in_one_line_and_write_nothing(turbo, tmp_path):
     result = CliRunner().invoke(export_cli.export, [str(pt), str(out), "--quiet", "--defaults", "steps=zero"])
     assert result.exit_code != 0 and "steps=zero" in result.output and "Traceback" not in result.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_static_unguided_export_runs_the_unet_at_batch_one(turbo, tmp_path):
+    """A turbo model's U-Net is called at batch 1 (no classifier-free batch): --static fixes that batch, and qdq
+    calibrates at it."""
+    pt, _, _ = turbo
+    out = tmp_path / "static"
+    result = CliRunner().invoke(export_cli.export, [str(pt), str(out), "--quiet", "--static", f"{SIZE}x{SIZE}",
+                                                    "--precision", "int8", "--int8-scheme", "qdq",
+                                                    "--defaults", "steps=1,guidance=0,scheduler=euler"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "sdonnx.json").read_text())
+    assert meta["static_shape"]["batch"] == 1
+    pipe = Pipeline.load(out)
+    assert pipe.components["unet"].fixed_batch == 1
+    assert pipe.txt2img(PROMPT, seed=1, output_type="np").std() > 0.01
