@@ -1,12 +1,13 @@
 """The OpenVINO peers for worker.py: optimum-intel's OVStableDiffusionPipeline on an OpenVINO IR folder.
 
 Imported by worker.py in the OpenVINO venv only (benchmarks/peers.py). Static shapes, as FastSD runs it: the
-pipeline is reshaped to one prompt at the run's size (U-Net batch 2 for guidance, text encoder and VAE batch 1)
-and compiled. A figure whose inputs have another shape (the text encoder at batch 2, the U-Net at batch 1) gets
+pipeline is reshaped to one prompt at the run's size (U-Net batch 2 for guidance, batch 1 at a guidance scale <= 1,
+where diffusers' pipeline drops the unconditional half; text encoder and VAE batch 1) and compiled. A figure whose inputs have another shape (the text encoder at batch 2, the U-Net at batch 1) gets
 its part reshaped and recompiled in its untimed `setup`, and the generation's setup puts the pipeline's shapes
 back: so only one compiled copy of each part is ever resident, and the peak RSS stays the pipeline's own.
 `precision` None keeps OpenVINO's default inference precision (bf16 on a CPU with AVX512-BF16 or AMX);
-"f32" sets INFERENCE_PRECISION_HINT.
+"f32" sets INFERENCE_PRECISION_HINT. A folder whose VAE is the tiny one (openvino_tiny_vae.py) runs and times it
+like the full one: the pipeline takes its scaling factor (1) and downscale from the tiny VAE's config.json.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def openvino_system(folder: str, size: int, steps: int, guidance: float, precisi
     pipe.set_progress_bar_config(disable=True)
     if not dynamic:
         pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+        if guidance <= 1:  # no classifier-free batch (turbo at guidance 0): the pipeline calls its U-Net at batch 1
+            pipe.unet.model.reshape(_batch(_shapes(pipe.unet), 1))
     pipe.compile()
     parts = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder,
              "vae_encoder": pipe.vae_encoder}
@@ -84,13 +87,19 @@ def openvino_system(folder: str, size: int, steps: int, guidance: float, precisi
     request = pipe.unet.request
     facts = {"inference_precision": request.get_property("INFERENCE_PRECISION_HINT").to_string(),
              "threads": int(request.get_property("INFERENCE_NUM_THREADS")), "static_shapes": not dynamic,
-             "versions": _versions()}
+             "vae": _vae_kind(folder), "versions": _versions()}
     return calls, clock, facts
 
 
 def _unet_config(folder: str) -> dict:
     path = Path(folder) / "unet" / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _vae_kind(folder: str) -> str:
+    """"tiny" where the folder's VAE is the tiny one (openvino_tiny_vae.py), so the VAE figures time TAESD."""
+    config = json.loads((Path(folder) / "vae_decoder" / "config.json").read_text())
+    return "tiny" if config.get("_class_name") == "AutoencoderTiny" else "full"
 
 
 def _shapes(part) -> dict[str, list[int] | None]:
