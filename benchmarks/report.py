@@ -162,8 +162,9 @@ def preparation(report: dict) -> list[str]:
     made, sizes = report.get("prepare", {}), report.get("folder_mib", {})
     if not made:
         return []
-    lines = ["## Preparation", "", "Each folder's export in its own process (made once per weights; the openvino-int8 "
-             "folder is quantized from openvino-fp32, so its time comes on top of that one's).", "",
+    lines = ["## Preparation", "", "Each folder's export in its own process (made once per weights; a folder made from "
+             "another, e.g. openvino-int8 quantized from openvino-fp32, names it: its time comes on top of that "
+             "one's).", "",
              "| folder | export s | export peak RSS MB | size MiB |", "|---|---|---|---|"]
     for name, mib in sizes.items():
         m = made.get(name, {})
@@ -219,7 +220,7 @@ def chart(report: dict, path: Path) -> Path | None:
     colors = {"sdonnx-fp32": "#1f77b4", "sdonnx-int8": "#17becf", "optimum-fp32": "#ff7f0e", "diffusers-fp32": "#d62728",
               "sdonnx-int8-cache": "#2ca02c", "sdonnx-int8-lowmem": "#98df8a", "sdonnx-int8-qdq": "#9467bd",
               "openvino-fp32": "#8c564b", "openvino-fp32-f32": "#c49c94", "openvino-int8": "#e377c2",
-              "openvino-int8-f32": "#f7b6d2"}
+              "openvino-int8-f32": "#f7b6d2", "openvino-fp32-tiny": "#bcbd22", "openvino-int8-tiny": "#dbdb8d"}
     for ax, size in zip(axes[0], sizes):
         # with a step cache the steps differ, so every system is drawn by its mean step
         key = "step_mean" if any(c.get("cache_interval") for c in s[size].values()) else "step"

@@ -52,6 +52,10 @@ KNOWN = {
     # the same IRs with their dynamic shapes kept (optimum-intel's default; FastSD reshapes), to see what static buys
     "openvino-fp32-dynamic": ("openvino-fp32", ["--dynamic"]),
     "openvino-int8-dynamic": ("openvino-int8", ["--dynamic"]),
+    # the same pipeline with the tiny VAE, as optimum-fp32-tiny: the two IRs with our export's tiny graphs
+    # converted to IR as their VAE (default precision; the tiny VAE's weights fp32 in both)
+    "openvino-fp32-tiny": ("openvino-fp32-tiny", []),
+    "openvino-int8-tiny": ("openvino-int8-tiny", []),
 }
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-OPENVINO_SYSTEMS = ("openvino-fp32", "openvino-fp32-f32", "openvino-int8", "openvino-int8-f32")
+OPENVINO_SYSTEMS = ("openvino-fp32", "openvino-fp32-f32", "openvino-int8", "openvino-int8-f32", "openvino-fp32-tiny",
+                    "openvino-int8-tiny")
 OPENVINO_PYTHON = BENCH.parent / "models" / "peers" / "openvino" / "bin" / "python"  # peers.py's own place
 
 
@@ -50,6 +51,9 @@ def test_openvino_systems_run_with_the_openvino_venv(bench, fake_venv):
     assert cmd[1:3] == ["openvino-int8-f32", str(Path("/w/openvino-int8"))]
     assert cmd[-2:] == ["--inference-precision", "f32"]
     assert run.KNOWN["openvino-int8"] == ("openvino-int8", [])  # OpenVINO's own default precision
+    # the tiny-VAE systems: their own folders, OpenVINO's default precision like optimum-fp32-tiny's peer
+    assert run.KNOWN["openvino-fp32-tiny"] == ("openvino-fp32-tiny", [])
+    assert run.KNOWN["openvino-int8-tiny"] == ("openvino-int8-tiny", [])
 
 
 def test_missing_venv_is_one_line(bench, tmp_path, monkeypatch):
@@ -83,8 +87,7 @@ def test_openvino_folders_commands_and_record(bench, fake_venv, tmp_path, monkey
 
     monkeypatch.setattr(prepare, "_run", fake_run)
     work = tmp_path / "work"
-    (work / "diffusers").mkdir(parents=True)
-    (work / "diffusers" / "model_index.json").write_text("{}")
+    _fake_weights(work / "diffusers")
     paths = prepare.prepare(work, "tiny", ["openvino-int8"])
     assert set(paths) == {"weights", "openvino-int8"}
     export, quantize = commands
@@ -108,12 +111,94 @@ def test_default_prepare_leaves_the_peer_venvs_alone(bench, tmp_path, monkeypatc
     monkeypatch.setattr(peers, "VENVS", tmp_path / "none")  # a venv's folder asked for would exit here
     monkeypatch.setattr(prepare, "_run", lambda cmd, log, env=None: None)
     monkeypatch.setattr(prepare, "OPTIMUM_EXPORT", "pass")
-    (tmp_path / "diffusers").mkdir()
-    (tmp_path / "diffusers" / "model_index.json").write_text("{}")
+    _fake_weights(tmp_path / "diffusers")
     (tmp_path / "optimum-fp32").mkdir()
     (tmp_path / "optimum-fp32" / "model_index.json").write_text("{}")
     paths = prepare.prepare(tmp_path, "tiny")
     assert not any(k.startswith("openvino") for k in paths) and "sdonnx-int8-qdq" in paths
+    assert not set(prepare.TINY_FROM) & set(paths)  # the tiny-VAE folders only when a system asks for them
+
+
+def _fake_weights(folder: Path) -> None:
+    """A stand-in diffusers folder: what prepare reads of it (its VAE's stages; the tiny weights' VAE has two)."""
+    (folder / "vae").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [32, 64]}))
+
+
+def test_openvino_tiny_vae_folders_plan(bench, fake_venv, tmp_path, monkeypatch):
+    """openvino-int8-tiny: the int8 IR (after the fp32 one) and our fp32 export with the tiny VAE, then
+    openvino_tiny_vae.py in the venv; the tiny weights' exports carry a TAESD of their VAE's 2x downscale, written
+    beside the weights for diffusers; an export made before without the tiny VAE is made again."""
+    _, prepare, _, report = bench
+    commands = []
+
+    def fake_run(cmd, log, env=None):
+        commands.append(cmd)
+        if "optimum-cli" in cmd[0]:
+            out = Path(cmd[-1])
+        elif cmd[1:4] == ["-m", "sdonnx", "export"]:
+            out = Path(cmd[5])
+            (out / "vae_decoder_tiny").mkdir(parents=True)
+            (out / "vae_decoder_tiny" / "model.onnx").write_text("")
+            (out / "sdonnx.json").write_text("{}")
+            return {"seconds": 1.0, "peak_rss_mb": 1.0, "command": cmd, "finished": "now"}
+        else:
+            out = Path(cmd[-1] if cmd[1].endswith("openvino_tiny_vae.py") else cmd[3])
+        out.mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+        return {"seconds": 10.0, "peak_rss_mb": 100.0, "command": cmd, "finished": "now"}
+
+    monkeypatch.setattr(prepare, "_run", fake_run)
+    work = tmp_path / "work"
+    _fake_weights(work / "diffusers")
+    (work / "sdonnx-fp32").mkdir()
+    (work / "sdonnx-fp32" / "sdonnx.json").write_text("{}")  # an export from before the tiny VAE: made again
+    paths = prepare.prepare(work, "tiny", ["openvino-int8-tiny"])
+    assert set(paths) == {"weights", "openvino-int8-tiny", "openvino-int8", "sdonnx-fp32"}
+    ours, export, quantize, tiny = commands
+    assert ours[4:7] == [str(work / "diffusers"), str(work / "sdonnx-fp32"), "--precision"]
+    assert ours[ours.index("--tiny-vae") + 1] == str(work / "taesd")
+    assert export[1:3] == ["export", "openvino"] and quantize[1] == str(BENCH / "openvino_int8.py")
+    assert tiny == [str(fake_venv), str(BENCH / "openvino_tiny_vae.py"), str(work / "openvino-int8"),
+                    str(work / "sdonnx-fp32"), str(work / "openvino-int8-tiny")]
+    taesd = json.loads((work / "taesd" / "config.json").read_text())
+    assert taesd["_class_name"] == "AutoencoderTiny" and len(taesd["decoder_block_out_channels"]) == 2
+    assert prepare.preparation(work, ["openvino-int8-tiny"])["openvino-int8-tiny"]["after"] == "openvino-int8"
+    prepare.prepare(work, "tiny", ["openvino-int8-tiny"])
+    assert len(commands) == 4  # all there now: nothing is made again
+
+
+def test_openvino_tiny_vae_replaces_only_the_vae(bench, tmp_path, monkeypatch):
+    """openvino_tiny_vae.py (no OpenVINO needed here: the conversion is stubbed): every other file of the OpenVINO
+    folder is a hard link, vae_decoder/ and vae_encoder/ hold the converted tiny graphs and their config.json."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import openvino_tiny_vae as tool
+
+    base, ours = tmp_path / "openvino-fp32", tmp_path / "sdonnx-fp32"
+    for part in ("unet", "vae_decoder", "vae_encoder"):
+        (base / part).mkdir(parents=True)
+        (base / part / "openvino_model.xml").write_text(f"full {part}")
+    (base / "model_index.json").write_text("{}")
+    for part in ("vae_decoder_tiny", "vae_encoder_tiny"):
+        (ours / part).mkdir(parents=True)
+        (ours / part / "model.onnx").write_text(part)
+        (ours / part / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny", "scaling_factor": 1.0}))
+
+    def fake_convert(onnx, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / tool.IR).write_text("IR of " + onnx.read_text())
+        (out_dir / "config.json").write_text((onnx.parent / "config.json").read_text())
+
+    monkeypatch.setattr(tool, "convert", fake_convert)
+    out = tool.with_tiny_vae(base, ours, tmp_path / "openvino-fp32-tiny")
+    assert (out / "unet" / tool.IR).stat().st_ino == (base / "unet" / tool.IR).stat().st_ino
+    assert (out / "model_index.json").stat().st_ino == (base / "model_index.json").stat().st_ino
+    assert (out / "vae_decoder" / tool.IR).read_text() == "IR of vae_decoder_tiny"
+    assert (out / "vae_encoder" / tool.IR).read_text() == "IR of vae_encoder_tiny"
+    assert json.loads((out / "vae_decoder" / "config.json").read_text())["scaling_factor"] == 1.0
+    assert (base / "vae_decoder" / tool.IR).read_text() == "full vae_decoder"  # the source folder is untouched
+    assert not (tmp_path / "openvino-fp32-tiny.tmp").exists()
 
 
 def test_worker_refuses_openvino_options_elsewhere():
@@ -139,7 +224,9 @@ def test_report_shows_the_openvino_precision(bench):
 @pytest.mark.skipif(not OPENVINO_PYTHON.is_file(), reason="no OpenVINO venv (python benchmarks/peers.py setup openvino)")
 def test_openvino_worker_on_the_tiny_model(tmp_path, monkeypatch):
     """End to end in the real venv: the fp32 IR of the tiny pipeline, timed by worker.py at f32 with static shapes:
-    every figure, one step callback per U-Net call of PNDM, the precision OpenVINO really compiled."""
+    every figure, one step callback per U-Net call of PNDM, the precision OpenVINO really compiled. Then the same
+    IR with the tiny VAE (openvino-fp32-tiny), unguided: its VAE figures and generation run the tiny decoder, which
+    decodes as our exported graph and as diffusers' AutoencoderTiny from the taesd folder (diffusers-fp32-tiny's)."""
     from tiny_sd import save_pipeline
 
     monkeypatch.syspath_prepend(str(BENCH))
@@ -147,7 +234,7 @@ def test_openvino_worker_on_the_tiny_model(tmp_path, monkeypatch):
     import run
 
     save_pipeline(tmp_path / "diffusers", "sd1")
-    folders = prepare.prepare(tmp_path, "tiny", ["openvino-fp32"])
+    folders = prepare.prepare(tmp_path, "tiny", ["openvino-fp32", "openvino-fp32-tiny"])
     assert (folders["openvino-fp32"] / "unet" / "openvino_model.xml").is_file()
     assert json.loads((tmp_path / prepare.RECORD).read_text())["openvino-fp32"]["peak_rss_mb"] > 0
     folder, extra = run.KNOWN["openvino-fp32-f32"]
@@ -156,3 +243,39 @@ def test_openvino_worker_on_the_tiny_model(tmp_path, monkeypatch):
     assert set(res["times_s"]) == set(figures)
     assert all(t[0] > 0 for t in res["times_s"].values())
     assert res["inference_precision"] == "f32" and res["static_shapes"] and len(res["step_s"]) == 3
+    assert res["vae"] == "full"
+
+    # unguided, as turbo runs: the static U-Net must then be batch 1 (the pipeline drops the unconditional half)
+    tiny = run.run_worker("openvino-fp32-tiny", folders["openvino-fp32-tiny"], 64, 2, 1, "vae_decode,vae_encode,txt2img",
+                          [*run.KNOWN["openvino-fp32-tiny"][1], "--guidance", "0"])
+    assert tiny["vae"] == "tiny" and all(t[0] > 0 for t in tiny["times_s"].values()) and len(tiny["step_s"]) == 3
+    _tiny_decoders_agree(folders, tmp_path)
+
+
+def _tiny_decoders_agree(folders: dict, tmp_path: Path) -> None:
+    """The tiny decoder as OpenVINO IR (f32), as our ONNX graph and as diffusers' AutoencoderTiny: one output."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from diffusers import AutoencoderTiny
+
+    z = (np.random.default_rng(0).standard_normal((1, 4, 8, 8)) * 2).astype(np.float32)  # into the soft clamp
+    np.save(tmp_path / "z.npy", z)
+    script = ("import sys, numpy as np, openvino as ov; d, e, z, out = sys.argv[1:]; "
+              "m = ov.Core().compile_model(d, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'}); "
+              "np.save(out, m(np.load(z))[0]); "
+              "print(ov.Core().read_model(d).output(0).get_any_name(), ov.Core().read_model(e).output(0).get_any_name())")
+    ir = folders["openvino-fp32-tiny"]
+    done = subprocess.run([str(OPENVINO_PYTHON), "-c", script, str(ir / "vae_decoder" / "openvino_model.xml"),
+                           str(ir / "vae_encoder" / "openvino_model.xml"), str(tmp_path / "z.npy"),
+                           str(tmp_path / "ov.npy")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["sample", "latent_sample"]  # the names optimum-intel's pipeline reads
+    openvino = np.load(tmp_path / "ov.npy")
+    session = ort.InferenceSession(str(folders["sdonnx-fp32"] / "vae_decoder_tiny" / "model.onnx"))
+    ours = session.run(None, {"latent_sample": z})[0]
+    with torch.no_grad():
+        theirs = AutoencoderTiny.from_pretrained(tmp_path / "taesd").eval().decode(torch.from_numpy(z)).sample.numpy()
+    assert theirs.shape == (1, 3, 16, 16) and theirs.std() > 1e-3
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(openvino, theirs, atol=1e-4, rtol=0)
