@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import peers
 
 # every system reads these folders, so all of them run the SAME weights
 FOLDERS = {
@@ -18,9 +22,19 @@ FOLDERS = {
     "sdonnx-int8-compact": "sdonnx-int8-compact",
     "sdonnx-int8-qdq": "sdonnx-int8-qdq",
     "sdonnx-fp16": "sdonnx-fp16",  # for GPU providers (benchmarks/gpu.py)
+    "openvino-fp32": "openvino-fp32",  # OpenVINO IR (optimum-cli export openvino), in the OpenVINO venv
+    "openvino-int8": "openvino-int8",  # its hybrid int8 quantization (openvino_int8.py), made from openvino-fp32
     "taesd": "taesd",  # a tiny VAE (diffusers AutoencoderTiny folder, random TAESD): the --weights sd-turbo runs
     "optimum-fp32-tiny": "optimum-fp32-tiny",  # optimum's folder with the tiny VAE's graphs as its VAE
+    # the OpenVINO folders with those graphs converted to IR as their VAE (openvino_tiny_vae.py, in the venv)
+    "openvino-fp32-tiny": "openvino-fp32-tiny",
+    "openvino-int8-tiny": "openvino-int8-tiny",
 }
+# a tiny-VAE folder -> the folders it is made from (the other one's VAE replaced by our export's tiny graphs)
+TINY_FROM = {"optimum-fp32-tiny": ("optimum-fp32", "sdonnx-fp32"),
+             "openvino-fp32-tiny": ("openvino-fp32", "sdonnx-fp32"),
+             "openvino-int8-tiny": ("openvino-int8", "sdonnx-fp32")}
+RECORD = "prepare.json"  # in the work folder: how long each folder took to make, and its process's peak RSS
 # the sdonnx command of this interpreter: `sdonnx` on PATH may be absent (a venv not activated) or another install's
 SDONNX = [sys.executable, "-m", "sdonnx"]
 # sdonnx export options of our folders
@@ -34,7 +48,9 @@ EXPORTS = {
 }
 # what every export of a --weights kind adds: a turbo model's defaults (1 step, no guidance; and its qdq
 # calibration on its own unguided few-step runs); `{taesd}` is the tiny VAE's folder, exported beside the full one
-WEIGHT_EXPORTS = {"sd-turbo": ["--defaults", "steps=1,guidance=0,scheduler=euler_a", "--tiny-vae", "{taesd}"]}
+# (the tiny weights get one too, at their VAE's 2x downscale, so the tiny-VAE systems can be checked in seconds)
+WEIGHT_EXPORTS = {"sd-turbo": ["--defaults", "steps=1,guidance=0,scheduler=euler_a", "--tiny-vae", "{taesd}"],
+                  "tiny": ["--tiny-vae", "{taesd}"]}
 
 
 def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
@@ -62,19 +78,26 @@ def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
     return out
 
 
-def write_taesd(out: Path, seed: int = 0) -> Path:
+def write_taesd(out: Path, seed: int = 0, downscale: int = 8) -> Path:
     """TAESD's architecture with random weights as a diffusers AutoencoderTiny folder (what diffusers loads and
-    `sdonnx export --tiny-vae` reads), so every system decodes with the same tiny VAE."""
+    `sdonnx export --tiny-vae` reads), so every system decodes with the same tiny VAE; `downscale`: the full VAE's
+    (another number of stages, e.g. 2 for the tiny test weights)."""
     from safetensors.torch import save_file
     from sdonnx.export import folder
     from sdonnx.export.tiny_vae import random_tiny_vae
 
-    model = random_tiny_vae(seed=seed)
+    model = random_tiny_vae(seed=seed, downscale=downscale)
     tmp = out.with_name(out.name + ".tmp")
     folder.write_json(tmp / "config.json", model.config.to_dict())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
     tmp.rename(out)
     return out
+
+
+def vae_downscale(weights: Path) -> int:
+    """How much the diffusers folder's VAE scales images down (2 per stage after the first)."""
+    config = json.loads((weights / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def write_tiny(out: Path) -> Path:
@@ -99,27 +122,87 @@ def copy_bundled(out: Path) -> Path:
     return out
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    """Each export in its own process, so its memory is returned before the next one starts."""
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Each export in its own process, so its memory is returned before the next one starts; its wall time and
+    peak RSS (the process's own, from wait4, which the harness reports as the system's preparation cost)."""
     start = time.perf_counter()
     print(f"  $ {' '.join(cmd)}", file=sys.stderr, flush=True)
     with open(log, "w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
-    print(f"    done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+    print(f"    done in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "command": cmd,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def _record(work: Path, name: str, made: dict | None) -> None:
+    """Keep what making `name` cost in the work folder's record (folders made before the record existed have none)."""
+    if not made:
+        return
+    path = work / RECORD
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[name] = made
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def preparation(work: Path, names: list[str]) -> dict[str, dict]:
+    """What making each of these folders cost, where recorded."""
+    path = work / RECORD
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: record[k] for k in names if k in record}
 
 
 OPTIMUM_EXPORT = "from optimum.exporters.onnx import main_export; import sys; " \
                  "main_export(sys.argv[1], sys.argv[2], task='text-to-image')"
 
 
+def _openvino(work: Path, paths: dict[str, Path]) -> None:
+    """The OpenVINO folders, each made by the OpenVINO venv (peers.py) into a temporary folder first."""
+    if "openvino-fp32" not in paths and "openvino-int8" not in paths:
+        return
+    src = paths["weights"]
+    python = peers.interpreter("openvino-fp32")
+    fp32 = paths.get("openvino-fp32") or work / FOLDERS["openvino-fp32"]  # the int8 folder is made from it
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local folders: no hub look-up
+    if not (fp32 / "model_index.json").is_file():
+        tmp = fp32.with_name(fp32.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
+        cli = str(Path(python).with_name("optimum-cli"))
+        made = _run([cli, "export", "openvino", "--model", str(src), "--task", "text-to-image",
+                     "--weight-format", "fp32", str(tmp)], work / "export-openvino-fp32.log", env)
+        tmp.rename(fp32)
+        _record(work, "openvino-fp32", made)
+    out = paths.get("openvino-int8")
+    if out is not None and not (out / "model_index.json").is_file():
+        from sdonnx.export.quantize import CALIBRATION_PROMPTS  # the prompts our qdq export calibrates on
+
+        prompts = [x for p in CALIBRATION_PROMPTS for x in ("--prompt", p)]
+        made = _run([python, str(Path(__file__).with_name("openvino_int8.py")), str(fp32), str(out), *prompts],
+                    work / "export-openvino-int8.log", env)
+        _record(work, "openvino-int8", made and {**made, "after": "openvino-fp32"})
+    for name in ("openvino-fp32-tiny", "openvino-int8-tiny"):
+        out = paths.get(name)
+        if out is not None and not (out / "model_index.json").is_file():
+            base, ours = (paths[k] for k in TINY_FROM[name])
+            made = _run([python, str(Path(__file__).with_name("openvino_tiny_vae.py")), str(base), str(ours), str(out)],
+                        work / f"export-{name}.log", env)
+            _record(work, name, made and {**made, "after": base.name})
+
+
 def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[str, Path]:
-    """Create whatever of the `needed` folders (default: all) is missing; returns name -> folder."""
+    """Create whatever of the `needed` folders is missing (default: all that the running interpreter makes, not
+    those of the peers in their own venvs); returns name -> folder."""
     work.mkdir(parents=True, exist_ok=True)
-    if needed is not None and "optimum-fp32-tiny" in needed:  # made from these two
-        needed = [*needed, "optimum-fp32", "sdonnx-fp32"]
-    paths = {k: work / v for k, v in FOLDERS.items() if needed is None or k in needed or k == "weights"}
+    if needed is not None:  # a tiny-VAE folder is made from two others
+        needed = [*needed, *(k for n in needed for k in TINY_FROM.get(n, ()))]
+    # default: every folder of our venv's systems, but not the tiny-VAE ones
+    wanted = ((lambda k: k in needed) if needed is not None else
+              (lambda k: peers.venv_of(k) is None and k != "taesd" and k not in TINY_FROM))
+    paths = {k: work / v for k, v in FOLDERS.items() if wanted(k) or k == "weights"}
     src, taesd = paths["weights"], work / FOLDERS["taesd"]
     if not (src / "model_index.json").is_file():
         print(f"writing {weights} weights -> {src}", file=sys.stderr, flush=True)
@@ -128,21 +211,29 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
          "bundled": copy_bundled, "tiny": write_tiny}[weights](src)
     extra = [x.format(taesd=taesd) for x in WEIGHT_EXPORTS.get(weights, [])]
     if "{taesd}" in WEIGHT_EXPORTS.get(weights, []) and not (taesd / "config.json").is_file():
-        write_taesd(taesd)
+        write_taesd(taesd, downscale=vae_downscale(src))
     for name, options in EXPORTS.items():
         out = paths.get(name)
-        if out is not None and not (out / "sdonnx.json").is_file():
-            _run([*SDONNX, "export", str(src), str(out), *options, *extra, "--force", "--quiet"],
-                 work / f"export-{name.removeprefix('sdonnx-')}.log")
+        if out is not None and not _exported(out, extra):
+            _record(work, name, _run([*SDONNX, "export", str(src), str(out), *options, *extra, "--force", "--quiet"],
+                                     work / f"export-{name.removeprefix('sdonnx-')}.log"))
     out = paths.get("optimum-fp32")
     if out is not None and not (out / "model_index.json").is_file():
         tmp = out.with_name(out.name + ".tmp")
-        _run([sys.executable, "-c", OPTIMUM_EXPORT, str(src), str(tmp)], work / "export-optimum.log")
+        made = _run([sys.executable, "-c", OPTIMUM_EXPORT, str(src), str(tmp)], work / "export-optimum.log")
         tmp.rename(out)
+        _record(work, "optimum-fp32", made)
     out = paths.get("optimum-fp32-tiny")
     if out is not None and not (out / "model_index.json").is_file():
         with_tiny_vae(paths["optimum-fp32"], paths["sdonnx-fp32"], out)
+    _openvino(work, paths)
     return paths
+
+
+def _exported(out: Path, extra: list[str]) -> bool:
+    """Our export is there, with the tiny VAE the weights' options ask for (an earlier export may lack it)."""
+    tiny = "--tiny-vae" in extra
+    return (out / "sdonnx.json").is_file() and (not tiny or (out / "vae_decoder_tiny" / "model.onnx").is_file())
 
 
 def with_tiny_vae(optimum: Path, ours: Path, out: Path) -> Path:

@@ -31,6 +31,8 @@ def bounds(report: dict, size: int, batch: int) -> dict:
 
 
 def _bound_for(system: str, b: dict) -> float | None:
+    if system.startswith("openvino"):  # bf16 by default, int8 convolutions with float matmuls: no bound of ours fits
+        return None
     if "qdq" in system:
         return b.get("int8_qdq")
     return b.get("int8_matmul_fp32_conv" if "int8" in system else "fp32")
@@ -62,6 +64,9 @@ def summarize(report: dict) -> dict:
                 cell["step_full"] = _stats([t for g in gens for j, t in enumerate(g) if j and j % k == 0])
                 cell["step_cached"] = _stats([t for g in gens for j, t in enumerate(g) if j % k])
             cell["low_memory"] = any(r.get("low_memory") for r in runs)
+            precision = sorted({r["inference_precision"] for r in runs if r.get("inference_precision")})
+            if precision:  # OpenVINO: what its compiled U-Net really ran at (its default follows the CPU)
+                cell["inference_precision"] = ", ".join(precision)
             cell["load_s"] = statistics.median(r["load_s"] for r in runs)
             cell["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
             gpu = [r["gpu_mem_mb"] for r in runs if r.get("gpu_mem_mb") is not None]
@@ -96,6 +101,7 @@ def markdown(report: dict) -> str:
              f"transformers {m['transformers']}, optimum-onnx {m['optimum']}, numpy {m['numpy']}.  ",
              f"Measured matmul peak: fp32 {max(peak['fp32'], peak.get('numpy_fp32', 0)) / 1e9:.0f} GFLOP/s, "
              f"int8 (u8s8) {peak['int8'] / 1e9:.0f} GOP/s.  ",
+             *_peer_lines(report),
              f"Started {report['started']}, finished {report.get('finished', '(unfinished)')}.  ",
              f"Command: `{report['command']}`", ""]
     for extra in report.get("appended", []):
@@ -129,11 +135,44 @@ def markdown(report: dict) -> str:
         lines.append("")
         for base in ("optimum-fp32", "optimum-fp32-tiny"):  # the second: the same pipeline with the tiny VAE
             lines += against(report, size, systems, base)
+    lines += preparation(report)
     failed = [r for r in report["runs"] if "error" in r]
     if failed:
         lines += [f"{len(failed)} worker run(s) failed: " +
                   ", ".join(f"{r['system']} {r['size']} round {r['round'] + 1}" for r in failed), ""]
     return "\n".join(lines)
+
+
+def _peer_lines(report: dict) -> list[str]:
+    """The OpenVINO peers' own package versions and inference precision (they run in their own venv)."""
+    runs = [r for r in report["runs"] if r.get("versions")]
+    if not runs:
+        return []
+    versions = ", ".join(f"{k} {v}" for k, v in runs[-1]["versions"].items())
+    how: dict[str, set] = {}
+    for r in runs:
+        shapes = "static" if r.get("static_shapes", True) else "dynamic"
+        how.setdefault(r["system"], set()).add(f"{r.get('inference_precision')} {shapes}")
+    per_system = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in how.items())
+    return [f"OpenVINO peers (own venv): {versions}. Inference precision and shapes: {per_system}.  "]
+
+
+def preparation(report: dict) -> list[str]:
+    """What each folder cost to make (wall time and peak RSS of its export process) and its size on disk."""
+    made, sizes = report.get("prepare", {}), report.get("folder_mib", {})
+    if not made:
+        return []
+    lines = ["## Preparation", "", "Each folder's export in its own process (made once per weights; a folder made from "
+             "another, e.g. openvino-int8 quantized from openvino-fp32, names it: its time comes on top of that "
+             "one's).", "",
+             "| folder | export s | export peak RSS MB | size MiB |", "|---|---|---|---|"]
+    for name, mib in sizes.items():
+        m = made.get(name, {})
+        after = f" (+ {m['after']})" if m.get("after") else ""
+        seconds = f"{m['seconds']:.0f}{after}" if m else "-"
+        rss = f"{m['peak_rss_mb']:.0f}" if m else "-"
+        lines.append(f"| {name} | {seconds} | {rss} | {mib:.0f} |")
+    return lines + [""]
 
 
 def against(report: dict, size: str, systems: dict, base: str = "optimum-fp32") -> list[str]:
@@ -179,7 +218,9 @@ def chart(report: dict, path: Path) -> Path | None:
     sizes = list(s)
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
     colors = {"sdonnx-fp32": "#1f77b4", "sdonnx-int8": "#17becf", "optimum-fp32": "#ff7f0e", "diffusers-fp32": "#d62728",
-              "sdonnx-int8-cache": "#2ca02c", "sdonnx-int8-lowmem": "#98df8a", "sdonnx-int8-qdq": "#9467bd"}
+              "sdonnx-int8-cache": "#2ca02c", "sdonnx-int8-lowmem": "#98df8a", "sdonnx-int8-qdq": "#9467bd",
+              "openvino-fp32": "#8c564b", "openvino-fp32-f32": "#c49c94", "openvino-int8": "#e377c2",
+              "openvino-int8-f32": "#f7b6d2", "openvino-fp32-tiny": "#bcbd22", "openvino-int8-tiny": "#dbdb8d"}
     for ax, size in zip(axes[0], sizes):
         # with a step cache the steps differ, so every system is drawn by its mean step
         key = "step_mean" if any(c.get("cache_interval") for c in s[size].values()) else "step"

@@ -1,4 +1,4 @@
-"""Compare sdonnx (fp32, int8), optimum's ORT pipeline and diffusers on the same weights; write JSON, table, chart.
+"""Compare sdonnx (fp32, int8), optimum's ORT pipeline, diffusers and OpenVINO on the same weights; write JSON, table, chart.
 
     python benchmarks/run.py --weights sd15 --sizes 256,512 --runs 5 --steps 3
 
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import peers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -41,6 +43,19 @@ KNOWN = {
     # the peers with the same tiny VAE: optimum's folder with its graphs as the VAE, diffusers with AutoencoderTiny
     "optimum-fp32-tiny": ("optimum-fp32-tiny", []),
     "diffusers-fp32-tiny": ("weights", ["--vae", "tiny"]),
+    # OpenVINO (optimum-intel's pipeline, static shapes), in its own venv (peers.py): the fp32 IR and NNCF's hybrid
+    # int8, each at OpenVINO's default inference precision (bf16 on a CPU with AVX512-BF16/AMX) and at f32
+    "openvino-fp32": ("openvino-fp32", []),
+    "openvino-fp32-f32": ("openvino-fp32", ["--inference-precision", "f32"]),
+    "openvino-int8": ("openvino-int8", []),
+    "openvino-int8-f32": ("openvino-int8", ["--inference-precision", "f32"]),
+    # the same IRs with their dynamic shapes kept (optimum-intel's default; FastSD reshapes), to see what static buys
+    "openvino-fp32-dynamic": ("openvino-fp32", ["--dynamic"]),
+    "openvino-int8-dynamic": ("openvino-int8", ["--dynamic"]),
+    # the same pipeline with the tiny VAE, as optimum-fp32-tiny: the two IRs with our export's tiny graphs
+    # converted to IR as their VAE (default precision; the tiny VAE's weights fp32 in both)
+    "openvino-fp32-tiny": ("openvino-fp32-tiny", []),
+    "openvino-int8-tiny": ("openvino-int8-tiny", []),
 }
 
 
@@ -48,9 +63,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def python(args: list[str], timeout: float | None = None) -> str:
+def python(args: list[str], timeout: float | None = None, interpreter: str = sys.executable) -> str:
     """Run a helper script; its stdout, or exit with its stderr tail."""
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    done = subprocess.run([interpreter, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if done.returncode:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(args[:3])} failed ({done.returncode}):\n{tail}")
@@ -59,13 +74,20 @@ def python(args: list[str], timeout: float | None = None) -> str:
 
 def run_worker(system: str, folder: Path | str, size: int, steps: int, warmup: int, figures: str,
                extra: list[str] = ()) -> dict:
-    """One fresh worker.py process timing `system` on `folder`; the result it prints on its RESULT line."""
-    out = python([str(HERE / "worker.py"), system, str(folder), "--size", str(size), "--steps", str(steps),
-                  "--warmup", str(warmup), "--figures", figures, *extra])
+    """One fresh worker.py process timing `system` on `folder` (with the Python of the system's venv, see
+    peers.py); the result it prints on its RESULT line."""
+    out = python(worker_command(system, folder, size, steps, warmup, figures, extra), interpreter=peers.interpreter(system))
     line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"worker.py {system} printed no RESULT line")
     return json.loads(line[len("RESULT "):])
+
+
+def worker_command(system: str, folder: Path | str, size: int, steps: int, warmup: int, figures: str,
+                   extra: list[str] = ()) -> list[str]:
+    """worker.py's arguments (after the interpreter)."""
+    return [str(HERE / "worker.py"), system, str(folder), "--size", str(size), "--steps", str(steps),
+            "--warmup", str(warmup), "--figures", figures, *extra]
 
 
 def worker(system: str, folder: Path, size: int, args: argparse.Namespace) -> dict:
@@ -90,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     folders = {k: Path(v) for k, v in
                json.loads(python([str(HERE / "prepare.py"), str(work), args.weights, *needed])).items()}
     sys.path.insert(0, str(HERE))
-    from prepare import folder_sizes
+    from prepare import folder_sizes, preparation
 
     command = " ".join(["python", *sys.argv])
     if args.append:  # more runs into an existing result (the machine facts and limit stay those measured then)
@@ -103,12 +125,14 @@ def run(args: argparse.Namespace) -> dict:
                                                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
         report["systems"] += [s for s in args.systems if s not in report["systems"]]
         report["folder_mib"].update(folder_sizes(folders))
+        report.setdefault("prepare", {}).update(preparation(work, needed))
     else:
         log("machine, matrix-multiply peak, U-Net FLOPs")
         limit = json.loads(python([str(HERE / "limit.py"), str(folders["weights"]), args.sizes]))
         report = {"name": args.name, "weights": args.weights, "command": command,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(args),
-                  "systems": list(args.systems), "folder_mib": folder_sizes(folders), **limit, "runs": []}
+                  "systems": list(args.systems), "folder_mib": folder_sizes(folders),
+                  "prepare": preparation(work, needed), **limit, "runs": []}
     for size in (int(s) for s in args.sizes.split(",")):
         done_rounds = 1 + max((r["round"] for r in report["runs"] if r["size"] == size), default=-1)
         for r in range(args.runs):
@@ -189,6 +213,9 @@ def main() -> None:
     unknown = [s for s in args.systems if s not in KNOWN]
     if unknown:
         ap.error(f"unknown systems: {', '.join(unknown)} (known: {', '.join(KNOWN)})")
+    if not args.report_only:
+        for system in args.systems:  # a peer's venv missing: one line now, not a failed worker per run
+            peers.interpreter(system)
     args.name = args.name or f"{args.weights}-cpu"
     sys.path.insert(0, str(HERE))
     from report import write_outputs

@@ -5,7 +5,9 @@
 
 SYSTEM: sdonnx-* (our runtime on one of our exports, e.g. sdonnx-fp32, sdonnx-int8, sdonnx-int8-cache),
 optimum-fp32 (ORTStableDiffusionPipeline on optimum's export), diffusers-fp32 (StableDiffusionPipeline on
-PyTorch, CPU, torch.inference_mode), diffusers-fp16 (the same in half precision; on a GPU only).
+PyTorch, CPU, torch.inference_mode), diffusers-fp16 (the same in half precision; on a GPU only), openvino-*
+(optimum-intel's OVStableDiffusionPipeline on an OpenVINO IR folder, static shapes; run by the OpenVINO venv's
+python, see peers.py; --inference-precision f32 overrides OpenVINO's default, bf16 where the CPU has it).
 --provider cuda runs our runtime on ONNX Runtime's CUDA execution provider and diffusers on the GPU (each call
 synchronised before its clock stops). --cache-interval and --low-memory apply to our runtime only; in low-memory
 mode only the txt2img figure is timed (standalone component calls would keep sessions open).
@@ -31,6 +33,7 @@ from sdonnx.system import peak_rss_mb
 GUIDANCE, TIMESTEP = DEFAULTS["sd"].guidance, 500
 FIGURES = (*figures.FIGURES, "txt2img")
 PEERS = ("optimum-fp32", "diffusers-fp32", "diffusers-fp16", "optimum-fp32-tiny", "diffusers-fp32-tiny")
+OPENVINO = "openvino-"  # any openvino-<name>: the folder decides what runs, the options how
 
 
 def gpu_used_mb() -> float | None:
@@ -157,12 +160,20 @@ def torch_system(system: str, folder: str, size: int, steps: int, provider: str 
 
 def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup: int,
             wanted: tuple[str, ...] = FIGURES, cache_interval: int = 1, low_memory: bool = False,
-            provider: str = "cpu", guidance: float = GUIDANCE, vae: str = "full") -> dict:
+            provider: str = "cpu", guidance: float = GUIDANCE, vae: str = "full",
+            inference_precision: str | None = None, dynamic: bool = False) -> dict:
     gpu_before = gpu_used_mb() if provider == "cuda" else None
     start = time.perf_counter()
+    facts: dict = {}
     if system.startswith("sdonnx"):
         calls, clock = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider, guidance, vae)
         guard = _nullcontext
+    elif system.startswith(OPENVINO):
+        import torch
+        from openvino_system import openvino_system
+
+        calls, clock, facts = openvino_system(folder, size, steps, guidance, inference_precision, dynamic)
+        guard = torch.inference_mode  # the pipeline's loop (scheduler, guidance) runs on torch tensors
     else:
         import torch
 
@@ -175,15 +186,19 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
     generations: list[list[float]] = []  # step_s split per timed txt2img (--repeat)
     with guard():
         for name in names:
+            # a figure may need its graphs shaped first (OpenVINO's static shapes: a recompile), untimed
+            setup = getattr(calls[name], "setup", None)
+            if setup is not None:
+                setup()
             if name == "txt2img":
                 # after every component figure's warm-up the whole generation needs none of its own; otherwise
-                # (a subset of figures, the step-cache graphs, sessions opened per call) a short one: 4 steps,
-                # PNDM's minimum without skip_prk_steps. On a GPU, a whole warm-up generation: without one, the first
-                # step of the timed one took ~300 ms against ~23 ms for the others (H200, ORT CUDA, after the batch-1
-                # figures)
+                # (a subset of figures, the step-cache graphs, sessions opened per call, graphs its setup just
+                # recompiled) a short one: 4 steps, PNDM's minimum without skip_prk_steps. On a GPU, a whole warm-up
+                # generation: without one, the first step of the timed one took ~300 ms against ~23 ms for the others
+                # (H200, ORT CUDA, after the batch-1 figures)
                 if warmup and provider != "cpu":
                     calls[name]()
-                elif warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory):
+                elif warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory or setup):
                     calls[name](4)
             else:
                 for _ in range(warmup):
@@ -199,7 +214,7 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
     result = {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
               "generations": generations,
               "peak_rss_mb": peak_rss_mb(), "threads": _threads(system), "cache_interval": cache_interval,
-              "low_memory": low_memory, "provider": provider, "guidance": guidance, "vae": vae}
+              "low_memory": low_memory, "provider": provider, "guidance": guidance, "vae": vae, **facts}
     if gpu_before is not None:
         # ORT's CUDA arena and PyTorch's caching allocator keep what they took, so at the end this is the peak
         after = gpu_used_mb()
@@ -250,9 +265,17 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=GUIDANCE, help="guidance scale of the txt2img figure")
     ap.add_argument("--vae", choices=["full", "tiny"], default="full",
                     help="tiny: decode and encode with the tiny VAE (TAESD) in every figure")
+    ap.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
+                    help="openvino only: INFERENCE_PRECISION_HINT (default: OpenVINO's own choice for this CPU)")
+    ap.add_argument("--dynamic", action="store_true", help="openvino only: keep the IR's dynamic shapes")
     a = ap.parse_args()
-    if not a.system.startswith("sdonnx-") and a.system not in PEERS:
+    openvino = a.system.startswith(OPENVINO)
+    if not a.system.startswith("sdonnx-") and a.system not in PEERS and not openvino:
         ap.error(f"unknown system {a.system!r}")
+    if (a.inference_precision or a.dynamic) and not openvino:
+        ap.error("--inference-precision and --dynamic are options of the OpenVINO systems (openvino-*)")
+    if openvino and a.provider != "cpu":
+        ap.error("the OpenVINO systems run on the CPU only here")
     if (a.cache_interval > 1 or a.low_memory) and not a.system.startswith("sdonnx-"):
         ap.error("--cache-interval and --low-memory are options of our runtime (sdonnx-* systems)")
     wanted = tuple(f for f in a.figures.split(",") if f)
@@ -260,7 +283,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown figures: {', '.join(sorted(unknown))}")
     result = measure(a.system, a.folder, a.size, a.steps, a.repeat, a.warmup, wanted, a.cache_interval, a.low_memory,
-                     a.provider, a.guidance, a.vae)
+                     a.provider, a.guidance, a.vae, a.inference_precision, a.dynamic)
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 

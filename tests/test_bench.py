@@ -231,8 +231,10 @@ def test_benchmark_exports_run_sdonnx_with_this_interpreter(tmp_path, monkeypatc
 
     commands = []
     monkeypatch.setattr(prepare, "_run", lambda cmd, log: commands.append(cmd))
-    (tmp_path / "diffusers").mkdir()
+    (tmp_path / "diffusers" / "vae").mkdir(parents=True)
     (tmp_path / "diffusers" / "model_index.json").write_text("{}")  # the weights are there: only exports left
+    # the tiny weights' exports carry a tiny VAE of their VAE's downscale (prepare writes it from this config)
+    (tmp_path / "diffusers" / "vae" / "config.json").write_text('{"block_out_channels": [32, 64]}')
     prepare.prepare(tmp_path, "tiny", ["sdonnx-fp32", "sdonnx-int8"])
     assert [cmd[:4] for cmd in commands] == [[sys.executable, "-m", "sdonnx", "export"]] * 2
     done = subprocess.run([*commands[0][:3], "--version"], capture_output=True, text=True, timeout=120,

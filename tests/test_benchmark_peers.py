@@ -1,0 +1,281 @@
+"""The benchmark's peers in their own venvs (benchmarks/peers.py): which interpreter runs each system, the
+OpenVINO folders' export commands, the preparation record and its table. The OpenVINO venv itself is not needed,
+except by the one end-to-end test, which skips without it (CI does not create it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+OPENVINO_SYSTEMS = ("openvino-fp32", "openvino-fp32-f32", "openvino-int8", "openvino-int8-f32", "openvino-fp32-tiny",
+                    "openvino-int8-tiny")
+OPENVINO_PYTHON = BENCH.parent / "models" / "peers" / "openvino" / "bin" / "python"  # peers.py's own place
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import peers
+    import prepare
+    import report
+    import run
+
+    return peers, prepare, run, report
+
+
+@pytest.fixture
+def fake_venv(bench, tmp_path, monkeypatch) -> Path:
+    """An OpenVINO venv's interpreter path that exists (a stand-in file: nothing runs it here)."""
+    peers = bench[0]
+    monkeypatch.setattr(peers, "VENVS", tmp_path / "peers")
+    python = peers.python_of("openvino")
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    return python
+
+
+def test_openvino_systems_run_with_the_openvino_venv(bench, fake_venv):
+    peers, _, run, _ = bench
+    for system in OPENVINO_SYSTEMS:
+        assert system in run.KNOWN and peers.interpreter(system) == str(fake_venv)
+    for system in ("sdonnx-fp32", "sdonnx-int8-qdq", "optimum-fp32", "diffusers-fp32"):
+        assert peers.interpreter(system) == sys.executable
+    # the folder and the precision option of each OpenVINO system reach the worker's command line
+    folder, extra = run.KNOWN["openvino-int8-f32"]
+    cmd = run.worker_command("openvino-int8-f32", Path("/w") / folder, 256, 3, 2, "unet_b2", extra)
+    assert cmd[1:3] == ["openvino-int8-f32", str(Path("/w/openvino-int8"))]
+    assert cmd[-2:] == ["--inference-precision", "f32"]
+    assert run.KNOWN["openvino-int8"] == ("openvino-int8", [])  # OpenVINO's own default precision
+    # the tiny-VAE systems: their own folders, OpenVINO's default precision like optimum-fp32-tiny's peer
+    assert run.KNOWN["openvino-fp32-tiny"] == ("openvino-fp32-tiny", [])
+    assert run.KNOWN["openvino-int8-tiny"] == ("openvino-int8-tiny", [])
+
+
+def test_missing_venv_is_one_line(bench, tmp_path, monkeypatch):
+    peers = bench[0]
+    monkeypatch.setattr(peers, "VENVS", tmp_path / "none")
+    with pytest.raises(SystemExit, match=r"peers\.py setup openvino"):
+        peers.interpreter("openvino-int8")
+    if OPENVINO_PYTHON.is_file():  # (monkeypatch does not reach a child process) this checkout has the venv
+        pytest.skip("the OpenVINO venv exists here: run.py would start")
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--weights", "tiny", "--work", str(tmp_path / "w"),
+                           "--systems", "sdonnx-fp32,openvino-int8"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "", "HOME": str(tmp_path)}, cwd=tmp_path)
+    assert done.returncode != 0 and "peers.py setup openvino" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "w").exists()  # refused before preparing anything
+
+
+def test_openvino_folders_commands_and_record(bench, fake_venv, tmp_path, monkeypatch):
+    """openvino-int8 needs the fp32 IR (optimum-cli export openvino) and quantizes it with our calibration
+    prompts; each export's time and peak RSS go into the work folder's prepare.json and the report's table."""
+    _, prepare, _, report = bench
+    from sdonnx.export.quantize import CALIBRATION_PROMPTS
+
+    commands = []
+
+    def fake_run(cmd, log, env=None):
+        commands.append(cmd)
+        out = Path(cmd[-1] if "optimum-cli" in cmd[0] else cmd[3])
+        out.mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+        return {"seconds": 10.0 * len(commands), "peak_rss_mb": 100.0, "command": cmd, "finished": "now"}
+
+    monkeypatch.setattr(prepare, "_run", fake_run)
+    work = tmp_path / "work"
+    _fake_weights(work / "diffusers")
+    paths = prepare.prepare(work, "tiny", ["openvino-int8"])
+    assert set(paths) == {"weights", "openvino-int8"}
+    export, quantize = commands
+    assert export[0] == str(fake_venv.with_name("optimum-cli")) and export[1:3] == ["export", "openvino"]
+    assert export[export.index("--weight-format") + 1] == "fp32" and export[-1] == str(work / "openvino-fp32.tmp")
+    assert quantize[:2] == [str(fake_venv), str(BENCH / "openvino_int8.py")]
+    assert quantize[2:4] == [str(work / "openvino-fp32"), str(work / "openvino-int8")]
+    assert [quantize[i + 1] for i, x in enumerate(quantize) if x == "--prompt"] == list(CALIBRATION_PROMPTS)
+    made = prepare.preparation(work, ["openvino-fp32", "openvino-int8", "sdonnx-fp32"])
+    assert made["openvino-fp32"]["seconds"] == 10.0 and made["openvino-int8"]["after"] == "openvino-fp32"
+    assert "sdonnx-fp32" not in made
+    prepare.prepare(work, "tiny", ["openvino-int8"])
+    assert len(commands) == 2  # both folders are there now: nothing is made again
+    lines = report.preparation({"prepare": made, "folder_mib": {"openvino-fp32": 3.0, "openvino-int8": 1.0}})
+    assert "| openvino-int8 | 20 (+ openvino-fp32) | 100 | 1 |" in lines
+
+
+def test_default_prepare_leaves_the_peer_venvs_alone(bench, tmp_path, monkeypatch):
+    """prepare() with no names makes every folder of the running interpreter, as before, and none of a venv's."""
+    peers, prepare, _, _ = bench
+    monkeypatch.setattr(peers, "VENVS", tmp_path / "none")  # a venv's folder asked for would exit here
+    monkeypatch.setattr(prepare, "_run", lambda cmd, log, env=None: None)
+    monkeypatch.setattr(prepare, "OPTIMUM_EXPORT", "pass")
+    _fake_weights(tmp_path / "diffusers")
+    (tmp_path / "optimum-fp32").mkdir()
+    (tmp_path / "optimum-fp32" / "model_index.json").write_text("{}")
+    paths = prepare.prepare(tmp_path, "tiny")
+    assert not any(k.startswith("openvino") for k in paths) and "sdonnx-int8-qdq" in paths
+    assert not set(prepare.TINY_FROM) & set(paths)  # the tiny-VAE folders only when a system asks for them
+
+
+def _fake_weights(folder: Path) -> None:
+    """A stand-in diffusers folder: what prepare reads of it (its VAE's stages; the tiny weights' VAE has two)."""
+    (folder / "vae").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [32, 64]}))
+
+
+def test_openvino_tiny_vae_folders_plan(bench, fake_venv, tmp_path, monkeypatch):
+    """openvino-int8-tiny: the int8 IR (after the fp32 one) and our fp32 export with the tiny VAE, then
+    openvino_tiny_vae.py in the venv; the tiny weights' exports carry a TAESD of their VAE's 2x downscale, written
+    beside the weights for diffusers; an export made before without the tiny VAE is made again."""
+    _, prepare, _, report = bench
+    commands = []
+
+    def fake_run(cmd, log, env=None):
+        commands.append(cmd)
+        if "optimum-cli" in cmd[0]:
+            out = Path(cmd[-1])
+        elif cmd[1:4] == ["-m", "sdonnx", "export"]:
+            out = Path(cmd[5])
+            (out / "vae_decoder_tiny").mkdir(parents=True)
+            (out / "vae_decoder_tiny" / "model.onnx").write_text("")
+            (out / "sdonnx.json").write_text("{}")
+            return {"seconds": 1.0, "peak_rss_mb": 1.0, "command": cmd, "finished": "now"}
+        else:
+            out = Path(cmd[-1] if cmd[1].endswith("openvino_tiny_vae.py") else cmd[3])
+        out.mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+        return {"seconds": 10.0, "peak_rss_mb": 100.0, "command": cmd, "finished": "now"}
+
+    monkeypatch.setattr(prepare, "_run", fake_run)
+    work = tmp_path / "work"
+    _fake_weights(work / "diffusers")
+    (work / "sdonnx-fp32").mkdir()
+    (work / "sdonnx-fp32" / "sdonnx.json").write_text("{}")  # an export from before the tiny VAE: made again
+    paths = prepare.prepare(work, "tiny", ["openvino-int8-tiny"])
+    assert set(paths) == {"weights", "openvino-int8-tiny", "openvino-int8", "sdonnx-fp32"}
+    ours, export, quantize, tiny = commands
+    assert ours[4:7] == [str(work / "diffusers"), str(work / "sdonnx-fp32"), "--precision"]
+    assert ours[ours.index("--tiny-vae") + 1] == str(work / "taesd")
+    assert export[1:3] == ["export", "openvino"] and quantize[1] == str(BENCH / "openvino_int8.py")
+    assert tiny == [str(fake_venv), str(BENCH / "openvino_tiny_vae.py"), str(work / "openvino-int8"),
+                    str(work / "sdonnx-fp32"), str(work / "openvino-int8-tiny")]
+    taesd = json.loads((work / "taesd" / "config.json").read_text())
+    assert taesd["_class_name"] == "AutoencoderTiny" and len(taesd["decoder_block_out_channels"]) == 2
+    assert prepare.preparation(work, ["openvino-int8-tiny"])["openvino-int8-tiny"]["after"] == "openvino-int8"
+    prepare.prepare(work, "tiny", ["openvino-int8-tiny"])
+    assert len(commands) == 4  # all there now: nothing is made again
+
+
+def test_openvino_tiny_vae_replaces_only_the_vae(bench, tmp_path, monkeypatch):
+    """openvino_tiny_vae.py (no OpenVINO needed here: the conversion is stubbed): every other file of the OpenVINO
+    folder is a hard link, vae_decoder/ and vae_encoder/ hold the converted tiny graphs and their config.json."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import openvino_tiny_vae as tool
+
+    base, ours = tmp_path / "openvino-fp32", tmp_path / "sdonnx-fp32"
+    for part in ("unet", "vae_decoder", "vae_encoder"):
+        (base / part).mkdir(parents=True)
+        (base / part / "openvino_model.xml").write_text(f"full {part}")
+    (base / "model_index.json").write_text("{}")
+    for part in ("vae_decoder_tiny", "vae_encoder_tiny"):
+        (ours / part).mkdir(parents=True)
+        (ours / part / "model.onnx").write_text(part)
+        (ours / part / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny", "scaling_factor": 1.0}))
+
+    def fake_convert(onnx, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / tool.IR).write_text("IR of " + onnx.read_text())
+        (out_dir / "config.json").write_text((onnx.parent / "config.json").read_text())
+
+    monkeypatch.setattr(tool, "convert", fake_convert)
+    out = tool.with_tiny_vae(base, ours, tmp_path / "openvino-fp32-tiny")
+    assert (out / "unet" / tool.IR).stat().st_ino == (base / "unet" / tool.IR).stat().st_ino
+    assert (out / "model_index.json").stat().st_ino == (base / "model_index.json").stat().st_ino
+    assert (out / "vae_decoder" / tool.IR).read_text() == "IR of vae_decoder_tiny"
+    assert (out / "vae_encoder" / tool.IR).read_text() == "IR of vae_encoder_tiny"
+    assert json.loads((out / "vae_decoder" / "config.json").read_text())["scaling_factor"] == 1.0
+    assert (base / "vae_decoder" / tool.IR).read_text() == "full vae_decoder"  # the source folder is untouched
+    assert not (tmp_path / "openvino-fp32-tiny.tmp").exists()
+
+
+def test_worker_refuses_openvino_options_elsewhere():
+    done = subprocess.run([sys.executable, str(BENCH / "worker.py"), "sdonnx-fp32", ".", "--inference-precision",
+                           "f32"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "options of the OpenVINO systems" in done.stderr
+
+
+def test_report_shows_the_openvino_precision(bench):
+    report = bench[3]
+    run = {"system": "openvino-fp32", "size": 64, "steps": 2, "load_s": 1.0, "peak_rss_mb": 10.0,
+           "times_s": {"unet_b2": [0.5]}, "step_s": [0.2, 0.1], "inference_precision": "bf16",
+           "versions": {"openvino": "1.0"}}
+    cell = report.summarize({"runs": [run]})["64"]["openvino-fp32"]
+    assert cell["inference_precision"] == "bf16" and cell["unet_b2"]["median"] == 0.5
+    assert "unet_b2_efficiency" not in report.summarize({"runs": [run], "unet_flops": {"64x2": {"total": 1e9, "conv": 6e8, "matmul": 4e8}},
+                                                         "matmul_peak": {"fp32": 1e11, "int8": 4e11}})["64"][
+        "openvino-fp32"]  # no bound of ours describes bf16 / hybrid int8
+    assert "openvino 1.0" in report._peer_lines({"runs": [run]})[0]
+
+
+
+@pytest.mark.skipif(not OPENVINO_PYTHON.is_file(), reason="no OpenVINO venv (python benchmarks/peers.py setup openvino)")
+def test_openvino_worker_on_the_tiny_model(tmp_path, monkeypatch):
+    """End to end in the real venv: the fp32 IR of the tiny pipeline, timed by worker.py at f32 with static shapes:
+    every figure, one step callback per U-Net call of PNDM, the precision OpenVINO really compiled. Then the same
+    IR with the tiny VAE (openvino-fp32-tiny), unguided: its VAE figures and generation run the tiny decoder, which
+    decodes as our exported graph and as diffusers' AutoencoderTiny from the taesd folder (diffusers-fp32-tiny's)."""
+    from tiny_sd import save_pipeline
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import prepare
+    import run
+
+    save_pipeline(tmp_path / "diffusers", "sd1")
+    folders = prepare.prepare(tmp_path, "tiny", ["openvino-fp32", "openvino-fp32-tiny"])
+    assert (folders["openvino-fp32"] / "unet" / "openvino_model.xml").is_file()
+    assert json.loads((tmp_path / prepare.RECORD).read_text())["openvino-fp32"]["peak_rss_mb"] > 0
+    folder, extra = run.KNOWN["openvino-fp32-f32"]
+    figures = ("text_encoder", "unet_b2", "unet_b1", "vae_decode", "vae_encode", "txt2img")
+    res = run.run_worker("openvino-fp32-f32", tmp_path / folder, 64, 2, 1, ",".join(figures), extra)
+    assert set(res["times_s"]) == set(figures)
+    assert all(t[0] > 0 for t in res["times_s"].values())
+    assert res["inference_precision"] == "f32" and res["static_shapes"] and len(res["step_s"]) == 3
+    assert res["vae"] == "full"
+
+    # unguided, as turbo runs: the static U-Net must then be batch 1 (the pipeline drops the unconditional half)
+    tiny = run.run_worker("openvino-fp32-tiny", folders["openvino-fp32-tiny"], 64, 2, 1, "vae_decode,vae_encode,txt2img",
+                          [*run.KNOWN["openvino-fp32-tiny"][1], "--guidance", "0"])
+    assert tiny["vae"] == "tiny" and all(t[0] > 0 for t in tiny["times_s"].values()) and len(tiny["step_s"]) == 3
+    _tiny_decoders_agree(folders, tmp_path)
+
+
+def _tiny_decoders_agree(folders: dict, tmp_path: Path) -> None:
+    """The tiny decoder as OpenVINO IR (f32), as our ONNX graph and as diffusers' AutoencoderTiny: one output."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from diffusers import AutoencoderTiny
+
+    z = (np.random.default_rng(0).standard_normal((1, 4, 8, 8)) * 2).astype(np.float32)  # into the soft clamp
+    np.save(tmp_path / "z.npy", z)
+    script = ("import sys, numpy as np, openvino as ov; d, e, z, out = sys.argv[1:]; "
+              "m = ov.Core().compile_model(d, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'}); "
+              "np.save(out, m(np.load(z))[0]); "
+              "print(ov.Core().read_model(d).output(0).get_any_name(), ov.Core().read_model(e).output(0).get_any_name())")
+    ir = folders["openvino-fp32-tiny"]
+    done = subprocess.run([str(OPENVINO_PYTHON), "-c", script, str(ir / "vae_decoder" / "openvino_model.xml"),
+                           str(ir / "vae_encoder" / "openvino_model.xml"), str(tmp_path / "z.npy"),
+                           str(tmp_path / "ov.npy")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["sample", "latent_sample"]  # the names optimum-intel's pipeline reads
+    openvino = np.load(tmp_path / "ov.npy")
+    session = ort.InferenceSession(str(folders["sdonnx-fp32"] / "vae_decoder_tiny" / "model.onnx"))
+    ours = session.run(None, {"latent_sample": z})[0]
+    with torch.no_grad():
+        theirs = AutoencoderTiny.from_pretrained(tmp_path / "taesd").eval().decode(torch.from_numpy(z)).sample.numpy()
+    assert theirs.shape == (1, 3, 16, 16) and theirs.std() > 1e-3
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(openvino, theirs, atol=1e-4, rtol=0)
