@@ -12,7 +12,7 @@ from . import __version__
 from .errors import SdonnxError
 from .figures import StepClock, clocked_unets, component_calls, prompts
 from .model import default_model_dir
-from .pipeline import Pipeline
+from .pipeline import PREVIEW_DOWNSCALE, Pipeline
 from .system import machine, peak_rss_mb
 
 Progress = Callable[[str], None]
@@ -111,7 +111,7 @@ def _echo_steps(clock: StepClock, say: Progress, pipe: Pipeline, every: int | No
         say(f"  step {k + 1}/{total}: {clock.steps[-1]:.3f} s")
         if every and (k + 1) % every == 0 and k + 1 < total:  # as generate --preview-every: not after the last
             t0 = time.perf_counter()
-            pipe.preview(latents[:1])
+            pipe.preview(latents[:1], PREVIEW_DOWNSCALE)
             previews.append(time.perf_counter() - t0)
 
     return callback

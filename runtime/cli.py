@@ -73,8 +73,8 @@ VAE = click.option("--vae", type=click.Choice(list(VAES), case_sensitive=False),
                    help="Decode (and encode) with the full VAE or the tiny one (folders exported with --tiny-vae); "
                         "default: the model's.")
 PREVIEW_EVERY = click.option("--preview-every", type=click.IntRange(min=1), metavar="K",
-                             help="Every K steps, the tiny VAE's picture of the current latents (generate: written to "
-                                  "OUT-preview.png, removed once the image is written; bench: timed).")
+                             help="Every K steps, the tiny VAE's half-size picture of the current latents (generate: "
+                                  "written to OUT-preview.png, removed once the image is written; bench: timed).")
 
 
 
@@ -151,6 +151,7 @@ def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None
     from tqdm import tqdm
 
     from .image import save_png
+    from .pipeline import PREVIEW_DOWNSCALE
 
     bars: list = []  # made at the first step, so errors found before denoising print no empty bar
 
@@ -159,7 +160,7 @@ def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None
             bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None))  # no bar off a TTY
         bars[0].update(1)
         if preview is not None and (step + 1) % every == 0 and step + 1 < total:
-            save_png(pipe.preview(latents[:1])[0], preview, {"preview": f"step {step + 1}/{total}"})
+            save_png(pipe.preview(latents[:1], PREVIEW_DOWNSCALE)[0], preview, {"preview": f"step {step + 1}/{total}"})
             previewed.append(step)
 
     try:

@@ -23,6 +23,9 @@ from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
 
 TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
+# live previews at half size: a quarter of the tiny decoder's work, so that one every step stays a few percent of
+# a 512x512 step (measured: benchmarks/results/sd-turbo-preview-cpu.json)
+PREVIEW_DOWNSCALE = 2
 EAGER = ("text_encoder", "unet")  # loaded up front unless low_memory, with the folder's default VAE
 
 
@@ -286,8 +289,16 @@ class Pipeline:
             raise SdonnxError(f"{name} produced NaN/inf (an fp16 overflow?): use an fp32 {name}")
         return imaging.decoded_to_unit(sample)
 
-    def preview(self, latents: np.ndarray) -> list[Image.Image]:
-        """A quick look at a run's current latents (a step callback's third argument) through the tiny VAE."""
+    def preview(self, latents: np.ndarray, downscale: int = 1) -> list[Image.Image]:
+        """A quick look at a run's current latents (a step callback's third argument) through the tiny VAE.
+
+        downscale k: the latents averaged over k x k blocks first, a picture k times smaller for about 1/k^2 of the
+        decoder's work (generate --preview-every uses PREVIEW_DOWNSCALE)."""
+        if downscale > 1:
+            n, c, h, w = latents.shape
+            h, w = h // downscale, w // downscale
+            latents = latents[:, :, :h * downscale, :w * downscale].reshape(n, c, h, downscale, w, downscale)
+            latents = latents.mean(axis=(3, 5))
         return imaging.to_pil(self._decode(latents, "tiny"))
 
     def component(self, name: str) -> Component:

@@ -144,6 +144,12 @@ def test_preview_decodes_the_current_latents(folders):
     assert np.array_equal(np.asarray(seen[-1][0]), np.asarray(final))
     assert not np.array_equal(np.asarray(seen[0][0]), np.asarray(final))
     assert final.info["sdonnx"].vae == "tiny"
+    # at half size: the latents averaged over 2x2 blocks, then decoded
+    half = pipe.preview(np.ones((1, 4, LATENT, LATENT), np.float32), downscale=2)[0]
+    assert half.size == (SIZE // 2, SIZE // 2)
+    lat = np.random.default_rng(0).standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+    pooled = lat.reshape(1, 4, LATENT // 2, 2, LATENT // 2, 2).mean(axis=(3, 5))
+    assert np.array_equal(np.asarray(pipe.preview(lat, 2)[0]), np.asarray(pipe.preview(pooled)[0]))
 
 
 def test_generate_vae_and_preview_every(folders, tmp_path, monkeypatch):
