@@ -23,9 +23,13 @@ FIGURES = ("load_s", "text_encoder", "unet_b2", "unet_b1", "vae_decode", "step_s
 
 def bench(python: str, args: list[str]) -> dict:
     """One `sdonnx bench --json` report from the install behind `python`."""
-    done = subprocess.run([python, "-m", "sdonnx.cli", "bench", "--json", *args], capture_output=True, text=True)
+    try:
+        done = subprocess.run([python, "-m", "sdonnx.cli", "bench", "--json", *args], capture_output=True, text=True)
+    except OSError as err:
+        raise SystemExit(f"cannot run {python}: {err.strerror}") from None
     if done.returncode:
-        raise SystemExit(f"{python}: sdonnx bench failed: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"{python}: sdonnx bench failed: {last}")
     return json.loads(done.stdout)
 
 
