@@ -147,9 +147,9 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                             prediction_type=job.prediction_type)
             # a tiny VAE of another model family's latents fails here, in one line, before any export
             tiny_model = tiny_vae.build_tiny_vae(tiny, ckpt.configs.vae) if tiny is not None else None
-            unguided = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm,
-                                                  job.defaults)["guidance"] <= 1.0
-            if job.static is not None and (ckpt.configs.unet.is_lcm or unguided):
+            # what the folder will generate with: sdonnx.json's defaults, and how calibration samples
+            defaults = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm, job.defaults)
+            if job.static is not None and (ckpt.configs.unet.is_lcm or defaults["guidance"] <= 1.0):
                 job.static = dataclasses.replace(job.static, batch=1)  # LCM, turbo: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
             if tiny_model is not None:
@@ -160,7 +160,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
-            feeds = bar.step("calibration data", _calibration, models, ckpt, job) if calibrate else None
+            feeds = bar.step("calibration data", _calibration, models, ckpt, job, defaults) if calibrate else None
             work = root / "_work"
             checks = {}
             for c in parts:
@@ -198,8 +198,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 prediction_type=ckpt.prediction_type, configs=ckpt.configs,
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
                 components=job.components, report=report, step_cache=step_cache,
-                defaults=folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm,
-                                                    job.defaults), tiny_vae=tiny_entry,
+                defaults=defaults, tiny_vae=tiny_entry,
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -227,7 +226,7 @@ def _drop_state_dicts(ckpt):
 FEW_STEPS = 4  # a model whose defaults take at most this many steps is a distilled one (LCM, turbo)
 
 
-def _calibration(models: dict, ckpt, job: ExportJob) -> list[dict]:
+def _calibration(models: dict, ckpt, job: ExportJob, defaults: dict) -> list[dict]:
     """U-Net feeds for static int8, at up to 32x32 latents (ranges barely depend on size; memory does) or the
     --static size, sampled as the folder's defaults will say: guided as they say (the tiny model: 3.0; SD: 7.5;
     LCM: 8.5; turbo: none, batch 1), and a distilled model with its own sampler at FEW_STEPS steps (10 DDIM steps
@@ -235,7 +234,6 @@ def _calibration(models: dict, ckpt, job: ExportJob) -> list[dict]:
     m = graphs.latent_multiple(ckpt.configs)
     side = max(m, min(32, ckpt.configs.unet.sample_size or 32) // m * m)
     hw = (side, side) if job.static is None else graphs.trace_shape("unet", ckpt.configs, job.static)[1]
-    defaults = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm, job.defaults)
     few = defaults["steps"] <= FEW_STEPS
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
     return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sdonnx import schedulers
-from sdonnx.model import DEFAULTS, sha256
+from sdonnx.model import DEFAULTS, VAES, sha256
 
 from .models.config import PRESET_DEFAULTS, ModelConfigs, TinyVAEConfig, UNetConfig
 
@@ -218,7 +218,7 @@ DEFAULT_RULES = {  # export --defaults: key -> (convert, accept, what is accepte
     "steps": (int, lambda v: v >= 1, "a whole number >= 1"),
     "guidance": (float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "scheduler": (str.lower, lambda v: v in schedulers.NAMES, "one of " + ", ".join(schedulers.NAMES)),
-    "vae": (str.lower, lambda v: v in ("full", "tiny"), "full or tiny"),
+    "vae": (str.lower, lambda v: v in VAES, " or ".join(VAES)),
 }
 
 
