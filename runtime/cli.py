@@ -63,7 +63,7 @@ def _outputs(out: Path, n: int) -> list[Path]:
 # options `generate` and `bench` share: a run is timed as it is generated
 MODEL = click.option("--model", "model_dir", type=click.Path(path_type=Path),
                      help="Model folder (default: the bundled tiny model).")
-PROVIDER = click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml or auto.")
+PROVIDER = click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, dml, openvino (the sdonnx[openvino] extra) or auto.")
 CACHE_INTERVAL = click.option("--cache-interval", type=int, default=1, show_default=True,
                               help="Run the full U-Net every k-th step, the shallow graph in between (folders "
                                    "exported with --step-cache).")

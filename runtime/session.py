@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from . import openvino_session
 from .errors import SdonnxError
 from .system import physical_cores
 
@@ -16,6 +17,7 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINO",  # not an ONNX Runtime provider: the openvino package runs the graph (openvino_session)
 }
 AUTO_ORDER = ("cuda", "dml", "cpu")
 OPT_LEVELS = {
@@ -35,20 +37,24 @@ ONNX_DTYPES = {
 
 
 def available_providers() -> list[str]:
-    """Short names (cpu, cuda, dml) of the execution providers this onnxruntime build has."""
+    """Short names (cpu, cuda, dml, openvino) of the providers usable here: this onnxruntime build's, and
+    openvino when its package is installed."""
     installed = set(ort.get_available_providers())
-    return [short for short, full in PROVIDERS.items() if full in installed]
+    return [short for short, full in PROVIDERS.items()
+            if full in installed or (short == "openvino" and openvino_session.available())]
 
 
 def resolve_provider(name: str) -> str:
-    """`cpu | cuda | dml | auto` -> the ONNX Runtime provider name; a one-line error if it is not installed."""
+    """`cpu | cuda | dml | openvino | auto` -> the provider's full name; a one-line error if it is not installed."""
     name = name.lower()
     have = available_providers()
     if name == "auto":
         return PROVIDERS[next(p for p in AUTO_ORDER if p in have or p == "cpu")]
     if name not in PROVIDERS:
-        raise SdonnxError(f"unknown provider {name!r}: choose one of cpu, cuda, dml, auto "
+        raise SdonnxError(f"unknown provider {name!r}: choose one of cpu, cuda, dml, openvino, auto "
                           f"(installed here: {', '.join(have)})")
+    if name == "openvino" and name not in have:
+        raise SdonnxError("provider 'openvino' needs the openvino package: pip install 'sdonnx[openvino]'")
     if name not in have:
         raise SdonnxError(f"provider {name!r} is not installed in this onnxruntime; available: {', '.join(have)}")
     return PROVIDERS[name]
@@ -83,9 +89,10 @@ class SessionConfig:
         return so
 
     def providers(self) -> list:
-        """The provider list for InferenceSession, with CPU as fallback for ops a GPU provider lacks."""
+        """The provider list for InferenceSession, with CPU as fallback for ops a GPU provider lacks (OpenVINO:
+        itself alone; its provider_options are its compile properties)."""
         name = resolve_provider(self.provider)
-        if name == PROVIDERS["cpu"]:
+        if name in (PROVIDERS["cpu"], PROVIDERS["openvino"]):
             return [name]
         options = dict(self.provider_options or {})
         if name == PROVIDERS["cuda"]:
@@ -118,11 +125,8 @@ class Component:
     def __init__(self, path: str | Path, config: SessionConfig | None = None):
         self.path = Path(path)
         config = config or SessionConfig()
-        providers = config.providers()
-        name = providers[0] if isinstance(providers[0], str) else providers[0][0]
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=config.session_options(name),
-                                                providers=providers)
+            self.session = _open(self.path, config)
         except Exception as err:  # ORT raises its own exception types; keep the message, drop the trace
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise SdonnxError(f"cannot load {self.path}: {first}") from err
@@ -199,6 +203,15 @@ class Component:
         value = value.astype(port.dtype, copy=False)
         # (np.ascontiguousarray would turn a 0-d timestep into shape [1])
         return value if value.flags.c_contiguous else value.copy(order="C")
+
+
+def _open(path: Path, config: SessionConfig):
+    """An ONNX Runtime session, or an OpenVINO compiled model behind the same interface."""
+    providers = config.providers()
+    if providers == [PROVIDERS["openvino"]]:
+        return openvino_session.OpenVINOSession(path, config.threads or physical_cores(), config.provider_options)
+    name = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    return ort.InferenceSession(str(path), sess_options=config.session_options(name), providers=providers)
 
 
 def _shape_text(shape: tuple) -> str:

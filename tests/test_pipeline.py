@@ -268,6 +268,7 @@ def test_default_model_dir_is_the_bundled_one_or_a_clear_error():
 
 # ---- sessions ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("openvino", [False, True])
 @pytest.mark.parametrize("installed, have, auto", [
     (["CPUExecutionProvider"], ["cpu"], "CPUExecutionProvider"),
     (["CUDAExecutionProvider", "CPUExecutionProvider"], ["cpu", "cuda"], "CUDAExecutionProvider"),
@@ -275,21 +276,29 @@ def test_default_model_dir_is_the_bundled_one_or_a_clear_error():
     (["AzureExecutionProvider", "DmlExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
      ["cpu", "cuda", "dml"], "CUDAExecutionProvider"),
 ])
-def test_providers(installed, have, auto, monkeypatch):
-    """Provider choice on onnxruntime builds with and without the GPU providers, whichever this machine has."""
-    from sdonnx import session
+def test_providers(installed, have, auto, openvino, monkeypatch):
+    """Provider choice on onnxruntime builds with and without the GPU providers, with and without the openvino
+    package, whichever this machine has; auto never picks OpenVINO (it changes the numerics: bf16)."""
+    from sdonnx import openvino_session, session
 
     assert "cpu" in available_providers()  # this machine's own build
     monkeypatch.setattr(session.ort, "get_available_providers", lambda: installed)
+    monkeypatch.setattr(openvino_session, "available", lambda: openvino)
+    have = have + ["openvino"] * openvino
     assert available_providers() == have
     assert resolve_provider("auto") == auto
     assert resolve_provider("cpu") == resolve_provider("CPU") == "CPUExecutionProvider"
-    one_line_error(lambda: resolve_provider("tpu"), "unknown provider", "cpu, cuda, dml, auto", ", ".join(have))
+    one_line_error(lambda: resolve_provider("tpu"), "unknown provider", "cpu, cuda, dml, openvino, auto",
+                   ", ".join(have))
     for name, full in (("cuda", "CUDAExecutionProvider"), ("dml", "DmlExecutionProvider")):
         if full in installed:
             assert resolve_provider(name) == full
         else:
             one_line_error(lambda: resolve_provider(name), f"provider {name!r} is not installed", ", ".join(have))
+    if openvino:
+        assert resolve_provider("openvino") == "OpenVINO"
+    else:
+        one_line_error(lambda: resolve_provider("openvino"), "pip install 'sdonnx[openvino]'")
 
 
 def toy_graph(path: Path, float_type, time_type, time_shape, batch) -> Path:

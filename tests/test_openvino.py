@@ -1,0 +1,71 @@
+"""`--provider openvino`: our ONNX folders on OpenVINO's kernels, through the same Component interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import picture, square_mask
+from PIL import Image
+
+from sdonnx import Pipeline
+from sdonnx.__main__ import main
+from sdonnx.session import Component, SessionConfig
+
+pytest.importorskip("openvino")
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO's default on a bf16-capable CPU is bf16
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return Pipeline.load(provider="cpu"), Pipeline.load(provider="openvino", provider_options=F32)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(i, dtype=np.int16) for i in images])
+
+
+def test_f32_images_equal_onnx_runtime(pipes):
+    """In f32, OpenVINO's image of the bundled model is ONNX Runtime's within 1/255, for every task; the U-Net is
+    called with batch 2 (guided) and batch 1 (the VAE) shapes in one run, so the per-shape recompile is exercised."""
+    ort_pipe, ov_pipe = pipes
+    for run in (lambda p: p.txt2img("a red circle", seed=3, steps=4, num_images=2),
+                lambda p: p.img2img("a blue square", picture(), strength=0.6, seed=4, steps=4),
+                lambda p: p.inpaint("a green dot", picture(), square_mask(), seed=5, steps=4)):
+        a, b = pixels(run(ort_pipe)), pixels(run(ov_pipe))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, np.abs(a - b).max()
+
+
+def test_component_matches_onnx_runtime_across_shapes(pipes):
+    """The raw U-Net outputs agree across a change of shape (reshaped and recompiled) and back."""
+    ort_pipe, _ = pipes
+    path = ort_pipe.component("unet").path
+    ours, theirs = Component(path), Component(path, SessionConfig(provider="openvino", provider_options=F32))
+    rng = np.random.default_rng(0)
+    dim = ours.session.get_inputs()[2].shape[-1]
+    for batch, side in ((2, 16), (1, 8), (2, 16)):
+        feed = dict(sample=rng.standard_normal((batch, 4, side, side), dtype=np.float32), timestep=np.array(500.0),
+                    encoder_hidden_states=rng.standard_normal((batch, 77, dim), dtype=np.float32))
+        want, got = ours(**feed)["out_sample"], theirs(**feed)["out_sample"]
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_default_precision_runs_and_stays_near(pipes):
+    """OpenVINO's default precision (bf16 where the CPU has it) draws the same picture up to bf16 rounding: far
+    closer to ONNX Runtime's image than another seed's image is."""
+    ort_pipe, _ = pipes
+    default = Pipeline.load(provider="openvino")
+    a = pixels(ort_pipe.txt2img("a red circle", seed=1)).astype(float)
+    b = pixels(default.txt2img("a red circle", seed=1)).astype(float)
+    other = pixels(ort_pipe.txt2img("a red circle", seed=2)).astype(float)
+    assert np.abs(a - b).mean() < 0.5 * np.abs(a - other).mean()
+
+
+def test_cli_generate(tmp_path):
+    """`sdonnx generate --provider openvino` writes the picture ONNX Runtime's run writes, up to bf16 rounding."""
+    for provider in ("cpu", "openvino"):
+        result = CliRunner().invoke(main, ["generate", "a red circle", "--provider", provider, "--steps", "2",
+                                           "--seed", "7", "-o", str(tmp_path / f"{provider}.png")])
+        assert result.exit_code == 0, result.output
+    a, b = (np.asarray(Image.open(tmp_path / f"{p}.png"), dtype=float) for p in ("cpu", "openvino"))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 16
