@@ -56,6 +56,9 @@ KNOWN = {
     # converted to IR as their VAE (default precision; the tiny VAE's weights fp32 in both)
     "openvino-fp32-tiny": ("openvino-fp32-tiny", []),
     "openvino-int8-tiny": ("openvino-int8-tiny", []),
+    # our runtime and folders on OpenVINO's kernels (--provider openvino, its default precision: bf16 here)
+    "sdonnx-fp32-ov": ("sdonnx-fp32", ["--provider", "openvino"]),
+    "sdonnx-fp32-ov-tiny": ("sdonnx-fp32", ["--provider", "openvino", "--vae", "tiny"]),
 }
 
 

@@ -50,12 +50,13 @@ def gpu_used_mb() -> float | None:
 # ---- the systems: each returns {figure: zero-argument callable}, and the back-to-back StepClock of its txt2img
 
 def sdonnx_system(folder: str, size: int, steps: int, cache_interval: int = 1, low_memory: bool = False,
-                  provider: str = "cpu", guidance: float = GUIDANCE,
-                  vae: str = "full") -> tuple[dict[str, Callable], StepClock]:
+                  provider: str = "cpu", guidance: float = GUIDANCE, vae: str = "full",
+                  inference_precision: str | None = None) -> tuple[dict[str, Callable], StepClock]:
     from sdonnx.model import scheduler_name
     from sdonnx.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory)
+    options = {"provider_options": {"INFERENCE_PRECISION_HINT": inference_precision}} if inference_precision else {}
+    pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory, **options)
     clock = StepClock(back_to_back=True)  # as the peers' steps are timed: between consecutive callbacks
     # the scheduler class of the folder's scheduler_config.json, which diffusers and optimum run (PNDM for SD 1.5,
     # DDIM for the bundled model), not the folder's suggested default: the same number of U-Net calls for all
@@ -166,7 +167,8 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
     start = time.perf_counter()
     facts: dict = {}
     if system.startswith("sdonnx"):
-        calls, clock = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider, guidance, vae)
+        calls, clock = sdonnx_system(folder, size, steps, cache_interval, low_memory, provider, guidance, vae,
+                                     inference_precision)
         guard = _nullcontext
     elif system.startswith(OPENVINO):
         import torch
@@ -260,21 +262,27 @@ def main() -> None:
     ap.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of " + ", ".join(FIGURES))
     ap.add_argument("--cache-interval", type=int, default=1, help="sdonnx only: the step cache's interval")
     ap.add_argument("--low-memory", action="store_true", help="sdonnx only: Pipeline.load(low_memory=True)")
-    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: ONNX Runtime's CUDA execution provider / PyTorch on the GPU")
+    ap.add_argument("--provider", choices=["cpu", "cuda", "openvino"], default="cpu",
+                    help="cuda: ONNX Runtime's CUDA execution provider / PyTorch on the GPU; openvino: our runtime "
+                         "on OpenVINO's kernels (sdonnx-* systems)")
     ap.add_argument("--guidance", type=float, default=GUIDANCE, help="guidance scale of the txt2img figure")
     ap.add_argument("--vae", choices=["full", "tiny"], default="full",
                     help="tiny: decode and encode with the tiny VAE (TAESD) in every figure")
     ap.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
-                    help="openvino only: INFERENCE_PRECISION_HINT (default: OpenVINO's own choice for this CPU)")
+                    help="OpenVINO systems and --provider openvino: INFERENCE_PRECISION_HINT (default: OpenVINO's "
+                         "own choice for this CPU)")
     ap.add_argument("--dynamic", action="store_true", help="openvino only: keep the IR's dynamic shapes")
     a = ap.parse_args()
     openvino = a.system.startswith(OPENVINO)
     if not a.system.startswith("sdonnx-") and a.system not in PEERS and not openvino:
         ap.error(f"unknown system {a.system!r}")
-    if (a.inference_precision or a.dynamic) and not openvino:
-        ap.error("--inference-precision and --dynamic are options of the OpenVINO systems (openvino-*)")
-    if openvino and a.provider != "cpu":
+    on_openvino = openvino or a.provider == "openvino"
+    if a.provider == "openvino" and not a.system.startswith("sdonnx-"):
+        ap.error("--provider openvino is our runtime's (sdonnx-* systems); the openvino-* systems are OpenVINO's own")
+    if (a.inference_precision and not on_openvino) or (a.dynamic and not openvino):
+        ap.error("--inference-precision is an option of the OpenVINO runs (openvino-*, --provider openvino), "
+                 "--dynamic of the openvino-* systems")
+    if openvino and a.provider != "cpu":  # (their own pipeline: it takes no provider)
         ap.error("the OpenVINO systems run on the CPU only here")
     if (a.cache_interval > 1 or a.low_memory) and not a.system.startswith("sdonnx-"):
         ap.error("--cache-interval and --low-memory are options of our runtime (sdonnx-* systems)")

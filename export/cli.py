@@ -132,7 +132,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
 
     start = time.perf_counter()
     quantize.check_options(job.precision, job.int8_scheme)  # bad options fail before any work
-    calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) == "qdq"
+    calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) in ("qdq", "openvino")
     _check_attention(job)
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
@@ -208,6 +208,9 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
 def _check_attention(job: ExportJob) -> None:
     if job.attention not in graphs.ATTENTION:
         raise ValueError(f"unknown attention {job.attention!r}; choose one of {', '.join(graphs.ATTENTION)}")
+    if job.attention == "mha" and job.precision == "int8" and job.int8_scheme == "openvino":
+        raise ValueError("--int8-scheme openvino needs --attention standard: OpenVINO does not run ONNX Runtime's "
+                         "MultiHeadAttention well")
     if job.attention == "mha" and job.precision == "fp16":
         raise ValueError("--attention mha is for the CPU provider, whose MultiHeadAttention kernel is fp32 only: "
                          "use it with --precision fp32 or int8")
@@ -316,7 +319,9 @@ def _one_line(err: BaseException) -> str:
               help="Override what the checkpoint is guessed to predict.")
 @click.option("--int8-scheme", default="dynamic", show_default=True,
               help="int8 only: dynamic (MatMul/Gemm) | qdq (also the U-Net's convolutions, static and calibrated) "
-                   "| compact (dynamic + the U-Net's conv weights stored int8, dequantized per call: least memory).")
+                   "| compact (dynamic + the U-Net's conv weights stored int8, dequantized per call: least memory) "
+                   "| openvino (the U-Net's convolutions and linear layers static and calibrated: for "
+                   "--provider openvino).")
 @click.option("--step-cache", is_flag=True,
               help="Also export the DeepCache graphs (unet_shallow/, unet/model_features.onnx) for --cache-interval.")
 @click.option("--step-cache-depth", default=1, show_default=True,

@@ -15,7 +15,7 @@ import onnx
 from .onnx import EXTERNAL_DATA_NAME, save_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
-INT8_SCHEMES = ("dynamic", "qdq", "compact")
+INT8_SCHEMES = ("dynamic", "qdq", "compact", "openvino")
 COMPACT_COMPONENTS = ("unet", "unet_shallow")  # where the compact scheme also stores convolution weights int8
 
 # Ops whose fp16 results overflow or lose too much: normalisations reduce over thousands of values, and
@@ -91,12 +91,14 @@ def kind_of(component: str, precision: str, int8_scheme: str = "dynamic") -> str
     makes it 4x faster (calibrated on the latents the U-Net's calibration runs visit). qdq calibrates the full
     U-Net and compact concerns the U-Net graphs' convolutions; every other component gets dynamic int8 under them.
     """
-    if precision == "int8" and int8_scheme == "qdq" and component == TINY_DECODER:
+    if precision == "int8" and int8_scheme in ("qdq", "openvino") and component == TINY_DECODER:
         return "qdq"
     if precision == "fp32" or component.startswith("vae"):
         return "none"
     if precision == "fp16":
         return "fp16"
+    if int8_scheme == "openvino":  # OpenVINO runs ORT's dynamic int8 ops slowly: the rest stays float (bf16 there)
+        return "openvino" if component == "unet" else "none"
     if (int8_scheme == "qdq" and component == "unet") or (int8_scheme == "compact" and component in COMPACT_COMPONENTS):
         return int8_scheme
     return "dynamic"
@@ -111,6 +113,9 @@ METHODS = {
     "qdq": "static QDQ int8 convolutions (per-channel weights, uint8 activations calibrated on sampling runs "
            "of our models, run as the folder's defaults say; conv_in/conv_out and the convolutions reading "
            "the residual stream (shortcuts, down/upsamplers, proj_out) kept fp32) + " + _DYNAMIC,
+    "openvino": "static QDQ int8 convolutions and linear layers (per-channel weights, uint8 activations calibrated "
+                "as qdq's; the same convolutions kept fp32), attention products and normalisations float: the form "
+                "OpenVINO runs as int8 (--provider openvino); ONNX Runtime runs it slower than qdq",
     "compact": _DYNAMIC + "; convolution weights stored int8 (per output channel) and dequantized per call "
                           "(DequantizeLinear -> fp32 Conv): a third of the size and memory, conv_in/conv_out kept fp32",
 }
@@ -142,6 +147,8 @@ def apply(component: str, precision: str, family: str, src: Path, dst: Path, int
         move_model(src, dst)
     elif chosen.kind == "fp16":
         to_fp16(src, dst, FP16_KEEP_OPS_SD2 if _fp16_keeps_softmax(family) else FP16_KEEP_OPS)
+    elif chosen.kind == "openvino":
+        to_int8_static_convs(src, dst, calibration or [], linear=True)
     elif chosen.kind == "qdq":
         convs = dst.parent / "_qdq" / "model.onnx"
         to_int8_static_convs(src, convs, calibration or [], keep=_end_convs(src) if component == TINY_DECODER else ())
@@ -280,9 +287,11 @@ def decoder_feeds(unet_feeds: list[dict], latent_channels: int, scaling: float, 
             for f in unet_feeds]
 
 
-def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | list = ()) -> Path:
+def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | list = (),
+                         linear: bool = False) -> Path:
     """Static QDQ int8 Conv (per-channel int8 weights, uint8 activations with ranges from `feeds`); the Conv nodes
-    named in `keep` stay float, as do those qdq_keeps_float names.
+    named in `keep` stay float, as do those qdq_keeps_float names. `linear`: the MatMuls with a weight operand too
+    (not the attention products of two activations).
 
     Static, unlike dynamic, quantization lets ORT run convolutions as integer kernels (fast with VNNI).
     """
@@ -303,6 +312,9 @@ def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | 
     model = onnx.load(str(src), load_external_data=False)
     exclude = int8_nodes_to_exclude(model) + [n.name for n in model.graph.node
                                               if n.op_type == "Conv" and qdq_keeps_float(n.name)] + list(keep)
+    if linear:
+        weights = {t.name for t in model.graph.initializer}
+        exclude += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
     del model
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
@@ -311,7 +323,8 @@ def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | 
             # fold the collected activations into ranges every few feeds (a full U-Net's are ~100 MB per feed);
             # ORT's calibrator fails ("No data is collected") if the last fold leaves nothing, so the fold size
             # must not divide the number of feeds
-            quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+            quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv", "MatMul"] if linear else ["Conv"],
                             per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large,
                             calibrate_method=CalibrationMethod.MinMax,

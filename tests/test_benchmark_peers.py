@@ -204,7 +204,10 @@ def test_openvino_tiny_vae_replaces_only_the_vae(bench, tmp_path, monkeypatch):
 def test_worker_refuses_openvino_options_elsewhere():
     done = subprocess.run([sys.executable, str(BENCH / "worker.py"), "sdonnx-fp32", ".", "--inference-precision",
                            "f32"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "options of the OpenVINO systems" in done.stderr
+    assert done.returncode == 2 and "option of the OpenVINO runs" in done.stderr
+    done = subprocess.run([sys.executable, str(BENCH / "worker.py"), "optimum-fp32", ".", "--provider", "openvino"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--provider openvino is our runtime's" in done.stderr
 
 
 def test_report_shows_the_openvino_precision(bench):

@@ -69,3 +69,37 @@ def test_cli_generate(tmp_path):
         assert result.exit_code == 0, result.output
     a, b = (np.asarray(Image.open(tmp_path / f"{p}.png"), dtype=float) for p in ("cpu", "openvino"))
     assert a.shape == b.shape and np.abs(a - b).mean() < 16
+
+
+def test_openvino_int8_scheme_exports_and_draws_what_fp32_draws(tmp_path):
+    """`--int8-scheme openvino`: the U-Net's convolutions and weight MatMuls as calibrated QDQ int8 (no ORT-only
+    dynamic int8 ops, attention products float); on OpenVINO and on ONNX Runtime the evaluator reads nearly the
+    same scenes off its pictures as off the bundled fp32 folder's."""
+    import json
+
+    from sdonnx.export.tiny.shapes import judge, random_scene
+
+    out = tmp_path / "ov8"
+    result = CliRunner().invoke(main, ["export", "tiny", str(out), "--precision", "int8", "--int8-scheme", "openvino",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "sdonnx.json").read_text())["components"]
+    ops = meta["unet"]["ops"]
+    assert not {"DynamicQuantizeLinear", "MatMulInteger", "com.microsoft.MultiHeadAttention"} & set(ops), ops
+    matmuls = ops.get("MatMul", 0)
+    assert ops["QuantizeLinear"] > ops["Conv"] and matmuls > 0  # activations of linear layers quantized too
+    assert meta["text_encoder"]["precision"] == "fp32" and meta["unet"]["precision"] == "int8"
+    fp32 = Pipeline.load(provider="cpu")
+    rng = np.random.default_rng(321)
+    captions = [random_scene(rng).caption() for _ in range(16)]
+    for pipe in (Pipeline.load(out, provider="openvino", provider_options=F32), Pipeline.load(out)):
+        same = sum(judge(fp32.txt2img(c, seed=k)[0]) == judge(pipe.txt2img(c, seed=k)[0])
+                   for k, c in enumerate(captions))
+        assert same >= 13, same
+
+
+def test_openvino_int8_scheme_refuses_mha(tmp_path):
+    result = CliRunner().invoke(main, ["export", "tiny", str(tmp_path / "x"), "--precision", "int8",
+                                       "--int8-scheme", "openvino", "--attention", "mha", "--quiet"])
+    assert result.exit_code == 1 and "needs --attention standard" in result.output
+    assert not (tmp_path / "x").exists()
