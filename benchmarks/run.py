@@ -59,6 +59,9 @@ KNOWN = {
     # our runtime and folders on OpenVINO's kernels (--provider openvino, its default precision: bf16 here)
     "sdonnx-fp32-ov": ("sdonnx-fp32", ["--provider", "openvino"]),
     "sdonnx-fp32-ov-tiny": ("sdonnx-fp32", ["--provider", "openvino", "--vae", "tiny"]),
+    # the int8 form OpenVINO runs as int8 (--int8-scheme openvino: static QDQ convolutions and linear layers)
+    "sdonnx-int8-ov": ("sdonnx-int8-ov", ["--provider", "openvino", "--cache-interval", "{k}"]),
+    "sdonnx-int8-ov-tiny": ("sdonnx-int8-ov", ["--provider", "openvino", "--cache-interval", "{k}", "--vae", "tiny"]),
 }
 
 
