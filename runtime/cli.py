@@ -180,9 +180,12 @@ def _from_png(ctx: click.Context, path: Path, options: dict, img2img: bool):
         fields = infotext.parse(infotext.read_image(path))
         if not infotext.has_settings(fields):
             raise SdonnxError(f"{path} carries no generation settings (no 'Steps: ..., Sampler: ...' line)")
-        read = infotext.recipe(fields)
     except ValueError as err:
         raise _fail(err) from None
+    try:
+        read = infotext.recipe(fields)
+    except ValueError as err:
+        raise _fail(ValueError(f"{path}: {err}")) from None
     found, ignored = dict(read.options), list(read.ignored)
     if not img2img and "strength" in found:  # A1111 also writes it for the hires pass of a txt2img
         del found["strength"]
