@@ -51,11 +51,10 @@ def number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def fields(settings: "Settings") -> dict[str, object]:
+def pairs(settings: "Settings") -> dict[str, object]:
     """The pairs line of a Settings, in A1111's order, then our own fields (None: not written)."""
     sampler, schedule = a1111.sampler_of(settings.scheduler)
-    clip_skip = getattr(settings, "clip_skip", 1)
-    syntax = getattr(settings, "prompt_syntax", "a1111")
+    clip_skip, syntax = settings.clip_skip, settings.prompt_syntax
     return {
         "Steps": settings.steps, "Sampler": sampler, "Schedule type": schedule,
         "CFG scale": number(settings.guidance), "Seed": settings.seed, "Size": f"{settings.width}x{settings.height}",
@@ -72,8 +71,8 @@ def fields(settings: "Settings") -> dict[str, object]:
 def format(settings: "Settings", extra: dict[str, object] | None = None) -> str:  # noqa: A001 (the API's name)
     """The infotext of one generated picture; `extra` pairs (e.g. {"Batch size": 2, "Batch pos": 0}) are
     appended, None values skipped."""
-    pairs = {**fields(settings), **(extra or {})}
-    line = ", ".join(f"{k}: {quote(v)}" for k, v in pairs.items() if v is not None)
+    line_pairs = {**pairs(settings), **(extra or {})}
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in line_pairs.items() if v is not None)
     negative = f"\n{NEGATIVE} {settings.negative_prompt}" if settings.negative_prompt else ""
     return f"{settings.prompt}{negative}\n{line}".strip()
 
@@ -151,10 +150,7 @@ def recipe(fields: dict[str, str]) -> Recipe:
             o[name] = _typed(key, fields[key], kind)
             used.add(key)
     if "Size" in fields:
-        m = SIZE.match(fields["Size"])
-        if m is None:
-            raise SdonnxError(f"infotext field 'Size' has a bad value {fields['Size']!r} (want WxH)")
-        o["width"], o["height"] = int(m.group(1)), int(m.group(2))
+        o["width"], o["height"] = _size(fields["Size"])
         used.add("Size")
     if "Clip skip" in fields and (skip := _typed("Clip skip", fields["Clip skip"], int)) != 1:
         o["clip_skip"] = skip  # absent or 1: the last layer, the default
@@ -168,10 +164,8 @@ def recipe(fields: dict[str, str]) -> Recipe:
     if "Model" in fields:
         out.model = fields["Model"]
         used.add("Model")
-    if "Batch size" in fields and _typed("Batch size", fields["Batch size"], int) > 1:
-        out.batch = (int(fields["Batch size"]), _typed("Batch pos", fields.get("Batch pos", "0"), int))
-        if not 0 <= out.batch[1] < out.batch[0]:
-            raise SdonnxError(f"infotext has Batch pos {out.batch[1]} outside a batch of {out.batch[0]}")
+    out.batch = _batch(fields)
+    if out.batch is not None:
         used |= {"Batch size", "Batch pos"}
     scheduler = _scheduler(fields)
     if scheduler is not None:
@@ -180,6 +174,25 @@ def recipe(fields: dict[str, str]) -> Recipe:
         used.add("Scheduler")
     out.ignored = [k for k in fields if k not in used]
     return out
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = SIZE.match(text)
+    if m is None:
+        raise SdonnxError(f"infotext field 'Size' has a bad value {text!r} (want WxH)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _batch(fields: dict[str, str]) -> tuple[int, int] | None:
+    """(Batch size, Batch pos) of a picture made in a batch of several: our seed draws the whole batch's noise,
+    so a picture is regenerated with its batch."""
+    size = _typed("Batch size", fields.get("Batch size", "1"), int)
+    if size < 2:
+        return None
+    pos = _typed("Batch pos", fields.get("Batch pos", "0"), int)
+    if not 0 <= pos < size:
+        raise SdonnxError(f"infotext has Batch pos {pos} outside a batch of {size}")
+    return size, pos
 
 
 def _scheduler(fields: dict[str, str]) -> str | None:
