@@ -33,15 +33,16 @@ def scheduler_of(sampler: str, schedule: str | None = None) -> str:
     """An A1111 sampler name (case-insensitive; `DPM++ 2M Karras` or `DPM++ 2M` + schedule `Karras`), or one of
     our own names -> our scheduler name."""
     text = " ".join(sampler.split()).lower()
-    if text.replace(" ", "_") in NAMES:
+    sched = (schedule or "").strip().lower()
+    if sched not in ("", "automatic", "karras"):
+        raise SamplerNameError(f"unsupported schedule type {schedule!r} (supported: Automatic, Karras)")
+    # one of ours, unless a Karras schedule asks for a variant of it we lack (Euler + Karras is not our euler)
+    if text.replace(" ", "_") in NAMES and (sched != "karras" or text.replace(" ", "_") in KARRAS):
         return text.replace(" ", "_")
     karras = text.endswith(" karras")
     if karras:
         text = text[: -len(" karras")]
-    sched = (schedule or "").strip().lower()
     karras = karras or sched == "karras"
-    if sched not in ("", "automatic", "karras"):
-        raise SamplerNameError(f"unsupported schedule type {schedule!r} (supported: Automatic, Karras)")
     for ours, theirs in SAMPLERS.items():
         if theirs.lower() == text and (ours in KARRAS) == karras:
             return ours

@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .model import VAES
@@ -86,7 +87,7 @@ def run_options(command):
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @MODEL
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--steps", type=int, help="Denoising steps (default: the model's).")
@@ -104,43 +105,109 @@ def run_options(command):
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
 @run_options
-def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: int | None, guidance: float | None,
-             scheduler: str | None, seed: int | None, width: int | None, height: int | None,
+@click.option("--from-png", type=click.Path(path_type=Path), metavar="FILE",
+              help="Take the prompt and settings from the parameters a picture carries (ours or AUTOMATIC1111's "
+                   "infotext: a PNG's text chunk, a JPEG/WebP's EXIF comment); options given here override them.")
+@click.pass_context
+def generate(ctx: click.Context, prompt: str | None, model_dir: Path | None, negative_prompt: str, steps: int | None,
+             guidance: float | None, scheduler: str | None, seed: int | None, width: int | None, height: int | None,
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
              num_images: int, cache_interval: int, low_memory: bool, vae: str | None,
-             preview_every: int | None) -> None:
-    """Generate images from PROMPT and write them as PNGs carrying their parameters."""
-    from .image import save_png
+             preview_every: int | None, from_png: Path | None) -> None:
+    """Generate images from PROMPT (or --from-png FILE) and write them as PNGs carrying their parameters."""
     from .pipeline import Pipeline
 
     if mask is not None and init_image is None:
         raise click.ClickException("--mask needs --init-image (the picture to inpaint)")
     if strength is not None and init_image is None:
         raise click.ClickException("--strength needs --init-image")
-    if init_image is not None and strength is None:
-        strength = 1.0 if mask is not None else 0.8
-    options = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
-                   seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval,
-                   vae=vae)
+    if prompt is None and from_png is None:
+        raise click.ClickException("give a PROMPT, or --from-png FILE to take it from a picture")
+    options = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                   scheduler=scheduler, seed=seed, width=width, height=height, num_images=num_images,
+                   cache_interval=cache_interval, vae=vae, strength=strength)
+    read = _from_png(ctx, from_png, options, init_image is not None) if from_png is not None else None
+    if init_image is not None and options["strength"] is None:
+        options["strength"] = 1.0 if mask is not None else 0.8
+    prompt, strength = options.pop("prompt"), options.pop("strength")
+    pick = read.batch[1] if read is not None and read.batch and not _given(ctx, "num_images") else None
     preview = output.with_name(f"{output.stem}-preview{output.suffix or '.png'}") if preview_every else None
     previewed: list = []  # set once this run wrote the preview, which then is its own to remove
     try:
         pipe = Pipeline.load(model_dir, provider=provider, low_memory=low_memory)
+        _check_keywords(pipe, options)
+        if read is not None and read.model and read.model != pipe.info.path.name:
+            click.echo(f"note: {from_png.name} was made with model {read.model!r}; generating with "
+                       f"{pipe.info.path.name!r}", err=True)
         if preview is not None:
             pipe.info.vae("tiny")  # a one-line error before any work when the folder has no tiny VAE
         images = _with_progress(pipe, prompt, init_image, mask, strength, options, preview, preview_every, previewed)
-        # exactly what the run used (defaults and the drawn seed resolved by the pipeline)
-        params = dict(images[0].info["sdonnx"].parameters(), init_image=init_image and init_image.name,
-                      mask=mask and mask.name)
-        # all images exist before the first file is written, so a failure leaves no partial set
-        for k, (img, path) in enumerate(zip(images, _outputs(output, len(images)))):
-            save_png(img, path, {**params, "image": f"{k + 1}/{len(images)}"} if len(images) > 1 else params)
-            click.echo(str(path))
+        _write(images, output, pick, {"Init image": init_image and init_image.name, "Mask": mask and mask.name})
     except (ValueError, OSError) as err:
         raise _fail(err) from None
     finally:
         if previewed:
             preview.unlink(missing_ok=True)
+
+
+def _write(images: list, output: Path, pick: int | None, extra: dict) -> None:
+    """The PNGs, each with exactly what the run used (defaults and the drawn seed resolved by the pipeline); of
+    a batch regenerated for one picture (`pick`), only that one. All images exist before the first file is
+    written, so a failure leaves no partial set."""
+    from .image import save_png
+
+    n = len(images)
+    chosen = list(enumerate(images)) if pick is None else [(pick, images[pick])]
+    for (k, img), path in zip(chosen, _outputs(output, len(chosen))):
+        batch = {"Batch size": n, "Batch pos": k} if n > 1 else {}
+        save_png(img, path, img.info["sdonnx"].infotext({**extra, **batch}))
+        click.echo(str(path))
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether an option was set by the user (command line or environment), not left at its default."""
+    source = ctx.get_parameter_source(name) if name in ctx.params else None
+    return source is not None and source is not ParameterSource.DEFAULT
+
+
+def _from_png(ctx: click.Context, path: Path, options: dict, img2img: bool):
+    """Fill `options` from the picture's infotext where the user gave nothing; prints one note of the fields
+    left unused. Returns the infotext's Recipe."""
+    from . import infotext
+    from .errors import SdonnxError
+
+    try:
+        fields = infotext.parse(infotext.read_image(path))
+        if not infotext.has_settings(fields):
+            raise SdonnxError(f"{path} carries no generation settings (no 'Steps: ..., Sampler: ...' line)")
+    except ValueError as err:
+        raise _fail(err) from None
+    try:
+        read = infotext.recipe(fields)
+    except ValueError as err:
+        raise _fail(ValueError(f"{path}: {err}")) from None
+    found, ignored = dict(read.options), list(read.ignored)
+    if not img2img and "strength" in found:  # A1111 also writes it for the hires pass of a txt2img
+        del found["strength"]
+        ignored.append("Denoising strength (no --init-image)")
+    if read.batch:
+        found["num_images"] = read.batch[0]
+    for name, value in found.items():
+        if not _given(ctx, name):
+            options[name] = value
+    if ignored:
+        click.echo(f"note: ignored from {path.name}: {', '.join(ignored)}", err=True)
+    return read
+
+
+def _check_keywords(pipe, options: dict) -> None:
+    """A one-line error, not a TypeError, for a setting this pipeline has no keyword for."""
+    import inspect
+
+    known = inspect.signature(pipe.txt2img).parameters
+    missing = [k for k in options if k not in known]
+    if missing:
+        raise click.ClickException(f"this sdonnx cannot apply {', '.join(missing)} (read from --from-png)")
 
 
 def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None, strength: float | None,

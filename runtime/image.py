@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import SdonnxError
+
+if TYPE_CHECKING:
+    from .pipeline import Settings
+
+Params = Union["Settings", str, dict]
 
 MULTIPLE = 8
 
@@ -88,8 +94,16 @@ def shrink_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask[..., rows[:, None], cols[None, :]]
 
 
-def parameters_text(params: dict) -> str:
-    """The generation parameters as one readable block (prompt, negative prompt, then key: value pairs)."""
+def parameters_text(params: Params) -> str:
+    """The generation parameters as one readable block (prompt, negative prompt, then key: value pairs): for a
+    pipeline's Settings, AUTOMATIC1111's infotext (sdonnx.infotext); a string as it is; a dict's keys
+    capitalised in its order."""
+    if isinstance(params, str):
+        return params
+    if not isinstance(params, dict):
+        from . import infotext
+
+        return infotext.format(params)
     lines = [str(params.get("prompt", ""))]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
@@ -104,8 +118,9 @@ def _umask() -> int:
     return mask
 
 
-def save_png(image: Image.Image, path: str | Path, params: dict | None = None) -> Path:
-    """Write a PNG with a `parameters` tEXt chunk, atomically: a failed write leaves no partial file."""
+def save_png(image: Image.Image, path: str | Path, params: Params | None = None) -> Path:
+    """Write a PNG with a `parameters` text chunk (from a Settings, an infotext string or a dict: see
+    parameters_text), atomically: a failed write leaves no partial file."""
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     if params:

@@ -32,7 +32,7 @@ EAGER = ("text_encoder", "unet")  # loaded up front unless low_memory, with the 
 @dataclass(frozen=True)
 class Settings:
     """What one call actually ran with, defaults and the drawn seed resolved; each PIL image it returns carries
-    them as `image.info["sdonnx"]`, and the CLI writes exactly these into the PNG."""
+    them as `image.info["sdonnx"]`, and the CLI writes exactly these into the PNG (as `infotext()`)."""
 
     prompt: str
     negative_prompt: str
@@ -46,6 +46,14 @@ class Settings:
     cache_interval: int = 1
     strength: float | None = None  # img2img / inpainting only
     vae: str = "full"
+    clip_skip: int = 1  # A1111's meaning: 1 = the text encoder's last layer
+    prompt_syntax: str = "a1111"
+
+    def infotext(self, extra: dict | None = None) -> str:
+        """The PNG's `parameters` text as AUTOMATIC1111 writes it (see sdonnx.infotext)."""
+        from . import infotext
+
+        return infotext.format(self, extra)
 
     def parameters(self) -> dict:
         """The PNG's parameters, in the order they are written (None: not written)."""

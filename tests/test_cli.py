@@ -39,7 +39,7 @@ def test_generate_writes_png_with_parameters(folder, tmp_path):
     assert img.size == (32, 32) and img.format == "PNG"
     text = img.text["parameters"]
     assert text.splitlines()[:2] == ["a red circle", "Negative prompt: blue"]
-    for part in ("Steps: 2", "Guidance: 6.0", "Scheduler: euler", "Seed: 5", "Size: 32x32"):
+    for part in ("Steps: 2", "CFG scale: 6", "Scheduler: euler", "Seed: 5", "Size: 32x32"):
         assert part in text
     again = tmp_path / "again.png"
     assert generate(folder, again, "--seed", "5", "--negative-prompt", "blue", "--scheduler", "euler",
@@ -55,7 +55,7 @@ def test_generate_several_img2img_and_inpaint(folder, tmp_path):
     square_mask().save(tmp_path / "mask.png")
     result = generate(folder, tmp_path / "i2i.png", "--init-image", tmp_path / "in.png", "--strength", "0.5")
     assert result.exit_code == 0, result.output
-    assert "Strength: 0.5" in Image.open(tmp_path / "i2i.png").text["parameters"]
+    assert "Denoising strength: 0.5" in Image.open(tmp_path / "i2i.png").text["parameters"]
     result = generate(folder, tmp_path / "fill.png", "--init-image", tmp_path / "in.png",
                       "--mask", tmp_path / "mask.png")
     assert result.exit_code == 0, result.output

@@ -136,4 +136,7 @@ def test_cli_writes_exactly_the_pipeline_settings(tmp_path, seed):
     again = Pipeline.load().txt2img("a blue square", steps=2, seed=written)[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(again))
     d = Pipeline.load().info.defaults
-    assert f"Guidance: {d.guidance}, Scheduler: {d.scheduler}" in text
+    from sdonnx import infotext
+
+    fields = infotext.parse(text)
+    assert float(fields["CFG scale"]) == d.guidance and fields["Scheduler"] == d.scheduler

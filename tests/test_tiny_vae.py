@@ -166,7 +166,7 @@ def test_generate_vae_and_preview_every(folders, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert written == ["cat-preview.png", "cat-preview.png", "cat.png"]  # after steps 2 and 4, not the last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # the preview is gone once the image is there
-    assert "Vae: tiny" in Image.open(out).text["parameters"]
+    assert "VAE: tiny" in Image.open(out).text["parameters"]
 
 
 def test_folder_default_vae(folders, tmp_path):
