@@ -78,12 +78,8 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
     async def crashed(request: Request, err: Exception):
         return JSONResponse(_error_body(request.url.path, 500, f"{type(err).__name__}: {_one_line(err)}"), 500)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if (config.api_key or config.api_auth) and not _authorized(request.headers.get("authorization", ""), config):
-            headers = {"WWW-Authenticate": 'Basic realm="sdonnx"'} if config.api_auth else {}
-            return JSONResponse(_error_body(request.url.path, 401, "missing or wrong credentials"), 401, headers)
-        return await call_next(request)
+    if config.api_key or config.api_auth:
+        app.add_middleware(Authenticate, config=config)
 
     async def body_of(request: Request) -> dict:
         raw = await request.body()
@@ -122,6 +118,8 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
         durations[:] = [*durations[-19:], time.monotonic() - started]
         if isinstance(job.error, Interrupted):
             return job
+        if isinstance(job.error, ValueError):  # the pipeline's one-line verdict on the request
+            raise Failure(400, _one_line(job.error))
         if job.error is not None:
             raise job.error
         return job
@@ -220,6 +218,24 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
         return Response(status_code=204)
 
     return app
+
+
+class Authenticate:
+    """Bearer token or basic auth on every path, as plain ASGI (a BaseHTTPMiddleware would hide the client's
+    disconnect from the routes, which free a waiting request's place on it)."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if _authorized(headers.get(b"authorization", b"").decode("latin-1"), self.config):
+            return await self.app(scope, receive, send)
+        extra = {"WWW-Authenticate": 'Basic realm="sdonnx"'} if self.config.api_auth else {}
+        response = JSONResponse(_error_body(scope["path"], 401, "missing or wrong credentials"), 401, extra)
+        await response(scope, receive, send)
 
 
 def _authorized(header: str, config: ServeConfig) -> bool:

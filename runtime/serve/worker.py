@@ -182,10 +182,11 @@ class Worker:
                     self._lock.wait()
                 if self._stopped:
                     return
-                jobs = self._take()
+                jobs = [self._waiting.popleft()]
                 self._running = jobs
-                self.progress = Progress(started=time.time(), jobs=len(jobs))
+                self.progress = Progress(started=time.time(), jobs=1)
             try:
+                self._batch(jobs)
                 self._run(jobs)
             except BaseException as err:  # a failed call fails its requests, never the server
                 for job in jobs:
@@ -197,23 +198,27 @@ class Worker:
                     self.progress = Progress()
                     self.served += len(jobs)
 
-    def _take(self) -> list[Job]:
-        """The first waiting job and, with batching, the waiting ones that can share its call."""
-        first = self._waiting.popleft()
-        jobs, key = [first], first.batch_key()
+    def _batch(self, jobs: list[Job]) -> None:
+        """With batching, move the waiting jobs that can share the first one's call into `jobs`."""
+        first = jobs[0]
+        key = first.batch_key()
         if not self.batching or key is None or self._stochastic(first):
-            return jobs
-        images = len(first.seeds)
-        for job in list(self._waiting):
-            if job.batch_key() == key and images + len(job.seeds) <= self.max_batch:
-                self._waiting.remove(job)
-                jobs.append(job)
-                images += len(job.seeds)
-        return jobs
+            return
+        with self._lock:
+            images = len(first.seeds)
+            for job in list(self._waiting):
+                if job.batch_key() == key and images + len(job.seeds) <= self.max_batch:
+                    self._waiting.remove(job)
+                    jobs.append(job)
+                    images += len(job.seeds)
+            self.progress.jobs = len(jobs)
 
     def _stochastic(self, job: Job) -> bool:
         """Samplers that draw fresh noise every step: batching would tie each image's noise to the batch."""
-        return schedulers.create(job.scheduler, self.pipe.info.scheduler_config, job.steps).needs_noise
+        try:
+            return schedulers.create(job.scheduler, self.pipe.info.scheduler_config, job.steps).needs_noise
+        except ValueError:  # the pipeline says why when the job runs alone
+            return True
 
     def _callback(self, jobs: list[Job]) -> Callable[[int, int, np.ndarray], None]:
         def step(k: int, total: int, latents: np.ndarray) -> None:
