@@ -429,3 +429,90 @@ def _up(url: str) -> bool:
         return httpx.get(url + "/sdonnx/v1/status", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ---- live preview and the page in a real browser ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def preview_pipe(tmp_path_factory):
+    """The bundled model exported again with a random tiny VAE, whose decoder draws the live previews."""
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from sdonnx.export import cli as export_cli
+
+    out = tmp_path_factory.mktemp("serve") / "tiny-preview"
+    result = CliRunner().invoke(export_cli.export, ["tiny", str(out), "--tiny-vae", "random", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return Pipeline.load(out)
+
+
+def test_progress_carries_the_tiny_vae_preview(preview_pipe):
+    with serving(preview_pipe) as (url, worker):
+        assert httpx.get(url + "/sdonnx/v1/status").json()["has_preview"] is True
+        thread, out = in_background(post, url, "/sdapi/v1/txt2img", SLOW)
+        wait_until(lambda: worker.progress.step >= 2)
+        p = httpx.get(url + "/sdapi/v1/progress").json()
+        preview = png(p["current_image"])
+        assert preview.size[0] > 0 and np.asarray(preview).std() > 0  # a picture, not a blank
+        assert httpx.get(url + "/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
+        worker.interrupt()
+        thread.join(timeout=30)
+        assert out[0].status_code == 200
+
+
+def _browser(playwright):
+    """Playwright's own Chromium, else the distribution's (Debian: chromium-headless-shell or chromium)."""
+    import shutil
+
+    try:
+        return playwright.chromium.launch()
+    except Exception:  # noqa: BLE001 - playwright's browser download is absent: try the system's
+        for name in ("chromium-headless-shell", "chromium", "chromium-browser"):
+            path = shutil.which(name)
+            if path:
+                real = "/usr/lib/chromium/chromium-headless-shell" if name == "chromium-headless-shell" else path
+                return playwright.chromium.launch(executable_path=real if os.path.exists(real) else path,
+                                                  args=["--no-sandbox"])
+    pytest.skip("no Chromium for playwright (playwright install chromium, or apt install chromium-headless-shell)")
+
+
+def test_page_in_headless_chromium(preview_pipe, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with serving(preview_pipe) as (url, worker), sync_api.sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1000, "height": 640})
+        errors: list = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('sampler_name').options.length > 0")
+        assert page.input_value("#sampler_name") == "DDIM"  # the folder's default, from /sdonnx/v1/status
+        page.fill("#prompt", "a lighthouse at dusk")
+        page.fill("#negative_prompt", "fog")
+        page.fill("#width", "128")
+        page.fill("#height", "96")
+        page.fill("#steps", "20")
+        page.fill("#seed", "42")
+        page.select_option("#sampler_name", "Euler")
+        assert page.is_hidden("#keyrow")  # no key asked of a server that wants none
+        page.click("#generate")
+        page.wait_for_selector("figure.result", timeout=60000)
+        caption = page.inner_text("figure.result figcaption")
+        size = page.evaluate("[document.querySelector('figure.result img').naturalWidth,"
+                             " document.querySelector('figure.result img').naturalHeight]")
+        page.fill("#steps", "150")
+        page.fill("#seed", "-1")
+        page.click("#generate")  # a second, long run: the progress bar and the live preview while it runs
+        page.wait_for_function("document.getElementById('bar').value > 0.3", timeout=60000)
+        page.wait_for_selector("#preview:not([hidden])", timeout=30000)
+        page.screenshot(path=str(os.environ.get("SDONNX_PAGE_SCREENSHOT") or tmp_path / "page.png"))
+        page.wait_for_function("document.querySelectorAll('figure.result').length == 2", timeout=120000)
+        newest = page.inner_text("figure.result figcaption")
+        assert page.is_hidden("#preview")
+        browser.close()
+    assert errors == []
+    assert size == [128, 96]
+    for words in ("a lighthouse at dusk", "Negative prompt: fog", "Seed: 42", "Scheduler: euler", "Steps: 20"):
+        assert words in caption, (words, caption)
+    assert "Steps: 150" in newest and "Seed: 42" not in newest
