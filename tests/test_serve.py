@@ -501,7 +501,7 @@ def test_page_in_headless_chromium(preview_pipe, tmp_path):
         caption = page.inner_text("figure.result figcaption")
         size = page.evaluate("[document.querySelector('figure.result img').naturalWidth,"
                              " document.querySelector('figure.result img').naturalHeight]")
-        page.fill("#steps", "150")
+        page.fill("#steps", "80")
         page.fill("#seed", "-1")
         page.click("#generate")  # a second, long run: the progress bar and the live preview while it runs
         page.wait_for_function("document.getElementById('bar').value > 0.3", timeout=60000)
@@ -515,4 +515,17 @@ def test_page_in_headless_chromium(preview_pipe, tmp_path):
     assert size == [128, 96]
     for words in ("a lighthouse at dusk", "Negative prompt: fog", "Seed: 42", "Scheduler: euler", "Steps: 20"):
         assert words in caption, (words, caption)
-    assert "Steps: 150" in newest and "Seed: 42" not in newest
+    assert "Steps: 80" in newest and "Seed: 42" not in newest
+
+
+def test_clip_skip_from_override_settings(url):
+    from sdonnx.serve.worker import accepts
+
+    body = {"prompt": "x", **FAST, "seed": 1, "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    info = json.loads(post(url, "/sdapi/v1/txt2img", body).json()["info"])
+    if accepts(Pipeline.txt2img, "clip_skip"):
+        assert info["clip_skip"] == 2 and "override_settings.CLIP_stop_at_last_layers" not in info["ignored"]
+    else:  # a runtime without clip skip says so instead of pretending
+        assert info["ignored"] == ["override_settings.CLIP_stop_at_last_layers"] and info["clip_skip"] == 1
+    bad = post(url, "/sdapi/v1/txt2img", {**body, "override_settings": {"CLIP_stop_at_last_layers": 0}})
+    assert bad.status_code == 400 and "at least 1" in bad.json()["detail"]

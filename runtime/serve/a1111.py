@@ -136,6 +136,15 @@ def _overrides(body: dict, options: dict, model: str, clip_skip_ok: bool) -> tup
     return clip_skip, ignored
 
 
+def check_options(body: dict, model: str) -> None:
+    """What POST /sdapi/v1/options may set: only the loaded model, and a whole clip skip of at least 1."""
+    checkpoint = body.get("sd_model_checkpoint")
+    if checkpoint not in (None, "", model):
+        raise SdonnxError(f"model {checkpoint!r} is not loaded; this server holds only {model!r}")
+    if CLIP_SKIP in body:
+        _overrides({"override_settings": {CLIP_SKIP: body[CLIP_SKIP]}}, {}, model, True)
+
+
 def parse(body: dict, task: str, options: dict, model: str, max_pixels: int | None,
           clip_skip_ok: bool) -> Parsed:
     """A /sdapi/v1/txt2img or img2img body -> the job to run, or a one-line SdonnxError."""

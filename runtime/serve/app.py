@@ -180,11 +180,7 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
         body = await body_of(request)
-        model = body.get("sd_model_checkpoint")
-        if model not in (None, "", info.path.name):
-            raise Failure(400, f"model {model!r} is not loaded; this server holds only {info.path.name!r}")
-        if a1111.CLIP_SKIP in body:
-            a1111._overrides({"override_settings": {a1111.CLIP_SKIP: body[a1111.CLIP_SKIP]}}, {}, "", True)
+        a1111.check_options(body, info.path.name)
         config.options.update(body)
         return None
 

@@ -232,7 +232,7 @@ class Worker:
 
     def _run(self, jobs: list[Job]) -> None:
         first = jobs[0]
-        extra = {"clip_skip": first.clip_skip} if first.clip_skip is not None and self._clip_skip else {}
+        extra = {"clip_skip": first.clip_skip} if first.clip_skip is not None else {}
         callback = self._callback(jobs)
         if len(jobs) > 1 or (first.task == "txt2img" and not self._stochastic(first)):
             images = self._batched(jobs, callback, extra)
@@ -258,17 +258,25 @@ class Worker:
         latents = np.concatenate([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
         return self.pipe.txt2img(first.prompt, first.negative_prompt, steps=first.steps, guidance=first.guidance,
                                  scheduler=first.scheduler, seed=seeds[0], width=first.width, height=first.height,
-                                 num_images=len(seeds), latents=latents, callback=callback, **extra)
+                                 num_images=len(seeds), latents=latents, callback=callback,
+                                 **_supported(self.pipe.txt2img, extra))
 
     def _one(self, job: Job, seed: int, callback, extra: dict) -> list[Image.Image]:
         common: dict[str, Any] = dict(negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
                                       scheduler=job.scheduler, seed=seed, width=job.width, height=job.height,
-                                      callback=callback, **extra)
+                                      callback=callback)
         if job.task == "inpaint":
-            return self.pipe.inpaint(job.prompt, job.image, job.mask, strength=job.strength, **common)
+            return self.pipe.inpaint(job.prompt, job.image, job.mask, strength=job.strength, **common,
+                                     **_supported(self.pipe.inpaint, extra))
         if job.task == "img2img":
-            return self.pipe.img2img(job.prompt, job.image, strength=job.strength, **common)
-        return self.pipe.txt2img(job.prompt, **common)
+            return self.pipe.img2img(job.prompt, job.image, strength=job.strength, **common,
+                                     **_supported(self.pipe.img2img, extra))
+        return self.pipe.txt2img(job.prompt, **common, **_supported(self.pipe.txt2img, extra))
+
+
+def _supported(method: Callable, options: dict) -> dict:
+    """The options `method` takes (clip_skip may reach txt2img before img2img)."""
+    return {k: v for k, v in options.items() if accepts(method, k)}
 
 
 def random_seed() -> int:
