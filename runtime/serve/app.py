@@ -125,7 +125,8 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
         return job
 
     async def encoded(job: Job) -> list[str]:
-        return await run_in_threadpool(lambda: [png_base64(img, infotext(s)) for img, s in zip(job.images, job.settings)])
+        pairs = list(zip(job.images, job.settings))
+        return await run_in_threadpool(lambda: [png_base64(img, infotext(s)) for img, s in pairs])
 
     async def sdapi(request: Request, task: str) -> dict:
         body = await body_of(request)

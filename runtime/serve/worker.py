@@ -104,6 +104,8 @@ class Worker:
         self._preview: tuple[int, Image.Image | None] = (-1, None)
         self._stopped = False
         self._clip_skip = accepts(pipe.txt2img, "clip_skip")
+        if self.has_preview:  # opened now, so previews from request threads never race to open it
+            pipe.component("vae_decoder_tiny")
         self._thread = threading.Thread(target=self._loop, name="sdonnx-worker", daemon=True)
         self._thread.start()
 
