@@ -310,5 +310,54 @@ def bench(model_dir: Path | None, provider: str, size: str | None, steps: int, r
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@main.command()
+@MODEL
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback: this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait; past it the server answers 429 with Retry-After.")
+@click.option("--max-pixels", type=click.IntRange(min=64), help="Refuse images of more pixels (width x height).")
+@PROVIDER
+@click.option("--api-key", envvar="SDONNX_API_KEY", help="Require this bearer token (env SDONNX_API_KEY).")
+@click.option("--api-auth", metavar="USER:PASS", help="Require HTTP basic auth, as A1111's --api-auth.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="Seconds a request may wait and run; 0: no limit.")
+@click.option("--batch/--no-batch", "batching", default=True, show_default=True,
+              help="Run waiting txt2img requests that differ only in seed as one batched call.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve replicas (the ray extra).")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, help="Ray Serve replicas.")
+def serve(model_dir: Path | None, host: str, port: int, max_queue: int, max_pixels: int | None, provider: str,
+          api_key: str | None, api_auth: str | None, timeout: float, batching: bool, use_ray: bool,
+          replicas: int) -> None:
+    """Serve AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1/images/generations APIs and a page at /."""
+    if api_auth is not None and ":" not in api_auth:
+        raise click.ClickException("--api-auth must be USER:PASS")
+    try:
+        from .serve.app import ServeConfig
+        from .serve import server
+    except ImportError as err:
+        raise click.ClickException(f"`sdonnx serve` needs the serve extra ({err.name} is not installed): "
+                                   "pip install 'sdonnx[serve]'") from None
+    if host not in LOOPBACK and not (api_key or api_auth):
+        click.echo(f"warning: serving on {host} without --api-key or --api-auth: anyone who reaches it can use it",
+                   err=True)
+    config = ServeConfig(max_pixels=max_pixels, timeout=timeout or None, api_key=api_key, api_auth=api_auth)
+    try:
+        if use_ray:
+            try:
+                from .serve import ray as ray_serve
+            except ImportError as err:
+                raise click.ClickException(f"`sdonnx serve --ray` needs the ray extra ({err.name} is not "
+                                           "installed): pip install 'sdonnx[ray]'") from None
+            ray_serve.run(model_dir, provider, host, port, max_queue, batching, config, replicas)
+        else:
+            server.run(model_dir, provider, host, port, max_queue, batching, config)
+    except (ValueError, OSError) as err:
+        raise _fail(err) from None
+
+
 if __name__ == "__main__":
     main()
