@@ -116,6 +116,9 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
                 worker.cancel(job)
                 raise Failure(499, "client disconnected")
         durations[:] = [*durations[-19:], time.monotonic() - started]
+        if isinstance(job.error, Interrupted) and deadline is not None and time.monotonic() > deadline:
+            # the worker stops a run past its deadline itself; that may land before this loop looks at the clock
+            raise Failure(504, f"timed out after {config.timeout:g} s (--timeout)")
         if isinstance(job.error, Interrupted):
             return job
         if isinstance(job.error, ValueError):  # the pipeline's one-line verdict on the request
