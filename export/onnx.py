@@ -149,6 +149,7 @@ class Signature:
 
 
 _LATENTS = {0: "batch_size", 2: "height", 3: "width"}  # the U-Net's latent-sized tensors
+_TEXT = {0: "batch_size", 1: "sequence_length"}  # 77 positions per 75-token prompt chunk; long prompts have more
 
 
 def _image_to_image(inp: str, inp_size: str, out: str, out_size: str) -> Signature:
@@ -162,18 +163,27 @@ SIGNATURES = {
                               {"input_ids": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"},
                                "pooler_output": {0: "batch_size"}}),
     "unet": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
-                      {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"}, "out_sample": _LATENTS}),
+                      {"sample": _LATENTS, "encoder_hidden_states": _TEXT, "out_sample": _LATENTS}),
     "unet_features": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample", "deep_features"),
-                               {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"},
+                               {"sample": _LATENTS, "encoder_hidden_states": _TEXT,
                                 "out_sample": _LATENTS, "deep_features": _LATENTS}),
     "unet_shallow": Signature(("sample", "timestep", "encoder_hidden_states", "deep_features"), ("out_sample",),
-                              {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"},
+                              {"sample": _LATENTS, "encoder_hidden_states": _TEXT,
                                "deep_features": _LATENTS, "out_sample": _LATENTS}),
     "vae_encoder": _image_to_image("sample", "sample", "latent_parameters", "latent"),
     "vae_decoder": _image_to_image("latent_sample", "latent", "sample", "sample"),
     "vae_encoder_tiny": _image_to_image("sample", "sample", "latent_sample", "latent"),
     "vae_decoder_tiny": _image_to_image("latent_sample", "latent", "sample", "sample"),
 }
+
+
+def text_encoder_signature(layers: int) -> Signature:
+    """optimum's text-encoder signature plus `hidden_states.0` (the embeddings) .. `hidden_states.{layers}` (the
+    last layer before the final norm), the names optimum gives them in SDXL's encoders; clip skip reads them."""
+    sig = SIGNATURES["text_encoder"]
+    states = tuple(f"hidden_states.{k}" for k in range(layers + 1))
+    return Signature(sig.inputs, sig.outputs + states,
+                     {**sig.dynamic_axes, **{name: {0: "batch_size"} for name in states}})
 
 
 def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None = None) -> nn.Module:
@@ -186,8 +196,8 @@ def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None =
         if cache_depth is None:
             raise ValueError("unet_shallow needs a step-cache depth")
         return UNetShallowGraph(models["unet"], cache_depth).eval()
-    if component == "text_encoder":  # input_ids -> (last_hidden_state, pooler_output)
-        return OneInputGraph(models["text_encoder"], lambda te, ids: tuple(te(ids)[:2])).eval()
+    if component == "text_encoder":  # input_ids -> (last_hidden_state, pooler_output, hidden_states.0, ...)
+        return OneInputGraph(models["text_encoder"], lambda te, ids: te.forward_all(ids)).eval()
     if component == "unet":
         return UNetGraph(models["unet"]).eval()
     if component == "vae_encoder":  # image in [-1, 1] -> concat(mean, logvar) on channels, as optimum exports it
@@ -206,8 +216,9 @@ def latent_multiple(configs: ModelConfigs) -> int:
 
 
 def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: tuple[int, int],
-                  seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic inputs with realistic ranges for `component` (latents ~ N(0, 1), images in [-1, 1])."""
+                  seed: int = 0, text_length: int = TEXT_LENGTH) -> dict[str, torch.Tensor]:
+    """Deterministic inputs with realistic ranges for `component` (latents ~ N(0, 1), images in [-1, 1]);
+    text_length: the U-Net's text positions (77 per prompt chunk)."""
     g = torch.Generator().manual_seed(seed)
     h, w = latent_hw
     scale = configs.vae.downscale
@@ -221,7 +232,7 @@ def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: 
     if component == "unet":
         inputs = {"sample": torch.randn(batch, configs.unet.in_channels, h, w, generator=g),
                   "timestep": torch.tensor(981.0),
-                  "encoder_hidden_states": torch.randn(batch, TEXT_LENGTH, configs.unet.cross_attention_dim,
+                  "encoder_hidden_states": torch.randn(batch, text_length, configs.unet.cross_attention_dim,
                                                        generator=g)}
         if configs.unet.is_lcm:  # a guidance embedding has values in [-1, 1]
             inputs["timestep_cond"] = torch.rand(batch, configs.unet.time_cond_proj_dim, generator=g) * 2 - 1
@@ -274,6 +285,8 @@ def export_component(component: str, module: nn.Module, inputs: dict[str, torch.
 
     `component` names the signature: a graph name, or `unet_features` for the U-Net with deep features."""
     sig = SIGNATURES[component]
+    if component == "text_encoder":
+        sig = text_encoder_signature(module.module.config.num_hidden_layers)
     if "timestep_cond" in inputs:  # an LCM U-Net's guidance embedding, after the usual inputs
         sig = Signature(sig.inputs + ("timestep_cond",), sig.outputs,
                         {**sig.dynamic_axes, "timestep_cond": {0: "batch_size"}})
