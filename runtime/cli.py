@@ -103,12 +103,17 @@ def run_options(command):
 @PROVIDER
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--prompt-syntax", type=click.Choice(["a1111", "none"], case_sensitive=False), default="a1111",
+              show_default=True, help="a1111: (word:1.3), ((word)), [word], \\( for a literal bracket, BREAK; "
+                                      "none: brackets are plain text.")
+@click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Condition on the text encoder's N-th layer from the end (A1111's meaning: 1 = the last).")
 @run_options
 def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: int | None, guidance: float | None,
              scheduler: str | None, seed: int | None, width: int | None, height: int | None,
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
-             num_images: int, cache_interval: int, low_memory: bool, vae: str | None,
-             preview_every: int | None) -> None:
+             num_images: int, prompt_syntax: str, clip_skip: int, cache_interval: int, low_memory: bool,
+             vae: str | None, preview_every: int | None) -> None:
     """Generate images from PROMPT and write them as PNGs carrying their parameters."""
     from .image import save_png
     from .pipeline import Pipeline
@@ -121,7 +126,7 @@ def generate(prompt: str, model_dir: Path | None, negative_prompt: str, steps: i
         strength = 1.0 if mask is not None else 0.8
     options = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                    seed=seed, width=width, height=height, num_images=num_images, cache_interval=cache_interval,
-                   vae=vae)
+                   vae=vae, prompt_syntax=prompt_syntax.lower(), clip_skip=clip_skip)
     preview = output.with_name(f"{output.stem}-preview{output.suffix or '.png'}") if preview_every else None
     previewed: list = []  # set once this run wrote the preview, which then is its own to remove
     try:
