@@ -126,7 +126,7 @@ def add_to_model(text_encoder: torch.nn.Module, embeddings: list[Embedding], tok
             raise EmbeddingError(f"{emb.path.name}: vectors of {emb.vectors.shape[1]} values, but this text encoder's "
                                  f"are {dim} (an embedding for another model family?)")
         for tok in emb.tokens:
-            if tok in known:
+            if tok in known or f"{tok}</w>" in known:  # as a whole word it would take over that word
                 raise EmbeddingError(f"{emb.path.name}: token {tok!r} is already in the tokenizer's vocabulary "
                                      "(name another one with FILE:TOKEN)")
             ids[tok] = size + len(ids)
