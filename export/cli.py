@@ -193,6 +193,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                                   calibration.get(c))
                 job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
             _remove(work)
+            graphs.split_hidden_states(root / "text_encoder" / "model.onnx")
             step_cache = None
             if job.step_cache is not None:
                 _, features = graphs.split_features(root / "unet" / "model.onnx")

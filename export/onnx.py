@@ -23,6 +23,8 @@ STEP_CACHE_COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_encoder", 
 # with --tiny-vae: TAESD's graphs beside the full VAE's, with the same input and image conventions
 TINY_VAE_COMPONENTS = ("vae_encoder_tiny", "vae_decoder_tiny")
 FEATURES_FILE = "model_features.onnx"
+# the text encoder's second graph file: optimum's outputs plus every layer's (hidden_states.K), for clip skip
+HIDDEN_STATES_FILE = "model_hidden_states.onnx"
 # protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself
 EXTERNAL_DATA_BYTES = 1_800_000_000
 EXTERNAL_DATA_NAME = "model.onnx_data"
@@ -179,7 +181,8 @@ SIGNATURES = {
 
 def text_encoder_signature(layers: int) -> Signature:
     """optimum's text-encoder signature plus `hidden_states.0` (the embeddings) .. `hidden_states.{layers}` (the
-    last layer before the final norm), the names optimum gives them in SDXL's encoders; clip skip reads them."""
+    last layer before the final norm), the names optimum gives them in SDXL's encoders; clip skip reads them.
+    The folder's model.onnx keeps optimum's two outputs (split_hidden_states)."""
     sig = SIGNATURES["text_encoder"]
     states = tuple(f"hidden_states.{k}" for k in range(layers + 1))
     return Signature(sig.inputs, sig.outputs + states,
@@ -328,20 +331,32 @@ def split_features(path: Path) -> tuple[Path, Path]:
 
     optimum's pipeline takes the U-Net's first output after renaming, so an extra output would break it.
     """
+    return split_outputs(path, lambda name: name == "deep_features", FEATURES_FILE)
+
+
+def split_hidden_states(path: Path) -> tuple[Path, Path]:
+    """The text encoder with every layer's output -> `model.onnx` of optimum's two outputs, and
+    HIDDEN_STATES_FILE with all of them (for clip skip), sharing one weights file."""
+    return split_outputs(path, lambda name: name.startswith("hidden_states."), HIDDEN_STATES_FILE)
+
+
+def split_outputs(path: Path, extra: Callable[[str], bool], second: str) -> tuple[Path, Path]:
+    """The graph at `path` -> `second` beside it, as it is, and `path` without the outputs `extra` names; both
+    read the same weights file."""
     model = onnx.load(str(path))
     data = path.parent / EXTERNAL_DATA_NAME
     if data.exists():  # the writer appends to an existing data file
         data.unlink()
-    features = path.parent / FEATURES_FILE
-    onnx.save_model(model, str(features), save_as_external_data=True, all_tensors_to_one_file=True,
+    full = path.parent / second
+    onnx.save_model(model, str(full), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA_NAME, size_threshold=1024)
-    plain = onnx.load(str(features), load_external_data=False)
-    keep = [o for o in plain.graph.output if o.name != "deep_features"]
+    plain = onnx.load(str(full), load_external_data=False)
+    keep = [o for o in plain.graph.output if not extra(o.name)]
     del plain.graph.output[:]
     plain.graph.output.extend(keep)
     _prune(plain.graph)
     onnx.save_model(plain, str(path))
-    return path, features
+    return path, full
 
 
 def _prune(graph: onnx.GraphProto) -> None:

@@ -203,6 +203,9 @@ def info(model_dir: Path | None, verify: bool) -> None:
     loras = (m.meta.get("export_report") or {}).get("loras")
     if loras:
         click.echo("loras        " + ", ".join(f"{x['file']} x {x['scale']} ({x['layers']} layers)" for x in loras))
+    if m.meta.get("embeddings"):
+        click.echo("embeddings   " + ", ".join(f"{e['token']} ({e['vectors']} vectors, {e['file']})"
+                                               for e in m.meta["embeddings"]))
     click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}, {d.vae} VAE"
                + (f"; static shape {m.static_shape}" if m.static_shape else ""))
     click.echo("components")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from . import image as imaging
 from . import prompt_chunks, prompt_syntax, sampling, schedulers, text_encoding
-from .model import VAES, ModelInfo, default_model_dir, read_model
+from .model import HIDDEN_STATES, VAES, ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
 from .errors import SdonnxError
 from .session import Component, SessionConfig, session_config
@@ -26,6 +26,7 @@ TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
 # live previews at half size: a quarter of the tiny decoder's work, so that one every step stays a few percent of
 # a 512x512 step (measured: benchmarks/results/sd-turbo-preview-cpu.json)
 PREVIEW_DOWNSCALE = 2
+HIDDEN_STATES_GRAPH = next(iter(HIDDEN_STATES))  # opened only for clip skip > 1
 EAGER = ("text_encoder", "unet")  # loaded up front unless low_memory, with the folder's default VAE
 
 
@@ -266,7 +267,7 @@ class Pipeline:
         keys = [c.key() + f"|{clip_skip}".encode() for c in chunks]
         missing = {k: c for k, c in zip(keys, chunks) if k not in self._texts}
         if missing:  # one session for all of them, which matters in low-memory mode
-            with self._using("text_encoder") as encoder:
+            with self._using(self._text_graph(clip_skip)) as encoder:
                 output, norm = text_encoding.clip_skip_reader(encoder, clip_skip)
                 for key, c in missing.items():
                     hidden = text_encoding.encode(encoder, c, output, norm)
@@ -279,6 +280,16 @@ class Pipeline:
         while len(self._texts) > max(TEXT_CACHE_SIZE, len(prompts)):
             self._texts.popitem(last=False)
         return out
+
+    def _text_graph(self, clip_skip: int) -> str:
+        """The text-encoder graph a clip skip reads: optimum's for 1, the one with every layer's output else."""
+        if clip_skip == 1:
+            return "text_encoder"
+        if HIDDEN_STATES_GRAPH not in self.info.components:
+            raise SdonnxError(f"clip skip {clip_skip} needs the text encoder's layer outputs "
+                              f"({self.info.path.name} has no text_encoder/model_hidden_states.onnx): "
+                              "re-export it with this version of `sdonnx export`")
+        return HIDDEN_STATES_GRAPH
 
     def _encode(self, pixels: np.ndarray, vae: str | None = None) -> np.ndarray:
         """[-1, 1] pixels -> scaled latents; the mean of the latent distribution, so img2img is deterministic."""
