@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,11 +375,11 @@ class Pipeline:
         split = self.low_memory
         if interval == 1:
             with self._using("unet") as unet:
-                _check_text_length(unet, context)
+                context = _fit_text_length(unet, context)
                 yield sampling.every_step(sampling.guided(unet, context, w, split, **inputs))
             return
         with self._using("unet_features") as full, self._using("unet_shallow") as shallow:
-            _check_text_length(full, context)
+            context = _fit_text_length(full, context)
             yield sampling.step_cache(sampling.guided(full, context, w, split, **inputs),
                                       sampling.guided(shallow, context, w, split, **inputs), interval)
 
@@ -388,11 +389,13 @@ def _check_strength(strength: float) -> None:
         raise SdonnxError(f"strength must be in (0, 1], got {strength}")
 
 
-def _check_text_length(unet: Component, context: np.ndarray) -> None:
-    """A U-Net graph with a fixed text length (a --static export) takes one 75-token chunk per prompt."""
+def _fit_text_length(unet: Component, context: np.ndarray) -> np.ndarray:
+    """The text encodings a U-Net graph takes: a graph with a fixed text length (a --static export, or one exported
+    before long prompts) gets each prompt's first chunk only, with a warning, as a too-long prompt was cut before."""
     port = getattr(unet, "inputs", {}).get("encoder_hidden_states")
     fixed = port.shape[1] if port is not None and len(port.shape) == 3 else None
-    if isinstance(fixed, int) and fixed != context.shape[1]:
-        raise SdonnxError(f"this model's U-Net takes {fixed} text positions (one 75-token chunk), the prompt needs "
-                          f"{context.shape[1]}: shorten the prompt (or negative prompt), or re-export the model with "
-                          "this version of `sdonnx export` and without --static")
+    if not isinstance(fixed, int) or fixed >= context.shape[1]:
+        return context
+    warnings.warn(f"this model's U-Net takes {fixed} text positions, one 75-token chunk: only the prompts' first "
+                  f"chunks were used (re-export the model without --static for long prompts)", stacklevel=4)
+    return context[:, :fixed]
