@@ -198,3 +198,16 @@ def test_generate_cli_options(folders, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.is_file()
     cli_error(CliRunner().invoke(main, args + ["--model", str(folders[1]), "--clip-skip", "2"]), "clip skip 2")
+
+
+def test_img2img_and_inpaint_take_the_prompt_options(pipe):
+    from helpers import picture, square_mask
+
+    runs = {"img2img": lambda **kw: pipe.img2img("a (red:1.5) circle", picture(), strength=0.6, steps=3, seed=1, **kw),
+            "inpaint": lambda **kw: pipe.inpaint("a (red:1.5) circle", picture(), square_mask(), steps=3, seed=1,
+                                                 **kw)}
+    for task, run in runs.items():
+        image = run(clip_skip=2, prompt_syntax="none")[0]
+        assert (image.info["sdonnx"].clip_skip, image.info["sdonnx"].prompt_syntax) == (2, "none"), task
+        assert np.asarray(run()[0]).tolist() != np.asarray(image).tolist(), task
+        one_line_error(lambda: run(prompt_syntax="comfy"), "unknown prompt syntax")
