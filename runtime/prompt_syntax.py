@@ -41,6 +41,7 @@ class Fragment:
 
 
 BREAK = Fragment("BREAK", -1.0)  # a chunk boundary, never text (its weight cannot come from the syntax's rules)
+_BREAK_PIECE: list = ["BREAK", -1.0]  # its stand-in while parsing (compared by identity, never scaled)
 
 
 def parse(prompt: str, syntax: str = "a1111") -> list[Fragment]:
@@ -85,9 +86,6 @@ def parse(prompt: str, syntax: str = "a1111") -> list[Fragment]:
     for start in squares:
         scale(start, DOWN)
     return _join(pieces)
-
-
-_BREAK_PIECE: list = ["BREAK", -1.0]
 
 
 def _add_text(pieces: list[list], text: str) -> None:
