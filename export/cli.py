@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..system import peak_rss_mb
-from . import folder, lora, onnx as graphs, optimize as opt, quantize, tiny_vae, verify
+from . import embeddings as ti, folder, lora, onnx as graphs, optimize as opt, quantize, tiny_vae, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
 
@@ -41,6 +41,7 @@ class ExportJob:
     loras: tuple = ()  # (path, scale) of LoRA files fused into the weights before export, in order
     defaults: dict = field(default_factory=dict)  # generation defaults given with --defaults (folder.parse_defaults)
     tiny_vae: str | None = None  # --tiny-vae: a TAESD folder or file, or random; None: not exported
+    embeddings: tuple = ()  # (path, token or None) of textual-inversion files added to the text encoder
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -72,13 +73,14 @@ class Progress:
         self.bar.close()
 
 
-def _inputs(job: ExportJob, component: str, models: dict, configs, batch: int, hw: tuple, seed: int) -> dict:
+def _inputs(job: ExportJob, component: str, models: dict, configs, batch: int, hw: tuple, seed: int,
+            text_length: int = graphs.TEXT_LENGTH) -> dict:
     if component in graphs.TINY_VAE_COMPONENTS:
         return graphs.tiny_vae_inputs(component, models["tiny_vae"].config, batch, hw, seed)
     if component == "unet_shallow":
-        unet_inputs = graphs.sample_inputs("unet", configs, batch, hw, seed)
+        unet_inputs = graphs.sample_inputs("unet", configs, batch, hw, seed, text_length)
         return graphs.with_deep_features(unet_inputs, models["unet"], job.step_cache)
-    return graphs.sample_inputs(component, configs, batch, hw, seed)
+    return graphs.sample_inputs(component, configs, batch, hw, seed, text_length)
 
 
 def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, path: Path):
@@ -90,10 +92,11 @@ def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, 
     batch, hw = graphs.trace_shape(component, configs, job.static)
     graphs.export_component(signature, module, _inputs(job, component, models, configs, batch, hw, job.seed),
                             path, static=job.static is not None)
-    if job.static is None:  # check the dynamic axes too: another batch and a non-square size
+    text_length = graphs.TEXT_LENGTH
+    if job.static is None:  # check the dynamic axes too: another batch, a non-square size, a two-chunk prompt
         m = graphs.latent_multiple(configs)
-        batch, hw = 2, (3 * m, 2 * m)
-    inputs = _inputs(job, component, models, configs, batch, hw, job.seed + 1)
+        batch, hw, text_length = 2, (3 * m, 2 * m), 2 * graphs.TEXT_LENGTH
+    inputs = _inputs(job, component, models, configs, batch, hw, job.seed + 1, text_length)
     with torch.no_grad():
         out = module(**inputs)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -135,6 +138,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) in ("qdq", "openvino")
     _check_attention(job)
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
+    embeds = [ti.read_embedding(path, token) for path, token in job.embeddings]
+    ti.check_unique(embeds)
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
     if job.defaults.get("vae") == "tiny" and not job.tiny_vae:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
@@ -157,6 +162,14 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             fused = [{"file": path.name, "scale": scale, "layers": lora.fuse(models, pairs, scale, path.name)}
                      for path, scale, pairs in adapters]
             del adapters  # the models hold the fused weights now
+            added = ti.add_to_model(models["text_encoder"], embeds, Path(ckpt.tokenizer_dir)) if embeds else {}
+            if added:  # config.json and the check inputs see the grown vocabulary
+                rows = models["text_encoder"].text_model.embeddings.token_embedding.num_embeddings
+                clip = dataclasses.replace(ckpt.configs.clip, vocab_size=rows)
+                ckpt.configs = dataclasses.replace(ckpt.configs, clip=clip)
+            norm = models["text_encoder"].text_model.final_layer_norm
+            final_norm = {"weight": norm.weight.detach().numpy().copy(), "bias": norm.bias.detach().numpy().copy(),
+                          "eps": norm.eps}
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
@@ -180,6 +193,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                                   calibration.get(c))
                 job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
             _remove(work)
+            graphs.split_hidden_states(root / "text_encoder" / "model.onnx")
             step_cache = None
             if job.step_cache is not None:
                 _, features = graphs.split_features(root / "unet" / "model.onnx")
@@ -198,7 +212,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 prediction_type=ckpt.prediction_type, configs=ckpt.configs,
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
                 components=job.components, report=report, step_cache=step_cache,
-                defaults=defaults, tiny_vae=tiny_entry,
+                defaults=defaults, tiny_vae=tiny_entry, final_norm=final_norm, added_tokens=added,
+                embeddings=[e.record() for e in embeds],
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -339,10 +354,14 @@ def _one_line(err: BaseException) -> str:
 @click.option("--defaults", "defaults", metavar="KEY=VALUE,...", default="",
               help="What `sdonnx generate` runs the folder with when not told: steps, guidance, scheduler, vae "
                    "(e.g. a turbo model: steps=1,guidance=0,scheduler=euler_a).")
+@click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
+              help="Add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds) as TOKEN "
+                   "(default: the file's name; a diffusers file's own token); repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
-           loras: tuple[str, ...], tiny_vae_source: str | None, defaults: str, quiet: bool) -> None:
+           loras: tuple[str, ...], tiny_vae_source: str | None, defaults: str, embeddings: tuple[str, ...],
+           quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
     random:sd-turbo, tiny) to ONNX."""
     try:
@@ -351,7 +370,7 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,
                         loras=tuple(lora.parse_spec(spec) for spec in loras), defaults=folder.parse_defaults(defaults),
-                        tiny_vae=tiny_vae_source)
+                        tiny_vae=tiny_vae_source, embeddings=tuple(ti.parse_spec(spec) for spec in embeddings))
         with _sigterm_unwinds():
             meta = run_export(job, progress=not quiet)
     except Terminated:

@@ -13,8 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from sdonnx import schedulers
 from sdonnx.model import DEFAULTS, VAES, sha256
+from sdonnx.text_encoding import FINAL_NORM_FILE
 
 from .models.config import PRESET_DEFAULTS, ModelConfigs, TinyVAEConfig, UNetConfig
 
@@ -264,16 +267,35 @@ def write_tiny_vae(root: Path, config: TinyVAEConfig, source: str) -> dict:
             "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor}
 
 
+def write_final_norm(folder: Path, norm: dict) -> Path:
+    """text_encoder/final_layer_norm.npz: what the runtime puts a clip-skip layer's output through."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FINAL_NORM_FILE
+    with open(path, "wb") as f:
+        np.savez(f, weight=np.asarray(norm["weight"], np.float32), bias=np.asarray(norm["bias"], np.float32),
+                 eps=np.float32(norm["eps"]))
+    return path
+
+
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
                    static: dict | None, report: dict, defaults: dict, step_cache: dict | None = None,
-                   tiny_vae: dict | None = None) -> dict:
+                   tiny_vae: dict | None = None, final_norm: dict | None = None, added_tokens: dict | None = None,
+                   embeddings: list | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
 
     `defaults`: steps, guidance and scheduler (generation_defaults); the image size is the model's.
     `tiny_vae`: write_tiny_vae's entry, when the folder holds one.
+    `final_norm`: the text encoder's final LayerNorm (weight, bias, eps) for clip skip.
+    `added_tokens` ({token: id}) and `embeddings` (their records): textual-inversion tokens (embeddings.py).
     """
+    from .embeddings import write_tokens
+
     copy_tokenizer(tokenizer_dir, root)
+    if added_tokens:
+        write_tokens(root / "tokenizer", added_tokens)
+    if final_norm is not None:
+        write_final_norm(root / "text_encoder", final_norm)
     sched = dict(scheduler_config, prediction_type=prediction_type)
     write_json(root / "scheduler" / "scheduler_config.json", sched)
     write_configs(root, configs)
@@ -293,6 +315,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "static_shape": static,
         "step_cache": step_cache,
         "tiny_vae": tiny_vae,
+        "embeddings": embeddings or [],
         "export_report": report,
     }
     write_json(root / "sdonnx.json", meta)

@@ -23,6 +23,8 @@ STEP_CACHE_COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_encoder", 
 # with --tiny-vae: TAESD's graphs beside the full VAE's, with the same input and image conventions
 TINY_VAE_COMPONENTS = ("vae_encoder_tiny", "vae_decoder_tiny")
 FEATURES_FILE = "model_features.onnx"
+# the text encoder's second graph file: optimum's outputs plus every layer's (hidden_states.K), for clip skip
+HIDDEN_STATES_FILE = "model_hidden_states.onnx"
 # protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself
 EXTERNAL_DATA_BYTES = 1_800_000_000
 EXTERNAL_DATA_NAME = "model.onnx_data"
@@ -149,6 +151,7 @@ class Signature:
 
 
 _LATENTS = {0: "batch_size", 2: "height", 3: "width"}  # the U-Net's latent-sized tensors
+_TEXT = {0: "batch_size", 1: "sequence_length"}  # 77 positions per 75-token prompt chunk; long prompts have more
 
 
 def _image_to_image(inp: str, inp_size: str, out: str, out_size: str) -> Signature:
@@ -162,18 +165,28 @@ SIGNATURES = {
                               {"input_ids": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"},
                                "pooler_output": {0: "batch_size"}}),
     "unet": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
-                      {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"}, "out_sample": _LATENTS}),
+                      {"sample": _LATENTS, "encoder_hidden_states": _TEXT, "out_sample": _LATENTS}),
     "unet_features": Signature(("sample", "timestep", "encoder_hidden_states"), ("out_sample", "deep_features"),
-                               {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"},
+                               {"sample": _LATENTS, "encoder_hidden_states": _TEXT,
                                 "out_sample": _LATENTS, "deep_features": _LATENTS}),
     "unet_shallow": Signature(("sample", "timestep", "encoder_hidden_states", "deep_features"), ("out_sample",),
-                              {"sample": _LATENTS, "encoder_hidden_states": {0: "batch_size"},
+                              {"sample": _LATENTS, "encoder_hidden_states": _TEXT,
                                "deep_features": _LATENTS, "out_sample": _LATENTS}),
     "vae_encoder": _image_to_image("sample", "sample", "latent_parameters", "latent"),
     "vae_decoder": _image_to_image("latent_sample", "latent", "sample", "sample"),
     "vae_encoder_tiny": _image_to_image("sample", "sample", "latent_sample", "latent"),
     "vae_decoder_tiny": _image_to_image("latent_sample", "latent", "sample", "sample"),
 }
+
+
+def text_encoder_signature(layers: int) -> Signature:
+    """optimum's text-encoder signature plus `hidden_states.0` (the embeddings) .. `hidden_states.{layers}` (the
+    last layer before the final norm), the names optimum gives them in SDXL's encoders; clip skip reads them.
+    The folder's model.onnx keeps optimum's two outputs (split_hidden_states)."""
+    sig = SIGNATURES["text_encoder"]
+    states = tuple(f"hidden_states.{k}" for k in range(layers + 1))
+    return Signature(sig.inputs, sig.outputs + states,
+                     {**sig.dynamic_axes, **{name: {0: "batch_size"} for name in states}})
 
 
 def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None = None) -> nn.Module:
@@ -186,8 +199,8 @@ def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None =
         if cache_depth is None:
             raise ValueError("unet_shallow needs a step-cache depth")
         return UNetShallowGraph(models["unet"], cache_depth).eval()
-    if component == "text_encoder":  # input_ids -> (last_hidden_state, pooler_output)
-        return OneInputGraph(models["text_encoder"], lambda te, ids: tuple(te(ids)[:2])).eval()
+    if component == "text_encoder":  # input_ids -> (last_hidden_state, pooler_output, hidden_states.0, ...)
+        return OneInputGraph(models["text_encoder"], lambda te, ids: te.forward_all(ids)).eval()
     if component == "unet":
         return UNetGraph(models["unet"]).eval()
     if component == "vae_encoder":  # image in [-1, 1] -> concat(mean, logvar) on channels, as optimum exports it
@@ -206,8 +219,9 @@ def latent_multiple(configs: ModelConfigs) -> int:
 
 
 def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: tuple[int, int],
-                  seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic inputs with realistic ranges for `component` (latents ~ N(0, 1), images in [-1, 1])."""
+                  seed: int = 0, text_length: int = TEXT_LENGTH) -> dict[str, torch.Tensor]:
+    """Deterministic inputs with realistic ranges for `component` (latents ~ N(0, 1), images in [-1, 1]);
+    text_length: the U-Net's text positions (77 per prompt chunk)."""
     g = torch.Generator().manual_seed(seed)
     h, w = latent_hw
     scale = configs.vae.downscale
@@ -221,7 +235,7 @@ def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: 
     if component == "unet":
         inputs = {"sample": torch.randn(batch, configs.unet.in_channels, h, w, generator=g),
                   "timestep": torch.tensor(981.0),
-                  "encoder_hidden_states": torch.randn(batch, TEXT_LENGTH, configs.unet.cross_attention_dim,
+                  "encoder_hidden_states": torch.randn(batch, text_length, configs.unet.cross_attention_dim,
                                                        generator=g)}
         if configs.unet.is_lcm:  # a guidance embedding has values in [-1, 1]
             inputs["timestep_cond"] = torch.rand(batch, configs.unet.time_cond_proj_dim, generator=g) * 2 - 1
@@ -274,6 +288,8 @@ def export_component(component: str, module: nn.Module, inputs: dict[str, torch.
 
     `component` names the signature: a graph name, or `unet_features` for the U-Net with deep features."""
     sig = SIGNATURES[component]
+    if component == "text_encoder":
+        sig = text_encoder_signature(module.module.config.num_hidden_layers)
     if "timestep_cond" in inputs:  # an LCM U-Net's guidance embedding, after the usual inputs
         sig = Signature(sig.inputs + ("timestep_cond",), sig.outputs,
                         {**sig.dynamic_axes, "timestep_cond": {0: "batch_size"}})
@@ -315,20 +331,32 @@ def split_features(path: Path) -> tuple[Path, Path]:
 
     optimum's pipeline takes the U-Net's first output after renaming, so an extra output would break it.
     """
+    return split_outputs(path, lambda name: name == "deep_features", FEATURES_FILE)
+
+
+def split_hidden_states(path: Path) -> tuple[Path, Path]:
+    """The text encoder with every layer's output -> `model.onnx` of optimum's two outputs, and
+    HIDDEN_STATES_FILE with all of them (for clip skip), sharing one weights file."""
+    return split_outputs(path, lambda name: name.startswith("hidden_states."), HIDDEN_STATES_FILE)
+
+
+def split_outputs(path: Path, extra: Callable[[str], bool], second: str) -> tuple[Path, Path]:
+    """The graph at `path` -> `second` beside it, as it is, and `path` without the outputs `extra` names; both
+    read the same weights file."""
     model = onnx.load(str(path))
     data = path.parent / EXTERNAL_DATA_NAME
     if data.exists():  # the writer appends to an existing data file
         data.unlink()
-    features = path.parent / FEATURES_FILE
-    onnx.save_model(model, str(features), save_as_external_data=True, all_tensors_to_one_file=True,
+    full = path.parent / second
+    onnx.save_model(model, str(full), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA_NAME, size_threshold=1024)
-    plain = onnx.load(str(features), load_external_data=False)
-    keep = [o for o in plain.graph.output if o.name != "deep_features"]
+    plain = onnx.load(str(full), load_external_data=False)
+    keep = [o for o in plain.graph.output if not extra(o.name)]
     del plain.graph.output[:]
     plain.graph.output.extend(keep)
     _prune(plain.graph)
     onnx.save_model(plain, str(path))
-    return path, features
+    return path, full
 
 
 def _prune(graph: onnx.GraphProto) -> None:

@@ -104,6 +104,11 @@ def run_options(command):
 @PROVIDER
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sdonnx.png"), show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--prompt-syntax", type=click.Choice(["a1111", "none"], case_sensitive=False), default="a1111",
+              show_default=True, help="a1111: (word:1.3), ((word)), [word], \\( for a literal bracket, BREAK; "
+                                      "none: brackets are plain text.")
+@click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Condition on the text encoder's N-th layer from the end (A1111's meaning: 1 = the last).")
 @run_options
 @click.option("--from-png", type=click.Path(path_type=Path), metavar="FILE",
               help="Take the prompt and settings from the parameters a picture carries (ours or AUTOMATIC1111's "
@@ -112,8 +117,8 @@ def run_options(command):
 def generate(ctx: click.Context, prompt: str | None, model_dir: Path | None, negative_prompt: str, steps: int | None,
              guidance: float | None, scheduler: str | None, seed: int | None, width: int | None, height: int | None,
              init_image: Path | None, strength: float | None, mask: Path | None, provider: str, output: Path,
-             num_images: int, cache_interval: int, low_memory: bool, vae: str | None,
-             preview_every: int | None, from_png: Path | None) -> None:
+             num_images: int, prompt_syntax: str, clip_skip: int, cache_interval: int, low_memory: bool,
+             vae: str | None, preview_every: int | None, from_png: Path | None) -> None:
     """Generate images from PROMPT (or --from-png FILE) and write them as PNGs carrying their parameters."""
     from .pipeline import Pipeline
 
@@ -125,7 +130,8 @@ def generate(ctx: click.Context, prompt: str | None, model_dir: Path | None, neg
         raise click.ClickException("give a PROMPT, or --from-png FILE to take it from a picture")
     options = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                    scheduler=scheduler, seed=seed, width=width, height=height, num_images=num_images,
-                   cache_interval=cache_interval, vae=vae, strength=strength)
+                   cache_interval=cache_interval, vae=vae, strength=strength, prompt_syntax=prompt_syntax.lower(),
+                   clip_skip=clip_skip)
     read = _from_png(ctx, from_png, options, init_image is not None) if from_png is not None else None
     if init_image is not None and options["strength"] is None:
         options["strength"] = 1.0 if mask is not None else 0.8
@@ -135,7 +141,6 @@ def generate(ctx: click.Context, prompt: str | None, model_dir: Path | None, neg
     previewed: list = []  # set once this run wrote the preview, which then is its own to remove
     try:
         pipe = Pipeline.load(model_dir, provider=provider, low_memory=low_memory)
-        _check_keywords(pipe, options)
         if read is not None and read.model and read.model != pipe.info.path.name:
             click.echo(f"note: {from_png.name} was made with model {read.model!r}; generating with "
                        f"{pipe.info.path.name!r}", err=True)
@@ -200,16 +205,6 @@ def _from_png(ctx: click.Context, path: Path, options: dict, img2img: bool):
     return read
 
 
-def _check_keywords(pipe, options: dict) -> None:
-    """A one-line error, not a TypeError, for a setting this pipeline has no keyword for."""
-    import inspect
-
-    known = inspect.signature(pipe.txt2img).parameters
-    missing = [k for k in options if k not in known]
-    if missing:
-        raise click.ClickException(f"this sdonnx cannot apply {', '.join(missing)} (read from --from-png)")
-
-
 def _with_progress(pipe, prompt: str, init_image: Path | None, mask: Path | None, strength: float | None,
                    options: dict, preview: Path | None = None, every: int | None = None,
                    previewed: list | None = None) -> list:
@@ -265,6 +260,9 @@ def info(model_dir: Path | None, verify: bool) -> None:
     loras = (m.meta.get("export_report") or {}).get("loras")
     if loras:
         click.echo("loras        " + ", ".join(f"{x['file']} x {x['scale']} ({x['layers']} layers)" for x in loras))
+    if m.meta.get("embeddings"):
+        click.echo("embeddings   " + ", ".join(f"{e['token']} ({e['vectors']} vectors, {e['file']})"
+                                               for e in m.meta["embeddings"]))
     click.echo(f"defaults     {d.steps} steps, guidance {d.guidance}, {d.scheduler}, {d.width}x{d.height}, {d.vae} VAE"
                + (f"; static shape {m.static_shape}" if m.static_shape else ""))
     click.echo("components")

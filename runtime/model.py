@@ -16,6 +16,8 @@ REQUIRED = ("text_encoder", "unet", "vae_decoder")
 VAES = {"full": ("vae_encoder", "vae_decoder"), "tiny": ("vae_encoder_tiny", "vae_decoder_tiny")}
 # the step cache's graphs (DeepCache), exported with `sdonnx export --step-cache`: used only together
 STEP_CACHE = {"unet_features": "unet/model_features.onnx", "unet_shallow": "unet_shallow/model.onnx"}
+# the text encoder with every layer's output (hidden_states.K), exported beside model.onnx: what clip skip reads
+HIDDEN_STATES = {"text_encoder_hidden_states": "text_encoder/model_hidden_states.onnx"}
 SHA_LIMIT = 256 * 2**20  # by default only files below this are hashed; sizes are always checked
 # diffusers scheduler classes -> our names (the folder's own scheduler is the default one)
 SCHEDULER_NAMES = {
@@ -103,7 +105,8 @@ class ModelInfo:
         return self.guidance_embedding_dim is not None
 
     def precision(self, component: str) -> str | None:
-        owner = "unet" if component == "unet_features" else component  # the same U-Net, one more output
+        # the same U-Net or text encoder, more outputs
+        owner = {"unet_features": "unet", "text_encoder_hidden_states": "text_encoder"}.get(component, component)
         return self.meta.get("components", {}).get(owner, {}).get("precision")
 
 
@@ -134,6 +137,7 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
         raise SdonnxError(f"{root} is not a model folder: missing {', '.join(c + '/model.onnx' for c in missing)}")
     if all((root / rel).is_file() for rel in STEP_CACHE.values()):
         components.update({c: root / rel for c, rel in STEP_CACHE.items()})
+    components.update({c: root / rel for c, rel in HIDDEN_STATES.items() if (root / rel).is_file()})
     meta = _read_json(root / "sdonnx.json")
     checks = verify_files(root, meta, verify) if meta and check else {}
     unet_cfg = _read_json(root / "unet" / "config.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from . import image as imaging
-from . import sampling, schedulers
-from .model import VAES, ModelInfo, default_model_dir, read_model
+from . import prompt_chunks, prompt_syntax, sampling, schedulers, text_encoding
+from .model import HIDDEN_STATES, VAES, ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
 from .errors import SdonnxError
 from .session import Component, SessionConfig, session_config
@@ -26,6 +27,7 @@ TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
 # live previews at half size: a quarter of the tiny decoder's work, so that one every step stays a few percent of
 # a 512x512 step (measured: benchmarks/results/sd-turbo-preview-cpu.json)
 PREVIEW_DOWNSCALE = 2
+HIDDEN_STATES_GRAPH = next(iter(HIDDEN_STATES))  # opened only for clip skip > 1
 EAGER = ("text_encoder", "unet")  # loaded up front unless low_memory, with the folder's default VAE
 
 
@@ -47,7 +49,7 @@ class Settings:
     strength: float | None = None  # img2img / inpainting only
     vae: str = "full"
     clip_skip: int = 1  # A1111's meaning: 1 = the text encoder's last layer
-    prompt_syntax: str = "a1111"
+    prompt_syntax: str = "a1111"  # or "none": brackets are plain text (prompt_syntax.py)
 
     def infotext(self, extra: dict | None = None) -> str:
         """The PNG's `parameters` text as AUTOMATIC1111 writes it (see sdonnx.infotext)."""
@@ -115,14 +117,17 @@ class Pipeline:
                 guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
                 width: int | None = None, height: int | None = None, num_images: int = 1,
                 latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil",
-                cache_interval: int = 1, vae: str | None = None):
+                cache_interval: int = 1, vae: str | None = None,
+                prompt_syntax: str = "a1111", clip_skip: int = 1):
         """Images from a prompt; `latents` are unit-variance noise (N, C, H/f, W/f), as in diffusers.
 
         cache_interval k > 1: the full U-Net runs every k-th step, the shallow graph reuses its deep features
         in between (DeepCache; needs a folder exported with --step-cache). vae: "full" or "tiny" (a folder
-        exported with --tiny-vae), None for the folder's default; img2img and inpainting encode with it too."""
+        exported with --tiny-vae), None for the folder's default; img2img and inpainting encode with it too.
+        prompt_syntax: "a1111" reads `(word:1.3)`, `[word]`, BREAK (prompt_syntax.py), "none" takes brackets as text;
+        prompts of any length run in 75-token chunks. clip_skip N: the text encoder's N-th layer from the end."""
         run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, width, height, num_images,
-                          cache_interval, vae=vae)
+                          cache_interval, vae=vae, syntax=prompt_syntax, clip_skip=clip_skip)
         noise = self._noise(run, latents)
         start = Start(0, noise * run.sched.init_noise_sigma)
         return self._generate(run, start, callback, output_type)
@@ -131,12 +136,13 @@ class Pipeline:
                 guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
                 width: int | None = None, height: int | None = None, num_images: int = 1,
                 latents: np.ndarray | None = None, callback: Callback | None = None, output_type: str = "pil",
-                cache_interval: int = 1, vae: str | None = None):
+                cache_interval: int = 1, vae: str | None = None,
+                prompt_syntax: str = "a1111", clip_skip: int = 1):
         """Images from a prompt and a starting image; `strength` in (0, 1] is how much of it to repaint."""
         _check_strength(strength)
         img = imaging.fit(imaging.load_image(image), width, height)
         run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, img.width, img.height,
-                          num_images, cache_interval, strength, vae)
+                          num_images, cache_interval, strength, vae, prompt_syntax, clip_skip)
         start = self._noised_start(run, img, strength, latents, pure_at_max=False)
         return self._generate(run, start, callback, output_type)
 
@@ -144,14 +150,15 @@ class Pipeline:
                 steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                 seed: int | None = None, width: int | None = None, height: int | None = None,
                 num_images: int = 1, latents: np.ndarray | None = None, callback: Callback | None = None,
-                output_type: str = "pil", cache_interval: int = 1, vae: str | None = None):
+                output_type: str = "pil", cache_interval: int = 1, vae: str | None = None,
+                prompt_syntax: str = "a1111", clip_skip: int = 1):
         """Repaint the white part of `mask`; pixels outside it come back unchanged."""
         _check_strength(strength)
         src = imaging.load_image(image)
         msk = imaging.load_mask(mask, src)
         img, msk = imaging.fit(src, width, height), imaging.fit(msk, width, height)
         run = self._setup(prompt, negative_prompt, steps, guidance, scheduler, seed, img.width, img.height,
-                          num_images, cache_interval, strength, vae)
+                          num_images, cache_interval, strength, vae, prompt_syntax, clip_skip)
         pixel_mask = imaging.mask_array(msk)
         start = self._noised_start(run, img, strength, latents, pure_at_max=True)
         h, w = start.latents.shape[-2:]
@@ -168,7 +175,8 @@ class Pipeline:
     # ---- set-up ------------------------------------------------------------------------------------
 
     def _setup(self, prompt: str, negative_prompt: str, steps, guidance, scheduler, seed, width, height,
-               num_images, cache_interval=1, strength: float | None = None, vae: str | None = None) -> _Run:
+               num_images, cache_interval=1, strength: float | None = None, vae: str | None = None,
+               syntax: str = "a1111", clip_skip: int = 1) -> _Run:
         """Resolve one call's settings against the folder's defaults, after checking them."""
         d = self.info.defaults
         width, height = width or d.width, height or d.height
@@ -192,10 +200,14 @@ class Pipeline:
         interval = self._check_interval(cache_interval)
         vae = (vae or d.vae).lower()
         self.info.vae(vae)  # a one-line error for an unknown one, or a tiny one the folder lacks
+        if syntax not in prompt_syntax.SYNTAXES:
+            raise SdonnxError(f"unknown prompt syntax {syntax!r}: choose {' or '.join(prompt_syntax.SYNTAXES)}")
+        if isinstance(clip_skip, bool) or int(clip_skip) != clip_skip or clip_skip < 1:
+            raise SdonnxError(f"clip_skip must be a whole number >= 1, got {clip_skip!r}")
         seed = secrets.randbelow(2**32) if seed is None else int(seed)
         settings = Settings(prompt, negative_prompt, steps, float(guidance if guidance is not None else d.guidance),
                             name, seed, width, height, self.info.path.name, interval,
-                            None if strength is None else float(strength), vae)
+                            None if strength is None else float(strength), vae, int(clip_skip), syntax)
         sched = schedulers.create(name, self.info.scheduler_config, steps)
         f = self.info.vae_scale_factor
         shape = (int(num_images), self.info.latent_channels, height // f, width // f)
@@ -253,23 +265,38 @@ class Pipeline:
             component.close()
             trim_heap()
 
-    def _encode_texts(self, prompts: list[str]) -> list[np.ndarray]:
-        """[1, 77, D] text encodings; a small LRU keyed by the token ids saves re-encoding repeated prompts."""
-        ids = [self.tokenizer([p]) for p in prompts]
-        missing = {i.tobytes(): i for i in ids if i.tobytes() not in self._texts}
+    def _encode_texts(self, prompts: list[str], syntax: str = "a1111", clip_skip: int = 1) -> list[np.ndarray]:
+        """[1, 77 * chunks, D] text encodings, all of as many 75-token chunks as the longest prompt needs; a small
+        LRU keyed by the chunks' token ids, weights and the clip skip saves re-encoding repeated prompts."""
+        chunks = [prompt_chunks.chunk(prompt_syntax.parse(p, syntax), self.tokenizer) for p in prompts]
+        count = max(len(c) for c in chunks)
+        chunks = [prompt_chunks.pad_chunks(c, count, self.tokenizer) for c in chunks]
+        keys = [c.key() + f"|{clip_skip}".encode() for c in chunks]
+        missing = {k: c for k, c in zip(keys, chunks) if k not in self._texts}
         if missing:  # one session for all of them, which matters in low-memory mode
-            with self._using("text_encoder") as encoder:
-                for key, i in missing.items():
-                    hidden = encoder(input_ids=i)["last_hidden_state"]
+            with self._using(self._text_graph(clip_skip)) as encoder:
+                output, norm = text_encoding.clip_skip_reader(encoder, clip_skip)
+                for key, c in missing.items():
+                    hidden = text_encoding.encode(encoder, c, output, norm)
                     hidden.setflags(write=False)  # shared between calls
                     self._texts[key] = hidden
         out = []
-        for i in ids:
-            self._texts.move_to_end(i.tobytes())
-            out.append(self._texts[i.tobytes()])
+        for key in keys:
+            self._texts.move_to_end(key)
+            out.append(self._texts[key])
         while len(self._texts) > max(TEXT_CACHE_SIZE, len(prompts)):
             self._texts.popitem(last=False)
         return out
+
+    def _text_graph(self, clip_skip: int) -> str:
+        """The text-encoder graph a clip skip reads: optimum's for 1, the one with every layer's output else."""
+        if clip_skip == 1:
+            return "text_encoder"
+        if HIDDEN_STATES_GRAPH not in self.info.components:
+            raise SdonnxError(f"clip skip {clip_skip} needs the text encoder's layer outputs "
+                              f"({self.info.path.name} has no text_encoder/model_hidden_states.onnx): "
+                              "re-export it with this version of `sdonnx export`")
+        return HIDDEN_STATES_GRAPH
 
     def _encode(self, pixels: np.ndarray, vae: str | None = None) -> np.ndarray:
         """[-1, 1] pixels -> scaled latents; the mean of the latent distribution, so img2img is deterministic."""
@@ -330,9 +357,9 @@ class Pipeline:
                               "as an input and has no negative prompt")
         w, inputs = sampling.conditioning(s.guidance, self.info.guidance_embedding_dim, n)
         if w <= 1.0:
-            context = np.repeat(self._encode_texts([s.prompt])[0], n, axis=0)
+            context = np.repeat(self._encode_texts([s.prompt], s.prompt_syntax, s.clip_skip)[0], n, axis=0)
         else:
-            negative, positive = self._encode_texts([s.negative_prompt, s.prompt])
+            negative, positive = self._encode_texts([s.negative_prompt, s.prompt], s.prompt_syntax, s.clip_skip)
             context = np.concatenate([np.repeat(negative, n, 0), np.repeat(positive, n, 0)])
         with self._predictor(context, w, inputs, s.cache_interval) as predict:
             latents = sampling.denoise(run.sched, start, predict, run.rng, callback)
@@ -354,9 +381,11 @@ class Pipeline:
         split = self.low_memory
         if interval == 1:
             with self._using("unet") as unet:
+                context = _fit_text_length(unet, context)
                 yield sampling.every_step(sampling.guided(unet, context, w, split, **inputs))
             return
         with self._using("unet_features") as full, self._using("unet_shallow") as shallow:
+            context = _fit_text_length(full, context)
             yield sampling.step_cache(sampling.guided(full, context, w, split, **inputs),
                                       sampling.guided(shallow, context, w, split, **inputs), interval)
 
@@ -364,3 +393,15 @@ class Pipeline:
 def _check_strength(strength: float) -> None:
     if not 0.0 < float(strength) <= 1.0:
         raise SdonnxError(f"strength must be in (0, 1], got {strength}")
+
+
+def _fit_text_length(unet: Component, context: np.ndarray) -> np.ndarray:
+    """The text encodings a U-Net graph takes: a graph with a fixed text length (a --static export, or one exported
+    before long prompts) gets each prompt's first chunk only, with a warning, as a too-long prompt was cut before."""
+    port = getattr(unet, "inputs", {}).get("encoder_hidden_states")
+    fixed = port.shape[1] if port is not None and len(port.shape) == 3 else None
+    if not isinstance(fixed, int) or fixed >= context.shape[1]:
+        return context
+    warnings.warn(f"this model's U-Net takes {fixed} text positions, one 75-token chunk: only the prompts' first "
+                  f"chunks were used (re-export the model without --static for long prompts)", stacklevel=4)
+    return context[:, :fixed]

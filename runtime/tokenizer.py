@@ -216,10 +216,19 @@ class CLIPTokenizer:
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if k % 2:
-                ids.append(self.encoder.get(piece, self.unk_id))
+                ids.extend(self.encoder.get(t, self.unk_id) for t in self.vectors(piece))
             elif piece:
                 ids.extend(self._encode_plain(piece))
         return ids
+
+    def vectors(self, token: str) -> list[str]:
+        """An added token and the `token_1`, `token_2`, ... that follow it: a multi-vector textual-inversion
+        embedding is one token per vector, and naming the first names them all (diffusers' convention)."""
+        out, k = [token], 1
+        while f"{token}_{k}" in self.added:
+            out.append(f"{token}_{k}")
+            k += 1
+        return out
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Prompts -> int64 array (N, max_length): start, ids, end, then padding; over-long prompts are cut."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import numpy as np
 import pytest
@@ -252,15 +251,16 @@ def test_from_png_reads_a1111_pictures(tmp_path):
 
 
 def test_from_png_clip_skip(tmp_path):
+    """`Clip skip: 2` reaches the pipeline: the bundled folder has no layer-output graph, so it says so in one line
+    and writes nothing (tests/test_prompts.py generates with clip skip on folders that have it)."""
     png = tmp_path / "skip.png"
     a1111_png(png, "a cat\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Clip skip: 2")
     result = sdonnx("generate", "--from-png", png, "-o", tmp_path / "out.png")
-    if "clip_skip" in inspect.signature(Pipeline.txt2img).parameters:
-        assert result.exit_code == 0, result.output
-        assert "Clip skip: 2" in Image.open(tmp_path / "out.png").text["parameters"]
-    else:  # before the pipeline learns clip skip: one line, not a TypeError
-        cli_error(result, "clip_skip")
-        assert not (tmp_path / "out.png").exists()
+    cli_error(result, "clip skip 2", "model_hidden_states.onnx")
+    assert not (tmp_path / "out.png").exists()
+    result = sdonnx("generate", "--from-png", png, "--clip-skip", "1", "-o", tmp_path / "out.png")  # overridden
+    assert result.exit_code == 0, result.output
+    assert "Clip skip" not in Image.open(tmp_path / "out.png").text["parameters"]
 
 
 def test_from_png_errors_are_one_line_and_write_nothing(tmp_path):

@@ -70,9 +70,14 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list | None = None) -> torch.Tensor:
+        """The last layer's output; `states` (a list), when given, collects the input and each layer's output."""
         for layer in self.layers:
+            if states is not None:
+                states.append(x)
             x = layer(x)
+        if states is not None:
+            states.append(x)
         return x
 
 
@@ -90,8 +95,8 @@ class TextTransformer(nn.Module):
             return input_ids.argmax(dim=-1)
         return (input_ids == self.cfg.eos_token_id).int().argmax(dim=-1)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+    def forward(self, input_ids: torch.Tensor, states: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.final_layer_norm(self.encoder(self.embeddings(input_ids), states))
         index = self.end_positions(input_ids)[:, None, None].expand(-1, 1, h.shape[-1])
         return h, h.gather(1, index).squeeze(1)
 
@@ -106,3 +111,10 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_model(input_ids.long())
+
+    def forward_all(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(last_hidden_state, pooled, hidden state 0 (embeddings), ..., hidden state L (before the final norm)),
+        as transformers' output_hidden_states gives them: what clip skip reads."""
+        states: list[torch.Tensor] = []
+        hidden, pooled = self.text_model(input_ids.long(), states)
+        return (hidden, pooled, *states)
