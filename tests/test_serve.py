@@ -521,13 +521,12 @@ def test_page_in_headless_chromium(preview_pipe, tmp_path):
 
 
 def test_clip_skip_from_override_settings(url):
-    from sdonnx.serve.worker import accepts
-
-    body = {"prompt": "x", **FAST, "seed": 1, "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    """CLIP_stop_at_last_layers reaches the pipeline: 1 runs; 2 on the bundled folder (no layer-output graph) is a
+    400 saying so, not a silently ignored setting."""
+    body = {"prompt": "x", **FAST, "seed": 1, "override_settings": {"CLIP_stop_at_last_layers": 1}}
     info = json.loads(post(url, "/sdapi/v1/txt2img", body).json()["info"])
-    if accepts(Pipeline.txt2img, "clip_skip"):
-        assert info["clip_skip"] == 2 and "override_settings.CLIP_stop_at_last_layers" not in info["ignored"]
-    else:  # a runtime without clip skip says so instead of pretending
-        assert info["ignored"] == ["override_settings.CLIP_stop_at_last_layers"] and info["clip_skip"] == 1
+    assert info["clip_skip"] == 1 and info["ignored"] == []
+    two = post(url, "/sdapi/v1/txt2img", {**body, "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert two.status_code == 400 and "clip skip 2" in two.json()["detail"], two.text
     bad = post(url, "/sdapi/v1/txt2img", {**body, "override_settings": {"CLIP_stop_at_last_layers": 0}})
     assert bad.status_code == 400 and "at least 1" in bad.json()["detail"]
