@@ -251,16 +251,18 @@ def test_from_png_reads_a1111_pictures(tmp_path):
 
 
 def test_from_png_clip_skip(tmp_path):
-    """`Clip skip: 2` reaches the pipeline: the bundled folder has no layer-output graph, so it says so in one line
-    and writes nothing (tests/test_prompts.py generates with clip skip on folders that have it)."""
+    """`Clip skip: 2` reaches the pipeline and comes back in the new PNG; `--clip-skip 1` overrides it and draws
+    another picture."""
     png = tmp_path / "skip.png"
     a1111_png(png, "a cat\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Clip skip: 2")
-    result = sdonnx("generate", "--from-png", png, "-o", tmp_path / "out.png")
-    cli_error(result, "clip skip 2", "model_hidden_states.onnx")
-    assert not (tmp_path / "out.png").exists()
-    result = sdonnx("generate", "--from-png", png, "--clip-skip", "1", "-o", tmp_path / "out.png")  # overridden
+    result = sdonnx("generate", "--from-png", png, "-o", tmp_path / "two.png")
     assert result.exit_code == 0, result.output
-    assert "Clip skip" not in Image.open(tmp_path / "out.png").text["parameters"]
+    assert "Clip skip: 2" in Image.open(tmp_path / "two.png").text["parameters"]
+    result = sdonnx("generate", "--from-png", png, "--clip-skip", "1", "-o", tmp_path / "one.png")
+    assert result.exit_code == 0, result.output
+    assert "Clip skip" not in Image.open(tmp_path / "one.png").text["parameters"]
+    two, one = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("two", "one"))
+    assert np.abs(two - one).max() > 0
 
 
 def test_from_png_errors_are_one_line_and_write_nothing(tmp_path):
