@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..system import peak_rss_mb
-from . import folder, lora, onnx as graphs, optimize as opt, quantize, tiny_vae, verify
+from . import folder, lora, onnx as graphs, optimize as opt, quantize, stream, tiny_vae, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
+STREAM_PART_MB = stream.PART_BUDGET / 2**20
 
 
 @dataclass
@@ -41,6 +42,8 @@ class ExportJob:
     loras: tuple = ()  # (path, scale) of LoRA files fused into the weights before export, in order
     defaults: dict = field(default_factory=dict)  # generation defaults given with --defaults (folder.parse_defaults)
     tiny_vae: str | None = None  # --tiny-vae: a TAESD folder or file, or random; None: not exported
+    stream: bool = False  # --stream: also the U-Net as a chain of part graphs (unet_stream/) for --low-memory
+    stream_part_mb: float = STREAM_PART_MB  # weights a part may reach by merging whole layers
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -134,13 +137,15 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     quantize.check_options(job.precision, job.int8_scheme)  # bad options fail before any work
     calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) == "qdq"
     _check_attention(job)
+    if job.stream_part_mb < 0:
+        raise ValueError(f"--stream-part-mb must be >= 0, got {job.stream_part_mb:g}")
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
     if job.defaults.get("vae") == "tiny" and not job.tiny_vae:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
     tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
     parts += graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
-    bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
+    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
@@ -187,6 +192,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             for c in parts:
                 inputs, outputs = checks[c]
                 bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", inputs, outputs[0])
+            streamed = (bar.step("stream unet", _stream, root, checks["unet"][0], int(job.stream_part_mb * 2**20))
+                        if job.stream else None)
             job.timings["total"] = round(time.perf_counter() - start, 2)
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET,
@@ -198,7 +205,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 prediction_type=ckpt.prediction_type, configs=ckpt.configs,
                 scheduler_config=ckpt.scheduler_config, tokenizer_dir=Path(ckpt.tokenizer_dir),
                 components=job.components, report=report, step_cache=step_cache,
-                defaults=defaults, tiny_vae=tiny_entry,
+                defaults=defaults, tiny_vae=tiny_entry, stream=streamed,
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -274,6 +281,19 @@ def _step_cache_report(job: ExportJob, root: Path, features: Path, inputs: dict,
             "deep_features_verify": result}
 
 
+def _stream(root: Path, inputs: dict, budget: int) -> dict:
+    """Write unet_stream/ from the folder's final U-Net graph and check the chained parts against it on the
+    verification inputs; returns sdonnx.json's stream entry."""
+    unet = root / "unet" / "model.onnx"
+    parts = stream.write_parts(unet, root / stream.STREAM_DIR, budget)
+    whole = verify.run_graph(unet, inputs)[0]
+    result = verify.compare(whole, stream.run_chain(parts, root, inputs))
+    if not result["max_abs_err"] <= stream.MAX_ERR:
+        raise verify.ExportError(f"the streamed U-Net parts differ from the whole graph by {result['max_abs_err']:.3g} "
+                                 f"(limit {stream.MAX_ERR:g}): the cut is broken")
+    return {"method": stream.METHOD, "parts": parts, "verify_vs_unet": result}
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM during an export; a KeyboardInterrupt so that it unwinds (and cleans up) exactly like Ctrl-C."""
 
@@ -334,10 +354,17 @@ def _one_line(err: BaseException) -> str:
 @click.option("--defaults", "defaults", metavar="KEY=VALUE,...", default="",
               help="What `sdonnx generate` runs the folder with when not told: steps, guidance, scheduler, vae "
                    "(e.g. a turbo model: steps=1,guidance=0,scheduler=euler_a).")
+@click.option("--stream", "stream_unet", is_flag=True,
+              help="Also write the U-Net as a chain of part graphs (unet_stream/), each with its own weights file, "
+                   "which generate --low-memory loads one at a time.")
+@click.option("--stream-part-mb", default=STREAM_PART_MB, show_default=True,
+              help="--stream: consecutive U-Net layers share a part up to this many MiB of weights (0: one layer "
+                   "per part; less memory, more loading).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
-           loras: tuple[str, ...], tiny_vae_source: str | None, defaults: str, quiet: bool) -> None:
+           loras: tuple[str, ...], tiny_vae_source: str | None, defaults: str, stream_unet: bool, stream_part_mb: float,
+           quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
     random:sd-turbo, tiny) to ONNX."""
     try:
@@ -346,7 +373,7 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,
                         loras=tuple(lora.parse_spec(spec) for spec in loras), defaults=folder.parse_defaults(defaults),
-                        tiny_vae=tiny_vae_source)
+                        tiny_vae=tiny_vae_source, stream=stream_unet, stream_part_mb=stream_part_mb)
         with _sigterm_unwinds():
             meta = run_export(job, progress=not quiet)
     except Terminated:

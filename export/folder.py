@@ -267,11 +267,12 @@ def write_tiny_vae(root: Path, config: TinyVAEConfig, source: str) -> dict:
 def write_metadata(root: Path, *, version: str, source: str, family: str, prediction_type: str,
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
                    static: dict | None, report: dict, defaults: dict, step_cache: dict | None = None,
-                   tiny_vae: dict | None = None) -> dict:
+                   tiny_vae: dict | None = None, stream: dict | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
 
     `defaults`: steps, guidance and scheduler (generation_defaults); the image size is the model's.
     `tiny_vae`: write_tiny_vae's entry, when the folder holds one.
+    `stream`: the streamed U-Net's entry (export --stream): its part files in running order, their inputs and outputs.
     """
     copy_tokenizer(tokenizer_dir, root)
     sched = dict(scheduler_config, prediction_type=prediction_type)
@@ -293,6 +294,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "static_shape": static,
         "step_cache": step_cache,
         "tiny_vae": tiny_vae,
+        "stream": stream,
         "export_report": report,
     }
     write_json(root / "sdonnx.json", meta)

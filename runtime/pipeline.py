@@ -18,6 +18,7 @@ from .model import VAES, ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
 from .errors import SdonnxError
 from .session import Component, SessionConfig, session_config
+from .stream import StreamedUNet, read_parts
 from .system import return_freed_memory, trim_heap
 from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
@@ -88,7 +89,7 @@ class Pipeline:
         """Open a model folder (default: the bundled tiny model) on `cpu`, `cuda`, `dml` or `auto`.
 
         low_memory: each session exists only while its component runs, without ORT's memory arena and
-        patterns, and the VAE decodes in tiles. On Linux (glibc) it also makes the process return large freed
+        patterns, and the VAE decodes in tiles; a folder exported with --stream runs its U-Net part by part. On Linux (glibc) it also makes the process return large freed
         buffers to the system at once (`system.return_freed_memory`), a process-wide allocator setting."""
         info = read_model(model_dir if model_dir is not None else default_model_dir(), verify=verify)
         if low_memory:  # arena and patterns keep peak-sized buffers for the session's lifetime
@@ -199,7 +200,16 @@ class Pipeline:
         if cache_interval > 1 and not self.info.has_step_cache:
             raise SdonnxError(f"cache_interval {cache_interval} needs the step-cache graphs, which {self.info.path.name} "
                               "lacks: export it with `sdonnx export ... --step-cache`")
+        if cache_interval > 1 and self.streams:  # the step-cache graphs are whole U-Nets: no memory bound left
+            raise SdonnxError(f"cache_interval {cache_interval} cannot stream: low-memory mode runs "
+                              f"{self.info.path.name}'s U-Net part by part, which the step cache's whole graphs "
+                              "are not; use cache_interval 1, or drop low-memory mode")
         return int(cache_interval)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the U-Net runs part by part: low-memory mode on a folder exported with --stream."""
+        return self.low_memory and bool(self.info.meta.get("stream"))
 
     @staticmethod
     def _noise(run: _Run, latents: np.ndarray | None) -> np.ndarray:
@@ -344,6 +354,11 @@ class Pipeline:
         """The loop's model callable, its graphs open while the loop runs: the guided U-Net, or with the step
         cache the full graph every `interval`-th step and the shallow one between."""
         split = self.low_memory
+        if self.streams:  # each part loaded once per step, and run on both halves of a guided batch
+            unet = StreamedUNet(read_parts(self.info.path, self.info.meta["stream"]), self.config,
+                                chunks=2 if w > 1.0 else 1)
+            yield sampling.every_step(sampling.guided(unet, context, w, False, **inputs))
+            return
         if interval == 1:
             with self._using("unet") as unet:
                 yield sampling.every_step(sampling.guided(unet, context, w, split, **inputs))

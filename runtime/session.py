@@ -31,6 +31,8 @@ ONNX_DTYPES = {
     "tensor(double)": np.float64,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,  # a streamed U-Net's parts hand on quantized activations (stream.py)
+    "tensor(int8)": np.int8,
 }
 
 
