@@ -42,7 +42,7 @@ class ExportJob:
     loras: tuple = ()  # (path, scale) of LoRA files fused into the weights before export, in order
     defaults: dict = field(default_factory=dict)  # generation defaults given with --defaults (folder.parse_defaults)
     tiny_vae: str | None = None  # --tiny-vae: a TAESD folder or file, or random; None: not exported
-    stream: bool = False  # --stream: also the U-Net as a chain of part graphs (unet_stream/) for --low-memory
+    stream: bool = False  # --stream: also the U-Net and VAE decoder as chains of part graphs, for --low-memory
     stream_part_mb: float = STREAM_PART_MB  # weights a part may reach by merging whole layers
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
@@ -137,6 +137,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     quantize.check_options(job.precision, job.int8_scheme)  # bad options fail before any work
     calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) == "qdq"
     _check_attention(job)
+    if job.stream and job.static is not None:
+        raise ValueError("--stream runs a guided batch in halves through each part: export it without --static")
     if job.stream_part_mb < 0:
         raise ValueError(f"--stream-part-mb must be >= 0, got {job.stream_part_mb:g}")
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
@@ -192,7 +194,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             for c in parts:
                 inputs, outputs = checks[c]
                 bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", inputs, outputs[0])
-            streamed = (bar.step("stream unet", _stream, root, checks["unet"][0], int(job.stream_part_mb * 2**20))
+            streamed = (bar.step("stream", _stream, root, checks, int(job.stream_part_mb * 2**20))
                         if job.stream else None)
             job.timings["total"] = round(time.perf_counter() - start, 2)
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
@@ -281,17 +283,22 @@ def _step_cache_report(job: ExportJob, root: Path, features: Path, inputs: dict,
             "deep_features_verify": result}
 
 
-def _stream(root: Path, inputs: dict, budget: int) -> dict:
-    """Write unet_stream/ from the folder's final U-Net graph and check the chained parts against it on the
-    verification inputs; returns sdonnx.json's stream entry."""
-    unet = root / "unet" / "model.onnx"
-    parts = stream.write_parts(unet, root / stream.STREAM_DIR, budget)
-    whole = verify.run_graph(unet, inputs)[0]
-    result = verify.compare(whole, stream.run_chain(parts, root, inputs))
-    if not result["max_abs_err"] <= stream.MAX_ERR:
-        raise verify.ExportError(f"the streamed U-Net parts differ from the whole graph by {result['max_abs_err']:.3g} "
-                                 f"(limit {stream.MAX_ERR:g}): the cut is broken")
-    return {"method": stream.METHOD, "parts": parts, "verify_vs_unet": result}
+def _stream(root: Path, checks: dict, budget: int) -> dict:
+    """Write <component>_stream/ from each streamed component's final graph and check the chained parts against
+    the whole graph on its verification inputs; the text encoder's weights move to an external data file. Returns
+    sdonnx.json's stream entry."""
+    entry = {"method": stream.METHOD, "part_mb": round(budget / 2**20, 1), "components": {}}
+    stream.externalize(root / "text_encoder" / "model.onnx")  # the one whole graph low-memory mode still loads
+    for c in stream.STREAMED:
+        graph, inputs = root / c / "model.onnx", checks[c][0]
+        parts = stream.write_parts(graph, root / f"{c}_stream", budget)
+        output = graphs.SIGNATURES[c].outputs[0]
+        result = verify.compare(verify.run_graph(graph, inputs)[0], stream.run_chain(parts, root, inputs, output))
+        if not result["max_abs_err"] <= stream.MAX_ERR:
+            raise verify.ExportError(f"the streamed {c} parts differ from the whole graph by "
+                                     f"{result['max_abs_err']:.3g} (limit {stream.MAX_ERR:g}): the cut is broken")
+        entry["components"][c] = {"output": output, "parts": parts, "verify_vs_whole_graph": result}
+    return entry
 
 
 class Terminated(KeyboardInterrupt):
@@ -355,10 +362,11 @@ def _one_line(err: BaseException) -> str:
               help="What `sdonnx generate` runs the folder with when not told: steps, guidance, scheduler, vae "
                    "(e.g. a turbo model: steps=1,guidance=0,scheduler=euler_a).")
 @click.option("--stream", "stream_unet", is_flag=True,
-              help="Also write the U-Net as a chain of part graphs (unet_stream/), each with its own weights file, "
-                   "which generate --low-memory loads one at a time.")
+              help="Also write the U-Net and the VAE decoder as chains of part graphs (unet_stream/, "
+                   "vae_decoder_stream/), each with its own weights file, which generate --low-memory loads one at "
+                   "a time.")
 @click.option("--stream-part-mb", default=STREAM_PART_MB, show_default=True,
-              help="--stream: consecutive U-Net layers share a part up to this many MiB of weights (0: one layer "
+              help="--stream: consecutive layers share a part up to this many MiB of weights (0: one layer "
                    "per part; less memory, more loading).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,

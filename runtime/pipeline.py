@@ -18,7 +18,7 @@ from .model import VAES, ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
 from .errors import SdonnxError
 from .session import Component, SessionConfig, session_config
-from .stream import StreamedUNet, read_parts
+from .stream import Streamed, read_parts, streamed_components
 from .system import return_freed_memory, trim_heap
 from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
@@ -209,7 +209,16 @@ class Pipeline:
     @property
     def streams(self) -> bool:
         """Whether the U-Net runs part by part: low-memory mode on a folder exported with --stream."""
-        return self.low_memory and bool(self.info.meta.get("stream"))
+        return self.low_memory and "unet" in streamed_components(self.info.meta)
+
+    @contextlib.contextmanager
+    def _graph(self, name: str, chunks: int = 1) -> Iterator:
+        """The component `name` as _using gives it, or in low-memory mode its streamed parts where it has them."""
+        if self.low_memory and name in streamed_components(self.info.meta):
+            yield Streamed(*read_parts(self.info.path, self.info.meta, name), self.config, chunks)
+            return
+        with self._using(name) as component:
+            yield component
 
     @staticmethod
     def _noise(run: _Run, latents: np.ndarray | None) -> np.ndarray:
@@ -289,7 +298,7 @@ class Pipeline:
         """Scaled latents -> [0, 1] pixels (NHWC) through the `full` or `tiny` VAE decoder."""
         _, name, scale, shift = self.info.vae(vae)
         raw = latents / scale + shift
-        with self._using(name) as decoder:
+        with self._graph(name) as decoder:
             if self.tiles is None or name == VAES["tiny"][1]:  # the tiny decoder needs little memory: never tiled
                 sample = decoder(latent_sample=raw)["sample"]
             else:
@@ -355,9 +364,8 @@ class Pipeline:
         cache the full graph every `interval`-th step and the shallow one between."""
         split = self.low_memory
         if self.streams:  # each part loaded once per step, and run on both halves of a guided batch
-            unet = StreamedUNet(read_parts(self.info.path, self.info.meta["stream"]), self.config,
-                                chunks=2 if w > 1.0 else 1)
-            yield sampling.every_step(sampling.guided(unet, context, w, False, **inputs))
+            with self._graph("unet", chunks=2 if w > 1.0 else 1) as unet:
+                yield sampling.every_step(sampling.guided(unet, context, w, False, **inputs))
             return
         if interval == 1:
             with self._using("unet") as unet:
