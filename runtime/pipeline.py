@@ -74,23 +74,27 @@ class Pipeline:
     mode) are opened on first use. `tiles` set: the VAE decodes in overlapping tiles (tiling.py)."""
 
     def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, components: dict[str, Component],
-                 config: SessionConfig | None = None, low_memory: bool = False, tiles: Tiles | None = None):
+                 config: SessionConfig | None = None, low_memory: bool = False, tiles: Tiles | None = None,
+                 stream: bool = True):
         self.info = info
         self.tokenizer = tokenizer
         self.components = components
         self.config = config or SessionConfig()
         self.low_memory = low_memory
         self.tiles = tiles
+        self.stream = stream
         self._texts: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, provider: str = "cpu", verify: bool | None = None,
-             low_memory: bool = False, **session_options) -> "Pipeline":
+             low_memory: bool = False, stream: bool = True, **session_options) -> "Pipeline":
         """Open a model folder (default: the bundled tiny model) on `cpu`, `cuda`, `dml` or `auto`.
 
         low_memory: each session exists only while its component runs, without ORT's memory arena and
-        patterns, and the VAE decodes in tiles; a folder exported with --stream runs its U-Net part by part. On Linux (glibc) it also makes the process return large freed
-        buffers to the system at once (`system.return_freed_memory`), a process-wide allocator setting."""
+        patterns, and the VAE decodes in tiles; a folder exported with --stream runs its U-Net and VAE decoder
+        part by part (stream=False: their whole graphs, as a folder without parts would). On Linux (glibc) it
+        also makes the process return large freed buffers to the system at once (`system.return_freed_memory`), a
+        process-wide allocator setting."""
         info = read_model(model_dir if model_dir is not None else default_model_dir(), verify=verify)
         if low_memory:  # arena and patterns keep peak-sized buffers for the session's lifetime
             session_options = {"cpu_arena": False, "mem_pattern": False, **session_options}
@@ -100,7 +104,7 @@ class Pipeline:
         components = {} if low_memory else {name: Component(path, config) for name, path in info.components.items()
                                             if name in eager}
         tokenizer = CLIPTokenizer.from_dir(info.path / "tokenizer")
-        return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None)
+        return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None, stream)
 
     # ---- the three public tasks ------------------------------------------------------------------
 
@@ -209,12 +213,12 @@ class Pipeline:
     @property
     def streams(self) -> bool:
         """Whether the U-Net runs part by part: low-memory mode on a folder exported with --stream."""
-        return self.low_memory and "unet" in streamed_components(self.info.meta)
+        return self.low_memory and self.stream and "unet" in streamed_components(self.info.meta)
 
     @contextlib.contextmanager
     def _graph(self, name: str, chunks: int = 1) -> Iterator:
         """The component `name` as _using gives it, or in low-memory mode its streamed parts where it has them."""
-        if self.low_memory and name in streamed_components(self.info.meta):
+        if self.low_memory and self.stream and name in streamed_components(self.info.meta):
             yield Streamed(*read_parts(self.info.path, self.info.meta, name), self.config, chunks)
             return
         with self._using(name) as component:
