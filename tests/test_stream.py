@@ -64,6 +64,8 @@ def test_sdonnx_json_records_the_parts(folders):
         assert comp["output"] in parts[-1]["outputs"]
         assert comp["verify_vs_whole_graph"]["max_abs_err"] <= stream.MAX_ERR
     assert "text_encoder/model.onnx_data" in meta["files"]  # mapped, not copied, by ORT
+    shown = CliRunner().invoke(main, ["info", str(streamed)]).output
+    assert f"unet (streamed)        {len(entry['unet']['parts'])} parts" in shown
 
 
 @pytest.mark.parametrize("component", ["unet", "vae_decoder"])
