@@ -75,6 +75,8 @@ def assign_parts(graph: onnx.GraphProto, budget: int = PART_BUDGET) -> list[int]
     A node outside any layer goes with its earliest reader (the time embedding and conv_in with the first layer,
     the output convolution with the last); then every node moves at least as late as its inputs' producers, so
     each part reads only graph inputs and earlier parts' outputs."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        raise ValueError("cannot cut a graph with subgraphs (If/Loop): their outer-scope reads are not node inputs")
     sample = graph.input[0].name
     order = _layer_order(graph, sample)
     if not order:
@@ -141,12 +143,12 @@ def cut(model: onnx.ModelProto, parts: list[int]) -> list[onnx.ModelProto]:
     for p in range(n):
         nodes = [node for node, q in zip(graph.node, parts) if q == p]
         reads = {i for node in nodes for i in node.input if i}
-        inputs = [name for name in _ordered(reads, graph_inputs, made_in) if name not in inits
+        inputs = [name for name in _ordered(reads, graph_inputs) if name not in inits
                   and (name in graph_inputs or made_in.get(name, p) < p)]
         outputs = sorted(name for node in nodes for name in node.output
                          if name in graph_outputs or any(q > p for q in read_by.get(name, ())))
         weights = [inits[name] for name in sorted(reads) if name in inits]
-        g = onnx.helper.make_graph(nodes, f"unet_part_{p:02d}", [_info(name, graph_inputs, infos) for name in inputs],
+        g = onnx.helper.make_graph(nodes, f"part_{p:02d}", [_info(name, graph_inputs, infos) for name in inputs],
                                    [_info(name, {}, infos) for name in outputs], weights)
         part = onnx.helper.make_model(g, opset_imports=model.opset_import, producer_name="sdonnx stream")
         part.ir_version = model.ir_version
@@ -154,7 +156,7 @@ def cut(model: onnx.ModelProto, parts: list[int]) -> list[onnx.ModelProto]:
     return [m for m in models if len(m.graph.node)]
 
 
-def _ordered(names: set[str], graph_inputs: dict, made_in: dict) -> list[str]:
+def _ordered(names: set[str], graph_inputs: dict) -> list[str]:
     """Graph inputs in the graph's order first, then cut tensors by name (a stable order for the files)."""
     first = [name for name in graph_inputs if name in names]
     return first + sorted(name for name in names if name not in graph_inputs)
@@ -170,13 +172,14 @@ def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
         del t.external_data[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
-    except Exception:  # contrib ops unknown to ONNX's inference: fall back to types only below
+    except Exception:  # inference refused the graph: every cut tensor gets _info's fallback
         inferred = skeleton
-    out = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
-    return out
+    return {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
 
 
 def _info(name: str, graph_inputs: dict, infos: dict) -> onnx.ValueInfoProto:
+    """A cut tensor's declaration; one ONNX could not infer (behind an op it has no schema for) is declared float
+    of unknown shape: the runtime feeds cut tensors as they come, and a wrong type fails the export's check."""
     if name in graph_inputs:
         return graph_inputs[name]
     if name in infos:
