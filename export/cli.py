@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..system import peak_rss_mb
-from . import embeddings as ti, folder, lora, onnx as graphs, optimize as opt, quantize, tiny_vae, verify
+from . import embeddings as ti, folder, lora, onnx as graphs, optimize as opt, quantize, stream, tiny_vae, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
+STREAM_PART_MB = stream.PART_BUDGET / 2**20
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ExportJob:
     defaults: dict = field(default_factory=dict)  # generation defaults given with --defaults (folder.parse_defaults)
     tiny_vae: str | None = None  # --tiny-vae: a TAESD folder or file, or random; None: not exported
     embeddings: tuple = ()  # (path, token or None) of textual-inversion files added to the text encoder
+    stream: bool = False  # --stream: also the U-Net and VAE decoder as chains of part graphs, for --low-memory
+    stream_part_mb: float = STREAM_PART_MB  # weights a part may reach by merging whole layers
     timings: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -137,6 +140,10 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     quantize.check_options(job.precision, job.int8_scheme)  # bad options fail before any work
     calibrate = quantize.kind_of("unet", job.precision, job.int8_scheme) in ("qdq", "openvino")
     _check_attention(job)
+    if job.stream and job.static is not None:
+        raise ValueError("--stream runs a guided batch in halves through each part: export it without --static")
+    if job.stream_part_mb < 0:
+        raise ValueError(f"--stream-part-mb must be >= 0, got {job.stream_part_mb:g}")
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     embeds = [ti.read_embedding(path, token) for path, token in job.embeddings]
     ti.check_unique(embeds)
@@ -145,7 +152,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
     tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
     parts += graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
-    bar = Progress(2 + calibrate + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
+    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
@@ -201,6 +208,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             for c in parts:
                 inputs, outputs = checks[c]
                 bar.step(f"verify {c}", _verify, job, c, root / c / "model.onnx", inputs, outputs[0])
+            streamed = (bar.step("stream", _stream, root, checks, int(job.stream_part_mb * 2**20))
+                        if job.stream else None)
             job.timings["total"] = round(time.perf_counter() - start, 2)
             report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET,
@@ -214,6 +223,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 components=job.components, report=report, step_cache=step_cache,
                 defaults=defaults, tiny_vae=tiny_entry, final_norm=final_norm, added_tokens=added,
                 embeddings=[e.record() for e in embeds],
+                stream=streamed,
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
@@ -292,6 +302,24 @@ def _step_cache_report(job: ExportJob, root: Path, features: Path, inputs: dict,
             "deep_features_verify": result}
 
 
+def _stream(root: Path, checks: dict, budget: int) -> dict:
+    """Write <component>_stream/ from each streamed component's final graph and check the chained parts against
+    the whole graph on its verification inputs; the text encoder's weights move to an external data file. Returns
+    sdonnx.json's stream entry."""
+    entry = {"method": stream.METHOD, "part_mb": round(budget / 2**20, 1), "components": {}}
+    stream.externalize(root / "text_encoder" / "model.onnx")  # the one whole graph low-memory mode still loads
+    for c in stream.STREAMED:
+        graph, inputs = root / c / "model.onnx", checks[c][0]
+        parts = stream.write_parts(graph, root / f"{c}_stream", budget)
+        output = graphs.SIGNATURES[c].outputs[0]
+        result = verify.compare(verify.run_graph(graph, inputs)[0], stream.run_chain(parts, root, inputs, output))
+        if not result["max_abs_err"] <= stream.MAX_ERR:
+            raise verify.ExportError(f"the streamed {c} parts differ from the whole graph by "
+                                     f"{result['max_abs_err']:.3g} (limit {stream.MAX_ERR:g}): the cut is broken")
+        entry["components"][c] = {"output": output, "parts": parts, "verify_vs_whole_graph": result}
+    return entry
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM during an export; a KeyboardInterrupt so that it unwinds (and cleans up) exactly like Ctrl-C."""
 
@@ -357,10 +385,18 @@ def _one_line(err: BaseException) -> str:
 @click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
               help="Add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds) as TOKEN "
                    "(default: the file's name; a diffusers file's own token); repeatable.")
+@click.option("--stream", "stream_unet", is_flag=True,
+              help="Also write the U-Net and the VAE decoder as chains of part graphs (unet_stream/, "
+                   "vae_decoder_stream/), each with its own weights file, which generate --low-memory loads one at "
+                   "a time.")
+@click.option("--stream-part-mb", default=STREAM_PART_MB, show_default=True,
+              help="--stream: consecutive layers share a part up to this many MiB of weights (0: one layer "
+                   "per part; less memory, more loading).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(source: str, out_dir: Path | None, precision: str, force: bool, static: str | None, seed: int,
            prediction_type: str | None, int8_scheme: str, step_cache: bool, step_cache_depth: int, attention: str,
            loras: tuple[str, ...], tiny_vae_source: str | None, defaults: str, embeddings: tuple[str, ...],
+           stream_unet: bool, stream_part_mb: float,
            quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
     random:sd-turbo, tiny) to ONNX."""
@@ -370,7 +406,8 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
                         graphs.Static.parse(static) if static else None, seed, prediction_type, int8_scheme,
                         step_cache_depth if step_cache else None, attention=attention,
                         loras=tuple(lora.parse_spec(spec) for spec in loras), defaults=folder.parse_defaults(defaults),
-                        tiny_vae=tiny_vae_source, embeddings=tuple(ti.parse_spec(spec) for spec in embeddings))
+                        tiny_vae=tiny_vae_source, embeddings=tuple(ti.parse_spec(spec) for spec in embeddings),
+                        stream=stream_unet, stream_part_mb=stream_part_mb)
         with _sigterm_unwinds():
             meta = run_export(job, progress=not quiet)
     except Terminated:

@@ -281,13 +281,14 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
                    static: dict | None, report: dict, defaults: dict, step_cache: dict | None = None,
                    tiny_vae: dict | None = None, final_norm: dict | None = None, added_tokens: dict | None = None,
-                   embeddings: list | None = None) -> dict:
+                   embeddings: list | None = None, stream: dict | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
 
     `defaults`: steps, guidance and scheduler (generation_defaults); the image size is the model's.
     `tiny_vae`: write_tiny_vae's entry, when the folder holds one.
     `final_norm`: the text encoder's final LayerNorm (weight, bias, eps) for clip skip.
     `added_tokens` ({token: id}) and `embeddings` (their records): textual-inversion tokens (embeddings.py).
+    `stream`: the streamed U-Net's entry (export --stream): its part files in running order, their inputs and outputs.
     """
     from .embeddings import write_tokens
 
@@ -316,6 +317,7 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "step_cache": step_cache,
         "tiny_vae": tiny_vae,
         "embeddings": embeddings or [],
+        "stream": stream,
         "export_report": report,
     }
     write_json(root / "sdonnx.json", meta)

@@ -269,6 +269,10 @@ def info(model_dir: Path | None, verify: bool) -> None:
     for name, path in m.components.items():
         size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
         click.echo(f"  {name:<16} {m.precision(name) or '?':<5} {size / 2**20:10.2f} MiB")
+    for name, entry in ((m.meta.get("stream") or {}).get("components") or {}).items():
+        parts = entry.get("parts") or []
+        biggest = max((p.get("weight_mb", 0) for p in parts), default=0)
+        click.echo(f"  {name + ' (streamed)':<22} {len(parts)} parts for --low-memory, the largest {biggest} MiB")
     files = m.meta.get("files") or {}
     if not files:
         click.echo("checksums    none recorded")

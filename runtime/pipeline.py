@@ -19,6 +19,7 @@ from .model import HIDDEN_STATES, VAES, ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
 from .errors import SdonnxError
 from .session import Component, SessionConfig, session_config
+from .stream import Streamed, read_parts, streamed_components
 from .system import return_freed_memory, trim_heap
 from .tiling import Tiles, decode_tiled
 from .tokenizer import CLIPTokenizer
@@ -83,23 +84,27 @@ class Pipeline:
     mode) are opened on first use. `tiles` set: the VAE decodes in overlapping tiles (tiling.py)."""
 
     def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, components: dict[str, Component],
-                 config: SessionConfig | None = None, low_memory: bool = False, tiles: Tiles | None = None):
+                 config: SessionConfig | None = None, low_memory: bool = False, tiles: Tiles | None = None,
+                 stream: bool = True):
         self.info = info
         self.tokenizer = tokenizer
         self.components = components
         self.config = config or SessionConfig()
         self.low_memory = low_memory
         self.tiles = tiles
+        self.stream = stream
         self._texts: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, provider: str = "cpu", verify: bool | None = None,
-             low_memory: bool = False, **session_options) -> "Pipeline":
+             low_memory: bool = False, stream: bool = True, **session_options) -> "Pipeline":
         """Open a model folder (default: the bundled tiny model) on `cpu`, `cuda`, `dml` or `auto`.
 
         low_memory: each session exists only while its component runs, without ORT's memory arena and
-        patterns, and the VAE decodes in tiles. On Linux (glibc) it also makes the process return large freed
-        buffers to the system at once (`system.return_freed_memory`), a process-wide allocator setting."""
+        patterns, and the VAE decodes in tiles; a folder exported with --stream runs its U-Net and VAE decoder
+        part by part (stream=False: their whole graphs, as a folder without parts would). On Linux (glibc) it
+        also makes the process return large freed buffers to the system at once (`system.return_freed_memory`), a
+        process-wide allocator setting."""
         info = read_model(model_dir if model_dir is not None else default_model_dir(), verify=verify)
         if low_memory:  # arena and patterns keep peak-sized buffers for the session's lifetime
             session_options = {"cpu_arena": False, "mem_pattern": False, **session_options}
@@ -109,7 +114,7 @@ class Pipeline:
         components = {} if low_memory else {name: Component(path, config) for name, path in info.components.items()
                                             if name in eager}
         tokenizer = CLIPTokenizer.from_dir(info.path / "tokenizer")
-        return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None)
+        return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None, stream)
 
     # ---- the three public tasks ------------------------------------------------------------------
 
@@ -219,7 +224,25 @@ class Pipeline:
         if cache_interval > 1 and not self.info.has_step_cache:
             raise SdonnxError(f"cache_interval {cache_interval} needs the step-cache graphs, which {self.info.path.name} "
                               "lacks: export it with `sdonnx export ... --step-cache`")
+        if cache_interval > 1 and self.streams:  # the step-cache graphs are whole U-Nets: no memory bound left
+            raise SdonnxError(f"cache_interval {cache_interval} cannot stream: low-memory mode runs "
+                              f"{self.info.path.name}'s U-Net part by part, which the step cache's whole graphs "
+                              "are not; use cache_interval 1, or drop low-memory mode")
         return int(cache_interval)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the U-Net runs part by part: low-memory mode on a folder exported with --stream."""
+        return self.low_memory and self.stream and "unet" in streamed_components(self.info.meta)
+
+    @contextlib.contextmanager
+    def _graph(self, name: str, chunks: int = 1) -> Iterator:
+        """The component `name` as _using gives it, or in low-memory mode its streamed parts where it has them."""
+        if self.low_memory and self.stream and name in streamed_components(self.info.meta):
+            yield Streamed(*read_parts(self.info.path, self.info.meta, name), self.config, chunks)
+            return
+        with self._using(name) as component:
+            yield component
 
     @staticmethod
     def _noise(run: _Run, latents: np.ndarray | None) -> np.ndarray:
@@ -314,7 +337,7 @@ class Pipeline:
         """Scaled latents -> [0, 1] pixels (NHWC) through the `full` or `tiny` VAE decoder."""
         _, name, scale, shift = self.info.vae(vae)
         raw = latents / scale + shift
-        with self._using(name) as decoder:
+        with self._graph(name) as decoder:
             if self.tiles is None or name == VAES["tiny"][1]:  # the tiny decoder needs little memory: never tiled
                 sample = decoder(latent_sample=raw)["sample"]
             else:
@@ -379,6 +402,10 @@ class Pipeline:
         """The loop's model callable, its graphs open while the loop runs: the guided U-Net, or with the step
         cache the full graph every `interval`-th step and the shallow one between."""
         split = self.low_memory
+        if self.streams:  # each part loaded once per step, and run on both halves of a guided batch
+            with self._graph("unet", chunks=2 if w > 1.0 else 1) as unet:
+                yield sampling.every_step(sampling.guided(unet, context, w, False, **inputs))
+            return
         if interval == 1:
             with self._using("unet") as unet:
                 context = _fit_text_length(unet, context)

@@ -33,6 +33,8 @@ ONNX_DTYPES = {
     "tensor(double)": np.float64,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,  # a streamed U-Net's parts hand on quantized activations (stream.py)
+    "tensor(int8)": np.int8,
 }
 
 
@@ -163,6 +165,14 @@ class Component:
             return self._run_in_chunks(feeds, batch, fixed)
         return self._run({k: self._adapt(self.inputs[k], np.asarray(v), batch) for k, v in feeds.items()
                           if k in self.inputs})
+
+    def run_with(self, feeds: dict[str, np.ndarray], made: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on `feeds` adapted as __call__ adapts them plus `made`: tensors another graph produced for this one
+        (a streamed graph's parts), fed as they are."""
+        if self.session is None:
+            raise SdonnxError(f"{self.path.parent.name}: session was closed")
+        batch = max((np.shape(v)[0] for v in feeds.values() if np.ndim(v) > 1), default=None)
+        return self._run({**{k: self._adapt(self.inputs[k], np.asarray(v), batch) for k, v in feeds.items()}, **made})
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.session.run(None, feeds)
