@@ -210,7 +210,7 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
                 if warmup and provider != "cpu":
                     calls[name]()
                 elif warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory or setup):
-                    calls[name](4)
+                    calls[name](getattr(calls[name], "warmup_steps", 4))  # (a sampler without PNDM's minimum: fewer)
             else:
                 for _ in range(warmup):
                     calls[name]()

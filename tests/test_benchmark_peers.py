@@ -436,3 +436,65 @@ def test_worker_refuses_a_gpu_for_sdcpp():
     done = subprocess.run([sys.executable, str(BENCH / "worker.py"), "sdcpp-q8_0", ".", "--provider", "cuda"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "run on the CPU only" in done.stderr
+
+
+@pytest.mark.skipif(not SDCPP_PYTHON.is_file(), reason="no sdcpp venv (python benchmarks/peers.py setup sdcpp)")
+def test_sdcpp_converts_the_ldm_checkpoint(tmp_path):
+    """In the real venv: the tiny pipeline's LDM file through sd.cpp's convert at both weight types (its SD 1.x
+    network has SD 1.5's fixed sizes, so the tiny weights convert but cannot be run: the worker is checked on SD 1.5
+    by the benchmark itself). q8_0 quantizes the attention matrices and keeps the 3x3 convolutions as they are
+    (rows of 3, not a multiple of its 32-block); f16 halves both; biases stay f32."""
+    from tiny_sd import save_pipeline
+
+    save_pipeline(tmp_path / "diffusers", "sd1")
+    done = subprocess.run([sys.executable, str(BENCH / "prepare.py"), str(tmp_path), "tiny", "sdcpp-q8_0", "sdcpp-f16"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "prepare.json").read_text())
+    assert {"ldm", "sdcpp-q8_0", "sdcpp-f16"} <= set(record) and record["sdcpp-f16"]["peak_rss_mb"] > 0
+    attention = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    conv, bias = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight", "first_stage_model.decoder.conv_in.bias"
+    q8, f16 = (_gguf_types(tmp_path / name / "model.gguf") for name in ("sdcpp-q8_0", "sdcpp-f16"))
+    assert len(q8) == len(f16) > 300
+    assert (q8[attention], q8[conv], q8[bias]) == (GGML_Q8_0, GGML_F32, GGML_F32)
+    assert (f16[attention], f16[conv], f16[bias]) == (GGML_F16, GGML_F16, GGML_F32)
+
+
+GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8  # ggml's type ids
+
+
+def _gguf_types(path: Path) -> dict[str, int]:
+    """Tensor name -> ggml type id, from a GGUF file's header (metadata values skipped)."""
+    import struct
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def text() -> str:
+            return f.read(read("Q")).decode()
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                text()
+            elif kind == 9:  # an array: its item type, its length, the items
+                inner, n = read("I"), read("Q")
+                for _ in range(n):
+                    skip(inner)
+            else:
+                f.read(scalar[kind])
+
+        assert f.read(4) == b"GGUF"
+        _version, tensors, metadata = read("I"), read("Q"), read("Q")
+        for _ in range(metadata):
+            text()
+            skip(read("I"))
+        types = {}
+        for _ in range(tensors):
+            name = text()
+            for _ in range(read("I")):  # the dimensions
+                read("Q")
+            types[name] = read("I")
+            read("Q")  # the data offset
+    return types
