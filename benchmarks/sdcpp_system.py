@@ -16,7 +16,9 @@ the other systems (the binding's default, half the logical CPUs, would be one he
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +67,10 @@ def sdcpp_system(folder: str, size: int, steps: int, guidance: float, threads: i
         raise SystemExit(f"{folder}: no model.gguf (prepare.py makes it with sdcpp_convert.py)")
     log = SdLog()
     sd = StableDiffusion(model_path=str(model), n_threads=threads, vae_decode_only=True, verbose=False)
+    if log.errors:  # e.g. not SD 1.5's sizes (sd.cpp's networks have them fixed): the binding carries on regardless
+        sys.stderr.write(f"stable-diffusion.cpp could not load {model}: {' | '.join(log.errors[-3:])}\n")
+        sys.stderr.flush()
+        os._exit(1)  # not SystemExit: the binding's finalizer crashes (SIGSEGV) on the half-made context
     clock = StepClock(back_to_back=True)
     per_generation: list[dict[str, float]] = []
 

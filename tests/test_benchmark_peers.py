@@ -442,7 +442,7 @@ def test_worker_refuses_a_gpu_for_sdcpp():
 def test_sdcpp_converts_the_ldm_checkpoint(tmp_path):
     """In the real venv: the tiny pipeline's LDM file through sd.cpp's convert at both weight types (its SD 1.x
     network has SD 1.5's fixed sizes, so the tiny weights convert but cannot be run: the worker is checked on SD 1.5
-    by the benchmark itself). q8_0 quantizes the attention matrices and keeps the 3x3 convolutions as they are
+    by the benchmark itself, and says so here). q8_0 quantizes the attention matrices and keeps the 3x3 convolutions as they are
     (rows of 3, not a multiple of its 32-block); f16 halves both; biases stay f32."""
     from tiny_sd import save_pipeline
 
@@ -458,6 +458,11 @@ def test_sdcpp_converts_the_ldm_checkpoint(tmp_path):
     assert len(q8) == len(f16) > 300
     assert (q8[attention], q8[conv], q8[bias]) == (GGML_Q8_0, GGML_F32, GGML_F32)
     assert (f16[attention], f16[conv], f16[bias]) == (GGML_F16, GGML_F16, GGML_F32)
+    # and the worker says in one line that sd.cpp cannot run them (the binding itself would carry on and crash)
+    done = subprocess.run([str(SDCPP_PYTHON), str(BENCH / "worker.py"), "sdcpp-q8_0", str(tmp_path / "sdcpp-q8_0"),
+                           "--size", "64", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "stable-diffusion.cpp could not load" in done.stderr
+    assert "Traceback" not in done.stderr and "RESULT" not in done.stdout
 
 
 GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8  # ggml's type ids
