@@ -20,7 +20,8 @@ import torch
 
 Tensors = dict[str, torch.Tensor]
 
-PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
+PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+          "text_encoder": "cond_stage_model.transformer."}
 # diffusers resnet -> LDM: the U-Net's resnets renamed every layer, the VAE's kept LDM's own names but the shortcut
 UNET_RESNET = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
                "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}

@@ -212,8 +212,8 @@ def _sdcpp(work: Path, paths: dict[str, Path]) -> None:
     ldm = work / LDM / "model.safetensors"
     if not ldm.is_file():
         ldm.parent.mkdir(exist_ok=True)
-        made = _run([sys.executable, str(Path(__file__).with_name("ldm_checkpoint.py")), str(paths["weights"]), str(ldm)],
-                    work / "export-ldm.log")
+        tool = str(Path(__file__).with_name("ldm_checkpoint.py"))
+        made = _run([sys.executable, tool, str(paths["weights"]), str(ldm)], work / "export-ldm.log")
         _record(work, LDM, made)
     python = peers.interpreter(next(iter(missing)))
     for name, out in missing.items():

@@ -57,7 +57,8 @@ class SdLog:
         return out
 
 
-def sdcpp_system(folder: str, size: int, steps: int, guidance: float, threads: int) -> tuple[dict[str, Callable], StepClock, dict]:
+def sdcpp_system(folder: str, size: int, steps: int, guidance: float,
+                 threads: int) -> tuple[dict[str, Callable], StepClock, dict]:
     """{"txt2img": call}, the step clock, and facts for the result; the call's `inside(n)` gives the sd.cpp timers
     of the last n generations ({figure: [seconds]})."""
     from stable_diffusion_cpp import StableDiffusion

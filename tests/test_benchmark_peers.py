@@ -442,8 +442,8 @@ def test_worker_refuses_a_gpu_for_sdcpp():
 def test_sdcpp_converts_the_ldm_checkpoint(tmp_path):
     """In the real venv: the tiny pipeline's LDM file through sd.cpp's convert at both weight types (its SD 1.x
     network has SD 1.5's fixed sizes, so the tiny weights convert but cannot be run: the worker is checked on SD 1.5
-    by the benchmark itself, and says so here). q8_0 quantizes the attention matrices and keeps the 3x3 convolutions as they are
-    (rows of 3, not a multiple of its 32-block); f16 halves both; biases stay f32."""
+    by the benchmark itself, and says so here). q8_0 quantizes the attention matrices and keeps the 3x3
+    convolutions as they are (rows of 3, not a multiple of its 32-block); f16 halves both; biases stay f32."""
     from tiny_sd import save_pipeline
 
     save_pipeline(tmp_path / "diffusers", "sd1")
