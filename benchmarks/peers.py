@@ -1,6 +1,7 @@
 """Peer systems that live in their own virtual environment (their pins clash with the dev extra's).
 
     python benchmarks/peers.py setup openvino [--force]     # -> models/peers/openvino (git-ignored)
+    python benchmarks/peers.py setup sdcpp                  # stable-diffusion.cpp, built from source (~5+ min)
     python benchmarks/peers.py python openvino              # prints that venv's interpreter
 
 run.py and prepare.py start a peer's worker and exports with the interpreter of its venv; every other system
@@ -13,6 +14,7 @@ that needs onnxruntime.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +24,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENVS = ROOT / "models" / "peers"
-# venv -> (system-name prefix, the packages installed before its requirements file, that file, then removed)
+# venv -> (system-name prefix, the packages installed before its requirements file, that file, then removed,
+#          environment variables of its installs)
 PEERS = {
     # torch first, so that the CPU build (the machine's wheel) is the one the rest resolves against; the
     # torchvision optimum-intel pulls is a CUDA build that breaks imports next to it, and SD never uses it
-    "openvino": ("openvino-", ["torch==2.13.0"], HERE / "requirements-openvino.txt", ["torchvision"]),
+    "openvino": ("openvino-", ["torch==2.13.0"], HERE / "requirements-openvino.txt", ["torchvision"], {}),
+    # the binding compiles sd.cpp; GGML_NATIVE builds ggml for this CPU (AVX-512 here), as a local build would
+    "sdcpp": ("sdcpp-", [], HERE / "requirements-sdcpp.txt", [], {"CMAKE_ARGS": "-DGGML_NATIVE=ON"}),
 }
 
 
@@ -53,7 +58,7 @@ def interpreter(system: str) -> str:
 
 def setup(venv: str, force: bool = False) -> Path:
     """Create the venv and install its pins; built beside its final place and moved there only when complete."""
-    _, first, requirements, remove = PEERS[venv]
+    _, first, requirements, remove, env = PEERS[venv]
     final = VENVS / venv
     if final.exists() and not force:
         print(f"{final} exists (--force to rebuild it)", file=sys.stderr)
@@ -64,9 +69,11 @@ def setup(venv: str, force: bool = False) -> Path:
     pip = [str(final / "bin" / "python"), "-m", "pip", "install", "-q"]
     try:
         subprocess.run([sys.executable, "-m", "venv", str(final)], check=True)
-        subprocess.run([*pip, *first], check=True)
-        subprocess.run([*pip, "-r", str(requirements)], check=True)
-        subprocess.run([str(final / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", *remove], check=True)
+        if first:
+            subprocess.run([*pip, *first], check=True)
+        subprocess.run([*pip, "-r", str(requirements)], check=True, env={**os.environ, **env})
+        if remove:
+            subprocess.run([str(final / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", *remove], check=True)
         subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
     except (subprocess.CalledProcessError, KeyboardInterrupt):
         shutil.rmtree(final, ignore_errors=True)

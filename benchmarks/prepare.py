@@ -30,7 +30,12 @@ FOLDERS = {
     # the OpenVINO folders with those graphs converted to IR as their VAE (openvino_tiny_vae.py, in the venv)
     "openvino-fp32-tiny": "openvino-fp32-tiny",
     "openvino-int8-tiny": "openvino-int8-tiny",
+    # stable-diffusion.cpp's GGUF files (sdcpp_convert.py, in the sdcpp venv), converted from the weights written as
+    # one LDM single-file checkpoint (ldm_checkpoint.py, into LDM below)
+    "sdcpp-q8_0": "sdcpp-q8_0",
+    "sdcpp-f16": "sdcpp-f16",
 }
+LDM = "ldm"  # the LDM checkpoint's folder in the work folder (ldm/model.safetensors), read by sd.cpp's convert only
 # a tiny-VAE folder -> the folders it is made from (the other one's VAE replaced by our export's tiny graphs)
 TINY_FROM = {"optimum-fp32-tiny": ("optimum-fp32", "sdonnx-fp32"),
              "openvino-fp32-tiny": ("openvino-fp32", "sdonnx-fp32"),
@@ -155,6 +160,8 @@ def preparation(work: Path, names: list[str]) -> dict[str, dict]:
     """What making each of these folders cost, where recorded."""
     path = work / RECORD
     record = json.loads(path.read_text()) if path.is_file() else {}
+    if any(k.startswith("sdcpp-") for k in names):  # the GGUF files are converted from the LDM file
+        names = [LDM, *names]
     return {k: record[k] for k in names if k in record}
 
 
@@ -195,6 +202,26 @@ def _openvino(work: Path, paths: dict[str, Path]) -> None:
             _record(work, name, made and {**made, "after": base.name})
 
 
+def _sdcpp(work: Path, paths: dict[str, Path]) -> None:
+    """The GGUF folders: the diffusers weights written as one LDM file (by this interpreter: torch), then sd.cpp's
+    convert of it at each weight type (by the sdcpp venv); each step timed, with its peak RSS, in prepare.json."""
+    wanted = {name: out for name, out in paths.items() if name.startswith("sdcpp-")}
+    missing = {name: out for name, out in wanted.items() if not (out / "model.gguf").is_file()}
+    if not missing:
+        return
+    ldm = work / LDM / "model.safetensors"
+    if not ldm.is_file():
+        ldm.parent.mkdir(exist_ok=True)
+        tool = str(Path(__file__).with_name("ldm_checkpoint.py"))
+        made = _run([sys.executable, tool, str(paths["weights"]), str(ldm)], work / "export-ldm.log")
+        _record(work, LDM, made)
+    python = peers.interpreter(next(iter(missing)))
+    for name, out in missing.items():
+        made = _run([python, str(Path(__file__).with_name("sdcpp_convert.py")), str(ldm), str(out),
+                     name.removeprefix("sdcpp-")], work / f"export-{name}.log")
+        _record(work, name, {**made, "after": LDM})
+
+
 def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[str, Path]:
     """Create whatever of the `needed` folders is missing (default: all that the running interpreter makes, not
     those of the peers in their own venvs); returns name -> folder."""
@@ -229,6 +256,7 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
     if out is not None and not (out / "model_index.json").is_file():
         with_tiny_vae(paths["optimum-fp32"], paths["sdonnx-fp32"], out)
     _openvino(work, paths)
+    _sdcpp(work, paths)
     return paths
 
 

@@ -31,7 +31,7 @@ def bounds(report: dict, size: int, batch: int) -> dict:
 
 
 def _bound_for(system: str, b: dict) -> float | None:
-    if system.startswith("openvino"):  # bf16 by default, int8 convolutions with float matmuls: no bound of ours fits
+    if system.startswith(("openvino", "sdcpp")):  # bf16 / ggml's q8_0 and f16 kernels: no bound of ours fits
         return None
     if "qdq" in system:
         return b.get("int8_qdq")
@@ -101,7 +101,7 @@ def markdown(report: dict) -> str:
              f"transformers {m['transformers']}, optimum-onnx {m['optimum']}, numpy {m['numpy']}.  ",
              f"Measured matmul peak: fp32 {max(peak['fp32'], peak.get('numpy_fp32', 0)) / 1e9:.0f} GFLOP/s, "
              f"int8 (u8s8) {peak['int8'] / 1e9:.0f} GOP/s.  ",
-             *_peer_lines(report),
+             *_peer_lines(report), *_sdcpp_lines(report),
              f"Started {report['started']}, finished {report.get('finished', '(unfinished)')}.  ",
              f"Command: `{report['command']}`", ""]
     for extra in report.get("appended", []):
@@ -145,7 +145,7 @@ def markdown(report: dict) -> str:
 
 def _peer_lines(report: dict) -> list[str]:
     """The OpenVINO peers' own package versions and inference precision (they run in their own venv)."""
-    runs = [r for r in report["runs"] if r.get("versions")]
+    runs = [r for r in report["runs"] if r.get("versions") and r["system"].startswith("openvino")]
     if not runs:
         return []
     versions = ", ".join(f"{k} {v}" for k, v in runs[-1]["versions"].items())
@@ -157,6 +157,19 @@ def _peer_lines(report: dict) -> list[str]:
     return [f"OpenVINO peers (own venv): {versions}. Inference precision and shapes: {per_system}.  "]
 
 
+def _sdcpp_lines(report: dict) -> list[str]:
+    """How the stable-diffusion.cpp rows were measured: only its whole generation can be timed from outside."""
+    runs = [r for r in report["runs"] if r["system"].startswith("sdcpp") and r.get("versions")]
+    if not runs:
+        return []
+    r = runs[-1]
+    versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+    return [f"stable-diffusion.cpp peers (own venv): {versions}; {r['threads']} threads, sampler {r['sampler']} (one "
+            f"guided U-Net evaluation per step). Its text encoder (both prompts) and VAE decode figures are sd.cpp's "
+            f"own timers inside the timed generation (its log, 10 ms resolution); its step is the interval between "
+            f"its progress callbacks; its U-Net and VAE encoder cannot be called alone.  "]
+
+
 def preparation(report: dict) -> list[str]:
     """What each folder cost to make (wall time and peak RSS of its export process) and its size on disk."""
     made, sizes = report.get("prepare", {}), report.get("folder_mib", {})
@@ -166,12 +179,12 @@ def preparation(report: dict) -> list[str]:
              "another, e.g. openvino-int8 quantized from openvino-fp32, names it: its time comes on top of that "
              "one's).", "",
              "| folder | export s | export peak RSS MB | size MiB |", "|---|---|---|---|"]
-    for name, mib in sizes.items():
-        m = made.get(name, {})
+    for name in dict.fromkeys([*sizes, *made]):  # a recorded intermediate (the LDM file) has no folder size
+        mib, m = sizes.get(name), made.get(name, {})
         after = f" (+ {m['after']})" if m.get("after") else ""
         seconds = f"{m['seconds']:.0f}{after}" if m else "-"
         rss = f"{m['peak_rss_mb']:.0f}" if m else "-"
-        lines.append(f"| {name} | {seconds} | {rss} | {mib:.0f} |")
+        lines.append(f"| {name} | {seconds} | {rss} | {'-' if mib is None else f'{mib:.0f}'} |")
     return lines + [""]
 
 

@@ -1,4 +1,4 @@
-"""Compare sdonnx (fp32, int8), optimum's ORT pipeline, diffusers and OpenVINO on the same weights; write JSON, table, chart.
+"""Compare sdonnx (fp32, int8), optimum's ORT pipeline, diffusers, OpenVINO and stable-diffusion.cpp on the same weights; write JSON, table, chart.
 
     python benchmarks/run.py --weights sd15 --sizes 256,512 --runs 5 --steps 3
 
@@ -62,6 +62,10 @@ KNOWN = {
     # the int8 form OpenVINO runs as int8 (--int8-scheme openvino: static QDQ convolutions and linear layers)
     "sdonnx-int8-ov": ("sdonnx-int8-ov", ["--provider", "openvino", "--cache-interval", "{k}"]),
     "sdonnx-int8-ov-tiny": ("sdonnx-int8-ov", ["--provider", "openvino", "--cache-interval", "{k}", "--vae", "tiny"]),
+    # stable-diffusion.cpp (its Python binding, own venv) on sd.cpp's GGUF conversion of the same weights: q8_0
+    # (linear and attention matrices quantized) and f16; whole generations only (sdcpp_system.py)
+    "sdcpp-q8_0": ("sdcpp-q8_0", []),
+    "sdcpp-f16": ("sdcpp-f16", []),
 }
 
 

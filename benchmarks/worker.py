@@ -7,7 +7,9 @@ SYSTEM: sdonnx-* (our runtime on one of our exports, e.g. sdonnx-fp32, sdonnx-in
 optimum-fp32 (ORTStableDiffusionPipeline on optimum's export), diffusers-fp32 (StableDiffusionPipeline on
 PyTorch, CPU, torch.inference_mode), diffusers-fp16 (the same in half precision; on a GPU only), openvino-*
 (optimum-intel's OVStableDiffusionPipeline on an OpenVINO IR folder, static shapes; run by the OpenVINO venv's
-python, see peers.py; --inference-precision f32 overrides OpenVINO's default, bf16 where the CPU has it).
+python, see peers.py; --inference-precision f32 overrides OpenVINO's default, bf16 where the CPU has it), sdcpp-*
+(stable-diffusion.cpp's binding on the folder's model.gguf, in the sdcpp venv: whole generations only, see
+sdcpp_system.py).
 --provider cuda runs our runtime on ONNX Runtime's CUDA execution provider and diffusers on the GPU (each call
 synchronised before its clock stops). --cache-interval and --low-memory apply to our runtime only; in low-memory
 mode only the txt2img figure is timed (standalone component calls would keep sessions open).
@@ -34,6 +36,7 @@ GUIDANCE, TIMESTEP = DEFAULTS["sd"].guidance, 500
 FIGURES = (*figures.FIGURES, "txt2img")
 PEERS = ("optimum-fp32", "diffusers-fp32", "diffusers-fp16", "optimum-fp32-tiny", "diffusers-fp32-tiny")
 OPENVINO = "openvino-"  # any openvino-<name>: the folder decides what runs, the options how
+SDCPP = "sdcpp-"  # any sdcpp-<weight type>: the folder's GGUF file decides
 
 
 def gpu_used_mb() -> float | None:
@@ -176,6 +179,12 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
 
         calls, clock, facts = openvino_system(folder, size, steps, guidance, inference_precision, dynamic)
         guard = torch.inference_mode  # the pipeline's loop (scheduler, guidance) runs on torch tensors
+    elif system.startswith(SDCPP):
+        from sdcpp_system import sdcpp_system
+        from sdonnx.system import physical_cores
+
+        calls, clock, facts = sdcpp_system(folder, size, steps, guidance, physical_cores())
+        guard = _nullcontext
     else:
         import torch
 
@@ -201,7 +210,7 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
                 if warmup and provider != "cpu":
                     calls[name]()
                 elif warmup and (set(names) != set(FIGURES) or cache_interval > 1 or low_memory or setup):
-                    calls[name](4)
+                    calls[name](getattr(calls[name], "warmup_steps", 4))  # (a sampler without PNDM's minimum: fewer)
             else:
                 for _ in range(warmup):
                     calls[name]()
@@ -213,6 +222,12 @@ def measure(system: str, folder: str, size: int, steps: int, repeat: int, warmup
                 if name == "txt2img":
                     generations.append(clock.steps[done:])
                     step_s.extend(generations[-1])
+        # figures a peer times only inside its generation (sd.cpp's own timers): those of the timed generations
+        inside = getattr(calls.get("txt2img"), "inside", None)
+        if inside is not None:
+            for name, seconds in inside(len(times.get("txt2img", []))).items():
+                if name in wanted:
+                    times[name] = seconds
     result = {"system": system, "size": size, "steps": steps, "load_s": load_s, "times_s": times, "step_s": step_s,
               "generations": generations,
               "peak_rss_mb": peak_rss_mb(), "threads": _threads(system), "cache_interval": cache_interval,
@@ -274,7 +289,7 @@ def main() -> None:
     ap.add_argument("--dynamic", action="store_true", help="openvino only: keep the IR's dynamic shapes")
     a = ap.parse_args()
     openvino = a.system.startswith(OPENVINO)
-    if not a.system.startswith("sdonnx-") and a.system not in PEERS and not openvino:
+    if not a.system.startswith(("sdonnx-", SDCPP)) and a.system not in PEERS and not openvino:
         ap.error(f"unknown system {a.system!r}")
     on_openvino = openvino or a.provider == "openvino"
     if a.provider == "openvino" and not a.system.startswith("sdonnx-"):
@@ -282,8 +297,8 @@ def main() -> None:
     if (a.inference_precision and not on_openvino) or (a.dynamic and not openvino):
         ap.error("--inference-precision is an option of the OpenVINO runs (openvino-*, --provider openvino), "
                  "--dynamic of the openvino-* systems")
-    if openvino and a.provider != "cpu":  # (their own pipeline: it takes no provider)
-        ap.error("the OpenVINO systems run on the CPU only here")
+    if (openvino or a.system.startswith(SDCPP)) and a.provider != "cpu":  # (their own pipeline: it takes no provider)
+        ap.error("the OpenVINO and stable-diffusion.cpp systems run on the CPU only here")
     if (a.cache_interval > 1 or a.low_memory) and not a.system.startswith("sdonnx-"):
         ap.error("--cache-interval and --low-memory are options of our runtime (sdonnx-* systems)")
     wanted = tuple(f for f in a.figures.split(",") if f)

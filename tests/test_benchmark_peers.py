@@ -282,3 +282,224 @@ def _tiny_decoders_agree(folders: dict, tmp_path: Path) -> None:
     assert theirs.shape == (1, 3, 16, 16) and theirs.std() > 1e-3
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     np.testing.assert_allclose(openvino, theirs, atol=1e-4, rtol=0)
+
+
+# ---- stable-diffusion.cpp (sdcpp-q8_0, sdcpp-f16): its venv, the LDM checkpoint it converts, the GGUF folders
+
+SDCPP_PYTHON = BENCH.parent / "models" / "peers" / "sdcpp" / "bin" / "python"
+
+
+def _ldm_tool(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import ldm_checkpoint
+
+    return ldm_checkpoint
+
+
+def test_ldm_checkpoint_round_trip(tmp_path, monkeypatch):
+    """The tiny SD 1.x pipeline written as one LDM file reads back through our own single-file loader as the very
+    tensors and architecture of the diffusers folder."""
+    import torch
+    from sdonnx.export.weights import load_checkpoint
+    from tiny_sd import save_pipeline
+
+    tool = _ldm_tool(monkeypatch)
+    save_pipeline(tmp_path / "diffusers", "sd1")
+    out = tool.write(tmp_path / "diffusers", tmp_path / "model.safetensors")
+    assert out == tmp_path / "model.safetensors" and not (tmp_path / "model.safetensors.tmp").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    # LDM's own names (the U-Net's flat blocks, the VAE's reversed decoder levels, its attention as 1x1 convs)
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
+            "first_stage_model.decoder.up.0.block.0.conv1.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight"} <= keys
+    assert not any(".down_blocks." in k or ".resnets." in k for k in keys)
+    folder, single = load_checkpoint(tmp_path / "diffusers"), load_checkpoint(out)
+    assert single.family == "sd1"
+    for part in ("unet", "vae", "text_encoder"):
+        mine, theirs = single.state_dicts[part], folder.state_dicts[part]
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), part
+    for field in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels",
+                  "cross_attention_dim"):
+        assert getattr(single.configs.unet, field) == getattr(folder.configs.unet, field)
+    assert single.configs.vae.block_out_channels == folder.configs.vae.block_out_channels
+
+
+def test_ldm_names_of_sd15_invert_our_loader(monkeypatch):
+    """SD 1.5's layout (two resnets a level, four levels, an upsampler after attention or not): every U-Net and VAE
+    key maps to a distinct LDM name that our loader's rules map back to it (models on the meta device: no weights)."""
+    import torch
+    from sdonnx.export import weights
+    from sdonnx.export.models.config import get_preset
+
+    tool = _ldm_tool(monkeypatch)
+    cfg = get_preset("sd15")
+    with torch.device("meta"):
+        unet = weights._model_class("unet")(cfg.unet).state_dict()
+        vae = weights._model_class("vae")(cfg.vae).state_dict()
+    up = [t.startswith("CrossAttn") for t in cfg.unet.up_block_types]
+    layers, levels = cfg.unet.layers_per_block, len(cfg.vae.block_out_channels)
+    unet_names = {k: tool.unet_key(k, layers, up) for k in unet}
+    vae_names = {k: tool.vae_key(k, levels) for k in vae}
+    assert len(set(unet_names.values())) == len(unet) and len(set(vae_names.values())) == len(vae)
+    assert all(weights._unet_key(v, layers) == k for k, v in unet_names.items())
+    assert all(weights._vae_key(v, levels) == k for k, v in vae_names.items())
+    assert unet_names["up_blocks.1.upsamplers.0.conv.weight"] == "output_blocks.5.2.conv.weight"
+    assert unet_names["up_blocks.0.upsamplers.0.conv.weight"] == "output_blocks.2.1.conv.weight"
+
+
+def test_ldm_checkpoint_refuses_sd2(tmp_path, monkeypatch):
+    from tiny_sd import save_pipeline
+
+    save_pipeline(tmp_path / "sd2", "sd2")
+    done = subprocess.run([sys.executable, str(BENCH / "ldm_checkpoint.py"), str(tmp_path / "sd2"),
+                           str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "not an SD 1.x U-Net" in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("out.safetensors*"))
+
+
+def test_sdcpp_systems_run_with_the_sdcpp_venv(bench, tmp_path, monkeypatch):
+    peers, _, run, _ = bench
+    monkeypatch.setattr(peers, "VENVS", tmp_path / "peers")
+    python = peers.python_of("sdcpp")
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    for system in ("sdcpp-q8_0", "sdcpp-f16"):
+        assert run.KNOWN[system] == (system, []) and peers.interpreter(system) == str(python)
+    assert peers.PEERS["sdcpp"][-1] == {"CMAKE_ARGS": "-DGGML_NATIVE=ON"}  # built for this CPU
+    monkeypatch.setattr(peers, "VENVS", tmp_path / "none")
+    with pytest.raises(SystemExit, match=r"peers\.py setup sdcpp"):
+        peers.interpreter("sdcpp-q8_0")
+
+
+def test_sdcpp_folders_commands_and_record(bench, tmp_path, monkeypatch):
+    """The weights become one LDM file (this interpreter), sd.cpp's convert makes each GGUF folder from it (the
+    venv's); every step's time and peak RSS are recorded, the LDM file's too, and nothing is made twice."""
+    peers, prepare, _, report = bench
+    monkeypatch.setattr(peers, "VENVS", tmp_path / "peers")
+    python = peers.python_of("sdcpp")
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    commands = []
+
+    def fake_run(cmd, log, env=None):
+        commands.append(cmd)
+        if cmd[1].endswith("ldm_checkpoint.py"):
+            Path(cmd[3]).write_text("ldm")
+        else:
+            Path(cmd[3]).mkdir(parents=True)
+            (Path(cmd[3]) / "model.gguf").write_text("gguf")
+        return {"seconds": 10.0 * len(commands), "peak_rss_mb": 100.0, "command": cmd, "finished": "now"}
+
+    monkeypatch.setattr(prepare, "_run", fake_run)
+    work = tmp_path / "work"
+    _fake_weights(work / "diffusers")
+    paths = prepare.prepare(work, "tiny", ["sdcpp-q8_0", "sdcpp-f16"])
+    assert set(paths) == {"weights", "sdcpp-q8_0", "sdcpp-f16"}
+    ldm, *converts = commands
+    checkpoint = work / prepare.LDM / "model.safetensors"
+    assert ldm == [sys.executable, str(BENCH / "ldm_checkpoint.py"), str(work / "diffusers"), str(checkpoint)]
+    assert sorted(c[2:] for c in converts) == [[str(checkpoint), str(work / "sdcpp-f16"), "f16"],
+                                               [str(checkpoint), str(work / "sdcpp-q8_0"), "q8_0"]]
+    assert all(c[:2] == [str(python), str(BENCH / "sdcpp_convert.py")] for c in converts)
+    made = prepare.preparation(work, ["sdcpp-q8_0"])
+    assert set(made) == {"ldm", "sdcpp-q8_0"} and made["sdcpp-q8_0"]["after"] == "ldm"
+    assert "ldm" not in prepare.preparation(work, ["sdonnx-fp32"])
+    prepare.prepare(work, "tiny", ["sdcpp-q8_0", "sdcpp-f16"])
+    assert len(commands) == 3  # all there: nothing made again
+    lines = report.preparation({"prepare": made, "folder_mib": {"sdcpp-q8_0": 2.0}})
+    assert "| ldm | 10 | 100 | - |" in lines and any(x.startswith("| sdcpp-q8_0 | ") and "(+ ldm)" in x for x in lines)
+
+
+def test_report_of_sdcpp_runs(bench):
+    """sd.cpp's rows: its generation, its steps from the progress callback (the first interval, the prompts, left
+    out), the figures its own log timed; no bound of ours, and a line saying how it was measured."""
+    report = bench[3]
+    run = {"system": "sdcpp-q8_0", "size": 256, "steps": 3, "load_s": 1.0, "peak_rss_mb": 10.0,
+           "times_s": {"txt2img": [9.0], "vae_decode": [2.0], "text_encoder": [0.5]}, "step_s": [0.6, 2.0, 2.2, 2.1],
+           "generations": [[0.6, 2.0, 2.2, 2.1]], "threads": 2, "sampler": "euler (discrete)",
+           "versions": {"stable-diffusion-cpp-python": "0.4.7"}}
+    rep = {"runs": [run], "unet_flops": {"256x2": {"total": 1e9, "conv": 6e8, "matmul": 4e8}},
+           "matmul_peak": {"fp32": 1e11, "int8": 4e11}}
+    cell = report.summarize(rep)["256"]["sdcpp-q8_0"]
+    assert cell["step"]["median"] == 2.1 and cell["step"]["n"] == 3 and cell["vae_decode"]["median"] == 2.0
+    assert cell["unet_b2"] == {} and "unet_b2_bound_s" not in cell
+    line = report._sdcpp_lines(rep)[0]
+    assert "stable-diffusion-cpp-python 0.4.7" in line and "2 threads" in line and "euler (discrete)" in line
+    assert report._peer_lines(rep) == []  # the OpenVINO line is OpenVINO's only
+
+
+def test_worker_refuses_a_gpu_for_sdcpp():
+    done = subprocess.run([sys.executable, str(BENCH / "worker.py"), "sdcpp-q8_0", ".", "--provider", "cuda"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "run on the CPU only" in done.stderr
+
+
+@pytest.mark.skipif(not SDCPP_PYTHON.is_file(), reason="no sdcpp venv (python benchmarks/peers.py setup sdcpp)")
+def test_sdcpp_converts_the_ldm_checkpoint(tmp_path):
+    """In the real venv: the tiny pipeline's LDM file through sd.cpp's convert at both weight types (its SD 1.x
+    network has SD 1.5's fixed sizes, so the tiny weights convert but cannot be run: the worker is checked on SD 1.5
+    by the benchmark itself, and says so here). q8_0 quantizes the attention matrices and keeps the 3x3
+    convolutions as they are (rows of 3, not a multiple of its 32-block); f16 halves both; biases stay f32."""
+    from tiny_sd import save_pipeline
+
+    save_pipeline(tmp_path / "diffusers", "sd1")
+    done = subprocess.run([sys.executable, str(BENCH / "prepare.py"), str(tmp_path), "tiny", "sdcpp-q8_0", "sdcpp-f16"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "prepare.json").read_text())
+    assert {"ldm", "sdcpp-q8_0", "sdcpp-f16"} <= set(record) and record["sdcpp-f16"]["peak_rss_mb"] > 0
+    attention = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    conv, bias = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight", "first_stage_model.decoder.conv_in.bias"
+    q8, f16 = (_gguf_types(tmp_path / name / "model.gguf") for name in ("sdcpp-q8_0", "sdcpp-f16"))
+    assert len(q8) == len(f16) > 300
+    assert (q8[attention], q8[conv], q8[bias]) == (GGML_Q8_0, GGML_F32, GGML_F32)
+    assert (f16[attention], f16[conv], f16[bias]) == (GGML_F16, GGML_F16, GGML_F32)
+    # and the worker says in one line that sd.cpp cannot run them (the binding itself would carry on and crash)
+    done = subprocess.run([str(SDCPP_PYTHON), str(BENCH / "worker.py"), "sdcpp-q8_0", str(tmp_path / "sdcpp-q8_0"),
+                           "--size", "64", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "stable-diffusion.cpp could not load" in done.stderr
+    assert "Traceback" not in done.stderr and "RESULT" not in done.stdout
+
+
+GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8  # ggml's type ids
+
+
+def _gguf_types(path: Path) -> dict[str, int]:
+    """Tensor name -> ggml type id, from a GGUF file's header (metadata values skipped)."""
+    import struct
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def text() -> str:
+            return f.read(read("Q")).decode()
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                text()
+            elif kind == 9:  # an array: its item type, its length, the items
+                inner, n = read("I"), read("Q")
+                for _ in range(n):
+                    skip(inner)
+            else:
+                f.read(scalar[kind])
+
+        assert f.read(4) == b"GGUF"
+        _version, tensors, metadata = read("I"), read("Q"), read("Q")
+        for _ in range(metadata):
+            text()
+            skip(read("I"))
+        types = {}
+        for _ in range(tensors):
+            name = text()
+            for _ in range(read("I")):  # the dimensions
+                read("Q")
+            types[name] = read("I")
+            read("Q")  # the data offset
+    return types
