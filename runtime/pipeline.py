@@ -288,6 +288,11 @@ class Pipeline:
             component.close()
             trim_heap()
 
+    def forget_prompts(self) -> None:
+        """Drop the cached prompt encodings, so that the next call encodes its prompts again (benchmarks time a
+        whole generation, prompt encoding included, as a first call with a new prompt pays it)."""
+        self._texts.clear()
+
     def _encode_texts(self, prompts: list[str], syntax: str = "a1111", clip_skip: int = 1) -> list[np.ndarray]:
         """[1, 77 * chunks, D] text encodings, all of as many 75-token chunks as the longest prompt needs; a small
         LRU keyed by the chunks' token ids, weights and the clip skip saves re-encoding repeated prompts."""
