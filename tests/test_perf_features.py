@@ -290,8 +290,9 @@ def test_text_encodings_are_cached(exported, pipe):
     for i in range(12):  # the cache stays small
         fresh._encode_texts([f"{i} cat"])
     assert len(fresh._texts) <= 8
+    before = counter.calls
     fresh.forget_prompts()  # what the benchmark worker does before each timed generation
-    assert np.array_equal(fresh.txt2img(PROMPT, **GEN), first) and counter.calls == 5
+    assert np.array_equal(fresh.txt2img(PROMPT, **GEN), first) and counter.calls == before + 2
 
 
 # ---- the command line ----------------------------------------------------------------------------
