@@ -52,8 +52,8 @@ def child(config: str, model: str, size: int, steps: int, out: Path) -> dict:
     load_s = time.perf_counter() - start
     encode = pipe._encode_texts
 
-    def encode_texts(prompts):
-        out = encode(prompts)
+    def encode_texts(*args, **kwargs):
+        out = encode(*args, **kwargs)
         phases["text encoder"] = peak()
         return out
 

@@ -162,3 +162,20 @@ def test_stream_with_static_shapes_is_refused(tmp_path):
                                                     "--static", "512x512"])
     cli_error(result, "--stream", "--static")
     assert not (tmp_path / "x").exists()
+
+
+def test_memory_benchmark_child_reports_phases(folders, tmp_path):
+    """benchmarks/memory.py's measuring child on the tiny streamed folder: its peaks per phase and step times
+    come back (it wraps pipeline internals, so a changed signature must fail here, not in a benchmark run)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
+    for config in ("streamed", "whole-graphs"):
+        done = subprocess.run([sys.executable, str(script), "--child", config, "--model", str(folders[0]),
+                               "--size", "32", "--steps", "2", "--image", str(tmp_path / f"{config}.npy")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert {"text encoder", "step 1", "step 2", "vae decoder"} <= set(result["peak_after"]), result
+        assert result["peak_rss_mb"] >= max(result["peak_after"].values()) > 0
