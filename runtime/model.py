@@ -15,6 +15,7 @@ REQUIRED = ("text_encoder", "unet", "vae_decoder")
 # (encoder, decoder) of each VAE a folder may hold: the full one, and a tiny one (TAESD) exported with --tiny-vae
 VAES = {"full": ("vae_encoder", "vae_decoder"), "tiny": ("vae_encoder_tiny", "vae_decoder_tiny")}
 # the step cache's graphs (DeepCache), exported with `sdonnx export --step-cache`: used only together
+ORT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 STEP_CACHE = {"unet_features": "unet/model_features.onnx", "unet_shallow": "unet_shallow/model.onnx"}
 # the text encoder with every layer's output (hidden_states.K), exported beside model.onnx: what clip skip reads
 HIDDEN_STATES = {"text_encoder_hidden_states": "text_encoder/model_hidden_states.onnx"}
@@ -105,9 +106,18 @@ class ModelInfo:
         return self.guidance_embedding_dim is not None
 
     def precision(self, component: str) -> str | None:
+        return self._entry(component).get("precision")
+
+    def onnxruntime_only(self, component: str) -> bool:
+        """Whether the graph uses ONNX Runtime's own operators (its dynamic int8, com.microsoft ops), which
+        OpenVINO runs slowly: `--provider openvino` keeps such graphs on ONNX Runtime (sdonnx.json's op counts)."""
+        ops = self._entry(component).get("ops", {})
+        return any(op in ORT_OPS or op.startswith("com.microsoft.") for op in ops)
+
+    def _entry(self, component: str) -> dict:
         # the same U-Net or text encoder, more outputs
         owner = {"unet_features": "unet", "text_encoder_hidden_states": "text_encoder"}.get(component, component)
-        return self.meta.get("components", {}).get(owner, {}).get("precision")
+        return self.meta.get("components", {}).get(owner, {})
 
 
 def is_inpainting_unet(in_channels: int, latent_channels: int) -> bool:

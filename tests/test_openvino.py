@@ -88,7 +88,12 @@ def test_openvino_int8_scheme_exports_and_draws_what_fp32_draws(tmp_path):
     assert not {"DynamicQuantizeLinear", "MatMulInteger", "com.microsoft.MultiHeadAttention"} & set(ops), ops
     matmuls = ops.get("MatMul", 0)
     assert ops["QuantizeLinear"] > ops["Conv"] and matmuls > 0  # activations of linear layers quantized too
-    assert meta["text_encoder"]["precision"] == "fp32" and meta["unet"]["precision"] == "int8"
+    assert meta["text_encoder"]["precision"] == "int8" and meta["unet"]["precision"] == "int8"
+    # on --provider openvino the U-Net runs on OpenVINO, the dynamic int8 text encoder stays on ONNX Runtime
+    on_ov = Pipeline.load(out, provider="openvino")
+    assert type(on_ov.component("unet").session).__name__ == "OpenVINOSession"
+    assert type(on_ov.component("text_encoder").session).__name__ == "InferenceSession"
+    assert type(Pipeline.load(provider="openvino").component("text_encoder").session).__name__ == "OpenVINOSession"
     fp32 = Pipeline.load(provider="cpu")
     rng = np.random.default_rng(321)
     captions = [random_scene(rng).caption() for _ in range(16)]
