@@ -319,9 +319,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @MODEL
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback: this machine only).")
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
-@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests that may wait; past it the server answers 429 with Retry-After.")
-@click.option("--max-pixels", type=click.IntRange(min=64), help="Refuse images of more pixels (width x height).")
+@click.option("--max-pixels", type=click.IntRange(min=64), default=2048 * 1024, show_default=True,
+              help="Refuse images of more pixels (width x height).")
 @PROVIDER
 @click.option("--api-key", envvar="SDONNX_API_KEY", help="Require this bearer token (env SDONNX_API_KEY).")
 @click.option("--api-auth", metavar="USER:PASS", help="Require HTTP basic auth, as A1111's --api-auth.")

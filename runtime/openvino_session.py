@@ -9,6 +9,7 @@ graphs in bf16 by default; `provider_options={"INFERENCE_PRECISION_HINT": "f32"}
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class OpenVINOSession:
         self._config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
                                         **(options or {})}
         self._static = static
+        self._lock = threading.Lock()
         self._compiled = None
         self._shapes: tuple | None = None
         self._inputs = [_Port(p.get_any_name(), _TYPES.get(p.get_element_type().get_type_name(), "tensor(float)"),
@@ -94,13 +96,14 @@ class OpenVINOSession:
 
     def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         shapes = tuple((name, np.shape(value)) for name, value in sorted(feeds.items()))
-        if self._compiled is None or (self._static and shapes != self._shapes):
-            self._compile(dict(shapes) if self._static else None)
-            self._shapes = shapes
-        result = self._request.infer(feeds)
-        # by position: a tensor may carry several names and the compiled port need not report the ONNX one first;
-        # copies, because the request reuses its output buffers on the next call
-        return [np.array(result[i], copy=True) for i in range(len(self._outputs))]
+        with self._lock:  # one infer request, recompiled on a new shape: callers on two threads take turns
+            if self._compiled is None or (self._static and shapes != self._shapes):
+                self._compile(dict(shapes) if self._static else None)
+                self._shapes = shapes
+            result = self._request.infer(feeds)
+            # by position: a tensor may carry several names and the compiled port need not report the ONNX one
+            # first; copies, because the request reuses its output buffers on the next call
+            return [np.array(result[i], copy=True) for i in range(len(self._outputs))]
 
     def _compile(self, shapes: dict | None) -> None:
         self._compiled = self._request = None  # free the previous compiled model before building the next

@@ -228,7 +228,10 @@ BAD = [
     ("/sdapi/v1/txt2img", {"width": 60, "height": 64}, "multiples of 8"),
     ("/sdapi/v1/txt2img", {"sampler_name": "Euler b"}, "unknown sampler"),
     ("/sdapi/v1/txt2img", {"steps": "twenty"}, "steps must be a whole number"),
-    ("/sdapi/v1/txt2img", {"steps": 0}, "steps must be at least 1"),
+    ("/sdapi/v1/txt2img", {"steps": 0}, "steps must be between 1 and"),
+    ("/sdapi/v1/txt2img", {"steps": 10**9}, "steps must be between 1 and"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "steps": 1e999}', "steps must be a whole number"),  # inf to Python
+    ("/sdapi/v1/txt2img", b'{"prompt": "x", "seed": NaN}', "seed must be a whole number"),
     ("/sdapi/v1/txt2img", {"steps": 2, "sampler_name": "PLMS"}, "at least 4 steps"),  # the pipeline's verdict
     ("/sdapi/v1/txt2img", {"cfg_scale": [1]}, "cfg_scale must be a number"),
     ("/sdapi/v1/txt2img", {"batch_size": 100}, "batch_size x n_iter"),
@@ -369,6 +372,29 @@ def test_api_key_and_basic_auth(pipe):
         assert len(client.images.generate(prompt="x", size="64x64", extra_body={"steps": 1}).data) == 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).images.generate(prompt="x")
+        page = httpx.get(url + "/")  # the page itself needs no key (it has a field for it); its data calls do
+        assert page.status_code == 200 and 'id="prompt"' in page.text
+        assert httpx.get(url + "/sdapi/v1/progress").status_code == 401
+
+
+def test_request_body_size_is_bounded(pipe, monkeypatch):
+    from sdonnx.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY", 4096)
+    with serving(pipe) as (url, _):
+        r = post(url, "/sdapi/v1/txt2img", {**FAST, "prompt": "x" * 8192})
+        assert r.status_code == 413 and "request body over" in r.json()["detail"]
+        assert post(url, "/sdapi/v1/txt2img", FAST).status_code == 200
+
+
+def test_one_request_of_more_images_than_a_batch_runs_in_several_calls(pipe):
+    """batch_size 5 with max_batch 2: three pipeline calls, and each image is the one its seed draws alone."""
+    body = {"prompt": "many", **FAST, "sampler_name": "DDIM", "seed": 20}
+    with serving(pipe, max_batch=2) as (url, _):
+        out = post(url, "/sdapi/v1/txt2img", {**body, "batch_size": 5}).json()
+        alone = post(url, "/sdapi/v1/txt2img", {**body, "seed": 24}).json()
+    assert json.loads(out["info"])["all_seeds"] == [20, 21, 22, 23, 24] and len(out["images"]) == 5
+    assert np.array_equal(np.asarray(png(out["images"][4])), np.asarray(png(alone["images"][0])))
 
 
 def test_page_and_the_endpoints_its_script_calls(url):

@@ -6,6 +6,8 @@ do not implement are accepted, and listed in `info.ignored` when they are set to
 
 from __future__ import annotations
 
+import math
+
 import json
 import time
 from dataclasses import dataclass
@@ -60,6 +62,9 @@ class Parsed:
     send_images: bool
 
 
+MAX_STEPS = 1000  # a request's sampling steps: more is a mistake or an attack on a shared server
+
+
 def _int(body: dict, key: str, default: Any) -> int:
     value = body.get(key, default)
     if value is None:
@@ -70,7 +75,7 @@ def _int(body: dict, key: str, default: Any) -> int:
         number = float(value)
     except ValueError:
         raise SdonnxError(f"{key} must be a whole number, got {value!r}") from None
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise SdonnxError(f"{key} must be a whole number, got {value!r}")
     return int(number)
 
@@ -151,8 +156,8 @@ def parse(body: dict, task: str, options: dict, model: str, max_pixels: int | No
     defaults = TXT2IMG if task == "txt2img" else IMG2IMG
     prompt, negative = _str(body, "prompt", "") or "", _str(body, "negative_prompt", "") or ""
     steps, width, height = _int(body, "steps", 50), _int(body, "width", 512), _int(body, "height", 512)
-    if steps < 1:
-        raise SdonnxError(f"steps must be at least 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise SdonnxError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     count = _int(body, "batch_size", 1) * _int(body, "n_iter", 1)
     if not 1 <= count <= MAX_IMAGES:
         raise SdonnxError(f"batch_size x n_iter must be between 1 and {MAX_IMAGES}, got {count}")

@@ -25,6 +25,8 @@ from .codec import infotext, png_base64
 from .worker import Interrupted, Job, QueueFull, Worker
 
 POLL_S = 0.2  # how often a waiting request looks for its client having left
+PUBLIC = ("/", "/favicon.ico")  # served without credentials: the page asks for the API key itself
+MAX_BODY = 64 * 2**20  # bytes of one request body (base64 images included)
 
 
 @dataclass
@@ -82,7 +84,11 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
         app.add_middleware(Authenticate, config=config)
 
     async def body_of(request: Request) -> dict:
-        raw = await request.body()
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise Failure(413, f"request body over {MAX_BODY // 2**20} MiB")
         try:
             body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -94,7 +100,7 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
     async def run(request: Request, job: Job) -> Job:
         """Queue the job and wait for it; a client that leaves or runs out of time frees its place."""
         loop, done = asyncio.get_running_loop(), asyncio.Event()
-        job.on_done = lambda _: loop.call_soon_threadsafe(done.set)
+        job.on_done = lambda _: None if loop.is_closed() else loop.call_soon_threadsafe(done.set)
         deadline = None if not config.timeout else time.monotonic() + config.timeout
         job.deadline = deadline
         started = time.monotonic()
@@ -107,6 +113,9 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
                 await asyncio.wait_for(done.wait(), POLL_S)
             except asyncio.TimeoutError:
                 pass
+            except asyncio.CancelledError:  # the server shutting down with this request waiting
+                worker.cancel(job)
+                raise
             if done.is_set():
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -185,6 +194,9 @@ def create_app(worker: Worker, config: ServeConfig | None = None) -> FastAPI:
     async def set_options(request: Request):
         body = await body_of(request)
         a1111.check_options(body, info.path.name)
+        if config.replica is not None and a1111.CLIP_SKIP in body:  # the others would keep theirs, silently
+            raise Failure(400, f"{a1111.CLIP_SKIP} cannot be set for a Ray Serve deployment (each replica holds "
+                               "its own options): send it in each request's override_settings")
         config.options.update(body)
         return None
 
@@ -231,6 +243,8 @@ class Authenticate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if scope.get("method") == "GET" and scope["path"] in PUBLIC:  # the page holds no data; it asks for the key
+            return await self.app(scope, receive, send)
         if _authorized(headers.get(b"authorization", b"").decode("latin-1"), self.config):
             return await self.app(scope, receive, send)
         extra = {"WWW-Authenticate": 'Basic realm="sdonnx"'} if self.config.api_auth else {}

@@ -28,6 +28,9 @@ def png_base64(image: Image.Image, text: str | None) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+MAX_INPUT_PIXELS = 4096 * 4096  # an input picture (it is resized to the request's size anyway)
+
+
 def image_from_base64(data: str, what: str = "image", mode: str = "RGB") -> Image.Image:
     """A PIL image from base64 text, with or without a `data:image/...;base64,` prefix; one-line errors."""
     if not isinstance(data, str) or not data.strip():
@@ -40,6 +43,8 @@ def image_from_base64(data: str, what: str = "image", mode: str = "RGB") -> Imag
         raise SdonnxError(f"{what}: invalid base64") from None
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > MAX_INPUT_PIXELS:  # checked before decoding the pixels
+                raise SdonnxError(f"{what}: {img.width}x{img.height} is over {MAX_INPUT_PIXELS} pixels")
             return img.convert(mode)
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise SdonnxError(f"{what}: the base64 data is not an image") from None

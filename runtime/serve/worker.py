@@ -101,7 +101,7 @@ class Worker:
         self._running: list[Job] = []
         self._lock = threading.Condition()
         self._preview_lock = threading.Lock()
-        self._preview: tuple[int, Image.Image | None] = (-1, None)
+        self._preview: tuple[tuple[int, int], Image.Image | None] = ((0, -1), None)  # ((call, step), picture)
         self._stopped = False
         self._clip_skip = accepts(pipe.txt2img, "clip_skip")
         if self.has_preview:  # opened now, so previews from request threads never race to open it
@@ -160,9 +160,9 @@ class Worker:
         latents, step = p.latents, p.step
         if latents is None or not self.has_preview:
             return None
-        with self._preview_lock:  # one decode per step, however many pollers
-            if self._preview[0] != step:
-                self._preview = (step, self.pipe.preview(latents[:1], PREVIEW_DOWNSCALE)[0])
+        with self._preview_lock:  # one decode per step of this call, however many pollers
+            if self._preview[0] != (id(p), step):
+                self._preview = ((id(p), step), self.pipe.preview(latents[:1], PREVIEW_DOWNSCALE)[0])
             return self._preview[1]
 
     def stop(self) -> None:
@@ -257,11 +257,16 @@ class Worker:
         f = info.vae_scale_factor
         shape = (1, info.latent_channels, first.height // f, first.width // f)
         seeds = [s for job in jobs for s in job.seeds]
-        latents = np.concatenate([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
-        return self.pipe.txt2img(first.prompt, first.negative_prompt, steps=first.steps, guidance=first.guidance,
-                                 scheduler=first.scheduler, seed=seeds[0], width=first.width, height=first.height,
-                                 num_images=len(seeds), latents=latents, callback=callback,
-                                 **_supported(self.pipe.txt2img, extra))
+        images: list[Image.Image] = []
+        for start in range(0, len(seeds), self.max_batch):  # one request's many images too: max_batch per call
+            group = seeds[start:start + self.max_batch]
+            latents = np.concatenate([np.random.default_rng(s).standard_normal(shape, dtype=np.float32)
+                                      for s in group])
+            images += self.pipe.txt2img(first.prompt, first.negative_prompt, steps=first.steps,
+                                        guidance=first.guidance, scheduler=first.scheduler, seed=group[0],
+                                        width=first.width, height=first.height, num_images=len(group),
+                                        latents=latents, callback=callback, **_supported(self.pipe.txt2img, extra))
+        return images
 
     def _one(self, job: Job, seed: int, callback, extra: dict) -> list[Image.Image]:
         common: dict[str, Any] = dict(negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance,
