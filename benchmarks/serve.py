@@ -73,16 +73,18 @@ def load(url: str, clients: int, seconds: float, body: dict) -> dict:
     errors: list[int] = []
     batched: list[int] = []
     lock = threading.Lock()
-    begin = time.monotonic() + 1.0  # all clients warm before the clock starts
-    end = begin + seconds
+    window: dict[str, float] = {}
+    # the clock starts once every client's warm-up request is answered (with a slow model those queue for a
+    # while: a clock started before them timed the warm-ups and left too short a window)
+    warm = threading.Barrier(clients, action=lambda: window.update(begin=time.monotonic(),
+                                                                   end=time.monotonic() + seconds))
 
     def client(k: int) -> None:
         with httpx.Client(timeout=600) as http:
             seed = k * 100_000
             http.post(url + "/sdapi/v1/txt2img", json={**body, "seed": seed})  # warm-up, not counted
-            while time.monotonic() < begin:
-                time.sleep(0.01)
-            while time.monotonic() < end:
+            warm.wait()
+            while time.monotonic() < window["end"]:
                 seed += 1
                 t = time.monotonic()
                 r = http.post(url + "/sdapi/v1/txt2img", json={**body, "seed": seed})
@@ -98,7 +100,7 @@ def load(url: str, clients: int, seconds: float, body: dict) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - begin
+    wall = time.monotonic() - window["begin"]
     lat = sorted(latencies)
     return {
         "clients": clients, "requests": len(lat), "errors": errors, "wall_s": round(wall, 2),
