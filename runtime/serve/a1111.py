@@ -65,33 +65,30 @@ class Parsed:
 MAX_STEPS = 1000  # a request's sampling steps: more is a mistake or an attack on a shared server
 
 
-def _int(body: dict, key: str, default: Any) -> int:
+def _number(body: dict, key: str, default: Any, kind: str) -> float:
+    """A JSON number or numeric string as a float; `kind` names what it must be in the one-line error."""
     value = body.get(key, default)
     if value is None:
         value = default
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SdonnxError(f"{key} must be a whole number, got {value!r}")
+        raise SdonnxError(f"{key} must be {kind}, got {value!r}")
     try:
-        number = float(value)
+        return float(value)
     except ValueError:
-        raise SdonnxError(f"{key} must be a whole number, got {value!r}") from None
+        raise SdonnxError(f"{key} must be {kind}, got {value!r}") from None
+
+
+def _int(body: dict, key: str, default: Any) -> int:
+    number = _number(body, key, default, "a whole number")
     if not math.isfinite(number) or number != int(number):
-        raise SdonnxError(f"{key} must be a whole number, got {value!r}")
+        raise SdonnxError(f"{key} must be a whole number, got {body.get(key, default)!r}")
     return int(number)
 
 
 def _float(body: dict, key: str, default: Any) -> float:
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SdonnxError(f"{key} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise SdonnxError(f"{key} must be a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise SdonnxError(f"{key} must be a finite number, got {value!r}")
+    number = _number(body, key, default, "a number")
+    if not math.isfinite(number):
+        raise SdonnxError(f"{key} must be a finite number, got {body.get(key, default)!r}")
     return number
 
 
