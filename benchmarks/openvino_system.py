@@ -29,12 +29,14 @@ def openvino_system(folder: str, size: int, steps: int, guidance: float, precisi
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: no hub look-up (none is reachable here)
-    from optimum.intel import OVStableDiffusionPipeline
+    from optimum.intel import OVStableDiffusionPipeline, OVStableDiffusionXLPipeline
 
     if _unet_config(folder).get("time_cond_proj_dim"):
         raise SystemExit("the OpenVINO systems run SD's guided pipeline; an LCM folder is not supported here")
     config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
-    pipe = OVStableDiffusionPipeline.from_pretrained(folder, compile=False, ov_config=config)
+    xl = (Path(folder) / "text_encoder_2").is_dir()  # SDXL: two text encoders, pooled text and size conditioning
+    cls = OVStableDiffusionXLPipeline if xl else OVStableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, compile=False, ov_config=config)
     pipe.set_progress_bar_config(disable=True)
     if not dynamic:
         pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
@@ -43,14 +45,21 @@ def openvino_system(folder: str, size: int, steps: int, guidance: float, precisi
     pipe.compile()
     parts = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder,
              "vae_encoder": pipe.vae_encoder}
+    if xl:
+        parts["text_encoder_2"] = pipe.text_encoder_2
     own = {name: _shapes(part) for name, part in parts.items()}  # the pipeline's own (static or dynamic) shapes
 
     ids = pipe.tokenizer([NEGATIVE, PROMPT], padding="max_length", max_length=77, truncation=True,
                          return_tensors="np").input_ids
     channels = int(pipe.unet.config["in_channels"])
     ctx_dim = int(pipe.unet.model.input("encoder_hidden_states").get_partial_shape()[-1].get_length())
+    pooled = int(pipe.unet.model.input("text_embeds").get_partial_shape()[-1].get_length()) if xl else None
     x = figure_inputs(size, size, pipe.vae_scale_factor, channels, int(pipe.vae_decoder.config["latent_channels"]),
-                      ctx_dim, ids)
+                      ctx_dim, ids, pooled)
+    encoders = [(pipe.text_encoder, x["ids"])]
+    if xl:
+        encoders.append((pipe.text_encoder_2, pipe.tokenizer_2([NEGATIVE, PROMPT], padding="max_length", max_length=77,
+                                                               truncation=True, return_tensors="np").input_ids))
     t = np.array([TIMESTEP], np.int64)  # the IR's timestep: int64, shape [1]
     clock = StepClock(back_to_back=True)
 
@@ -74,10 +83,13 @@ def openvino_system(folder: str, size: int, steps: int, guidance: float, precisi
 
     def unet(batch: int) -> Callable:
         feeds = dict(sample=x["latents2"][:batch], timestep=t, encoder_hidden_states=x["context2"][:batch])
+        if xl:
+            feeds.update(text_embeds=x["text_embeds2"][:batch], time_ids=x["time_ids2"][:batch])
         return lambda: pipe.unet(**feeds)
 
     calls = {
-        "text_encoder": shaped(lambda: pipe.text_encoder(input_ids=x["ids"]), text_encoder={"input_ids": [2, 77]}),
+        "text_encoder": shaped(lambda: [enc(input_ids=ids) for enc, ids in encoders],
+                               text_encoder={"input_ids": [2, 77]}, text_encoder_2={"input_ids": [2, 77]}),
         "unet_b2": shaped(unet(2), unet=_batch(own["unet"], 2)),
         "unet_b1": shaped(unet(1), unet=_batch(own["unet"], 1)),
         "vae_decode": shaped(lambda: pipe.vae_decoder(latent_sample=x["latents1"])),

@@ -25,6 +25,12 @@ FOLDERS = {
     "sdonnx-fp16": "sdonnx-fp16",  # for GPU providers (benchmarks/gpu.py)
     "openvino-fp32": "openvino-fp32",  # OpenVINO IR (optimum-cli export openvino), in the OpenVINO venv
     "openvino-int8": "openvino-int8",  # its hybrid int8 quantization (openvino_int8.py), made from openvino-fp32
+    # IRs exported straight at another weight format (optimum-cli --weight-format): fp16 weights (half the disk of
+    # fp32; computed at OpenVINO's default bf16 all the same) and int8 weight compression of every part (what
+    # optimum-cli does by default to models past a billion parameters); for SDXL, where NNCF's hybrid
+    # quantization of the 2.6e9-parameter U-Net would take hours on two cores
+    "openvino-fp16": "openvino-fp16",
+    "openvino-int8w": "openvino-int8w",
     "taesd": "taesd",  # a tiny VAE (diffusers AutoencoderTiny folder, random TAESD): the --weights sd-turbo runs
     "optimum-fp32-tiny": "optimum-fp32-tiny",  # optimum's folder with the tiny VAE's graphs as its VAE
     # the OpenVINO folders with those graphs converted to IR as their VAE (openvino_tiny_vae.py, in the venv)
@@ -57,6 +63,8 @@ EXPORTS = {
 # calibration on its own unguided few-step runs); `{taesd}` is the tiny VAE's folder, exported beside the full one
 # (the tiny weights get one too, at their VAE's 2x downscale, so the tiny-VAE systems can be checked in seconds)
 WEIGHT_EXPORTS = {"sd-turbo": ["--defaults", "steps=1,guidance=0,scheduler=euler_a", "--tiny-vae", "{taesd}"],
+                  # the tiny VAE's folder is TAESDXL's architecture (TAESD's, with SDXL-latent weights when trained)
+                  "sdxl-turbo": ["--defaults", "steps=1,guidance=0,scheduler=euler_a", "--tiny-vae", "{taesd}"],
                   "tiny": ["--tiny-vae", "{taesd}"]}
 
 
@@ -81,6 +89,68 @@ def write_random_sd15(out: Path, seed: int = 0, preset: str = "sd15") -> Path:
     folder.write_json(tmp / "scheduler" / "scheduler_config.json", ckpt.scheduler_config)
     index = folder.model_index(ckpt.configs.unet, ckpt.scheduler_config["_class_name"])
     folder.write_json(tmp / "model_index.json", index)
+    tmp.rename(out)
+    return out
+
+
+# SDXL base 1.0's architecture (its published config.json numbers); SDXL-Turbo is the same network
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+SDXL_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu", projection_dim=768, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+SDXL_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+
+
+def write_random_sdxl(out: Path, seed: int = 0, turbo: bool = False) -> Path:
+    """SDXL's architecture with random weights (2.6e9-parameter U-Net, CLIP-L and OpenCLIP bigG text encoders) as a
+    diffusers folder, written by diffusers itself one component at a time (about 14 GB of fp32 safetensors);
+    `turbo`: SDXL-Turbo's scheduler (Euler ancestral, trailing timesteps)."""
+    import gc
+
+    import torch
+    import diffusers
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    from sdonnx.export import folder
+    from sdonnx.export.weights import clip_tokenizer_dir
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    makers = {
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SDXL_CLIP_L)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **SDXL_CLIP_G)),
+        "vae": lambda: AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024, scaling_factor=0.13025),
+        "unet": lambda: UNet2DConditionModel(**SDXL_UNET),
+    }
+    for name, make in makers.items():  # one component in memory at a time
+        model = make()
+        model.save_pretrained(tmp / name, safe_serialization=True)
+        del model
+        gc.collect()
+    CLIPTokenizer.from_pretrained(clip_tokenizer_dir()).save_pretrained(tmp / "tokenizer")
+    CLIPTokenizer.from_pretrained(clip_tokenizer_dir("!")).save_pretrained(tmp / "tokenizer_2")  # OpenCLIP pads with "!"
+    cls = EulerAncestralDiscreteScheduler if turbo else EulerDiscreteScheduler
+    config = {**SDXL_SCHEDULER, "timestep_spacing": "trailing"} if turbo else SDXL_SCHEDULER
+    cls(**config).save_pretrained(tmp / "scheduler")
+    folder.write_json(tmp / "model_index.json", {
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
+        "force_zeros_for_empty_prompt": True, "feature_extractor": [None, None], "image_encoder": [None, None],
+        "scheduler": ["diffusers", cls.__name__], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
     tmp.rename(out)
     return out
 
@@ -169,8 +239,29 @@ OPTIMUM_EXPORT = "from optimum.exporters.onnx import main_export; import sys; " 
                  "main_export(sys.argv[1], sys.argv[2], task='text-to-image')"
 
 
+# the IRs optimum-cli exports straight from the weights, by --weight-format
+OPENVINO_FORMATS = {"openvino-fp16": "fp16", "openvino-int8w": "int8"}
+
+
+def _openvino_formats(work: Path, paths: dict[str, Path]) -> None:
+    """The IRs of OPENVINO_FORMATS that `paths` asks for, each exported by the OpenVINO venv's optimum-cli."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local folders: no hub look-up
+    for name, weight_format in OPENVINO_FORMATS.items():
+        out = paths.get(name)
+        if out is None or (out / "model_index.json").is_file():
+            continue
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cli = str(Path(peers.interpreter(name)).with_name("optimum-cli"))
+        made = _run([cli, "export", "openvino", "--model", str(paths["weights"]), "--task", "text-to-image",
+                     "--weight-format", weight_format, str(tmp)], work / f"export-{name}.log", env)
+        tmp.rename(out)
+        _record(work, name, made)
+
+
 def _openvino(work: Path, paths: dict[str, Path]) -> None:
     """The OpenVINO folders, each made by the OpenVINO venv (peers.py) into a temporary folder first."""
+    _openvino_formats(work, paths)
     if "openvino-fp32" not in paths and "openvino-int8" not in paths:
         return
     src = paths["weights"]
@@ -237,6 +328,7 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
         print(f"writing {weights} weights -> {src}", file=sys.stderr, flush=True)
         {"sd15": write_random_sd15, "sd15-lcm": lambda o: write_random_sd15(o, preset="sd15-lcm"),
          "sd-turbo": lambda o: write_random_sd15(o, preset="sd-turbo"),
+         "sdxl": write_random_sdxl, "sdxl-turbo": lambda o: write_random_sdxl(o, turbo=True),
          "bundled": copy_bundled, "tiny": write_tiny}[weights](src)
     extra = [x.format(taesd=taesd) for x in WEIGHT_EXPORTS.get(weights, [])]
     if "{taesd}" in WEIGHT_EXPORTS.get(weights, []) and not (taesd / "config.json").is_file():

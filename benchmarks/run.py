@@ -49,6 +49,9 @@ KNOWN = {
     "openvino-fp32-f32": ("openvino-fp32", ["--inference-precision", "f32"]),
     "openvino-int8": ("openvino-int8", []),
     "openvino-int8-f32": ("openvino-int8", ["--inference-precision", "f32"]),
+    # IRs exported at fp16 weights and with int8 weight compression (int8 weights, default bf16 compute): SDXL's
+    "openvino-fp16": ("openvino-fp16", []),
+    "openvino-int8w": ("openvino-int8w", []),
     # the same IRs with their dynamic shapes kept (optimum-intel's default; FastSD reshapes), to see what static buys
     "openvino-fp32-dynamic": ("openvino-fp32", ["--dynamic"]),
     "openvino-int8-dynamic": ("openvino-int8", ["--dynamic"]),
@@ -191,11 +194,14 @@ def save(report: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", choices=["sd15", "sd15-lcm", "sd-turbo", "bundled", "tiny"], default="sd15",
+    ap.add_argument("--weights", choices=["sd15", "sd15-lcm", "sd-turbo", "sdxl", "sdxl-turbo", "bundled", "tiny"],
+                    default="sd15",
                     help="sd15: SD 1.5 architecture, random weights; sd15-lcm: its LCM-distilled layout (guidance an "
                          "input of the U-Net, LCM sampler; run it with --steps 4); sd-turbo: SD 2.1's architecture at "
                          "512 with a random tiny VAE (TAESD) beside its VAE (run it with --steps 1 --guidance 0 "
-                         "--cache-interval 1); bundled: the trained tiny model that ships "
+                         "--cache-interval 1); sdxl / sdxl-turbo: SDXL base's architecture, random weights, with SDXL's "
+                         "or SDXL-Turbo's scheduler (turbo: --sizes 512 --steps 1 --guidance 0); bundled: the trained "
+                         "tiny model that ships "
                          "with sdonnx (export/tiny/weights); tiny: tests/tiny_sd.py (harness check)")
     ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels, comma-separated")
     ap.add_argument("--runs", type=int, default=5, help="timed runs (fresh worker each) per system and size")

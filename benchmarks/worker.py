@@ -91,20 +91,29 @@ def torch_system(system: str, folder: str, size: int, steps: int, provider: str 
         raise SystemExit(f"{system} runs on a GPU only: add --provider cuda")
 
     lcm = _unet_config(folder).get("time_cond_proj_dim")  # LCM-distilled: its own pipeline, guidance an input
+    # SDXL: the U-Net also takes the pooled text embedding and the size conditioning (added_cond_kwargs)
+    pooled = _unet_config(folder).get("projection_class_embeddings_input_dim")
+    pooled = pooled - 6 * _unet_config(folder)["addition_time_embed_dim"] if pooled else None
     if system.startswith("optimum"):
-        from optimum.onnxruntime import ORTLatentConsistencyModelPipeline, ORTStableDiffusionPipeline
+        from optimum.onnxruntime import (ORTLatentConsistencyModelPipeline, ORTStableDiffusionPipeline,
+                                         ORTStableDiffusionXLPipeline)
 
-        pipe = (ORTLatentConsistencyModelPipeline if lcm else ORTStableDiffusionPipeline).from_pretrained(folder)
+        cls = ORTStableDiffusionXLPipeline if pooled else ORTLatentConsistencyModelPipeline if lcm \
+            else ORTStableDiffusionPipeline
+        pipe = cls.from_pretrained(folder)
         te, unet, dec, enc = pipe.text_encoder, pipe.unet, pipe.vae_decoder, pipe.vae_encoder
         ctx_dim = int(pipe.unet.config.cross_attention_dim)
         decode = lambda z: dec(latent_sample=z)  # noqa: E731
         encode = lambda im: enc(sample=im)  # noqa: E731
     else:
-        from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+        from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        cls = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
-        pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                   torch_dtype=dtype).to(device)
+        if pooled:
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+        else:
+            cls = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
+            pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                       torch_dtype=dtype).to(device)
         te, unet = pipe.text_encoder, pipe.unet
         ctx_dim = int(pipe.unet.config.cross_attention_dim)
         if vae == "tiny":
@@ -121,7 +130,12 @@ def torch_system(system: str, folder: str, size: int, steps: int, provider: str 
                          return_tensors="np").input_ids
     channels, latent = int(pipe.unet.config.in_channels), int(pipe.unet.config.out_channels)
     x = {k: torch.from_numpy(v).to(device, dtype if v.dtype == np.float32 and system.startswith("diffusers") else None)
-         for k, v in figure_inputs(size, size, pipe.vae_scale_factor, channels, latent, ctx_dim, ids).items()}
+         for k, v in figure_inputs(size, size, pipe.vae_scale_factor, channels, latent, ctx_dim, ids, pooled).items()}
+    encoders = [te]
+    if pooled:  # SDXL encodes with both text encoders; the second's ids come from its own tokenizer
+        encoders.append(pipe.text_encoder_2)
+        ids2 = torch.from_numpy(pipe.tokenizer_2([NEGATIVE, PROMPT], padding="max_length", max_length=77,
+                                                 truncation=True, return_tensors="np").input_ids).to(device)
     t = torch.tensor(TIMESTEP)
     clock = StepClock(back_to_back=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -138,7 +152,9 @@ def torch_system(system: str, folder: str, size: int, steps: int, provider: str 
 
         emb = torch.from_numpy(guidance_embedding(guidance, lcm, 2))
         cond = {"timestep_cond": emb.to(device, dtype) if system.startswith("diffusers") else emb}
-    cond1 = {k: v[:1] for k, v in cond.items()}
+    if pooled:
+        cond["added_cond_kwargs"] = {"text_embeds": x["text_embeds2"], "time_ids": x["time_ids2"]}
+    cond1 = {k: v[:1] if k != "added_cond_kwargs" else {n: t[:1] for n, t in v.items()} for k, v in cond.items()}
 
     def txt2img(n: int = steps):
         clock.begin()
@@ -153,7 +169,8 @@ def torch_system(system: str, folder: str, size: int, steps: int, provider: str 
         return call
 
     return {
-        "text_encoder": synced(lambda: te(input_ids=x["ids"])),
+        "text_encoder": synced(lambda: [enc(input_ids=i) for enc, i in zip(encoders, (x["ids"], ids2 if pooled
+                                                                                       else None))]),
         "unet_b2": synced(lambda: unet(sample=x["latents2"], timestep=t, encoder_hidden_states=x["context2"], **cond)),
         "unet_b1": synced(lambda: unet(sample=x["latents2"][:1], timestep=t, encoder_hidden_states=x["context2"][:1],
                                        **cond1)),

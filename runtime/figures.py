@@ -28,18 +28,24 @@ def prompts(pipe: Pipeline) -> tuple[str, str]:
 
 
 def figure_inputs(width: int, height: int, factor: int, unet_channels: int, latent_channels: int,
-                  context_dim: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+                  context_dim: int, ids: np.ndarray, pooled_dim: int | None = None) -> dict[str, np.ndarray]:
     """The random inputs every system's figures get: batch 2 is [uncond, cond] as guidance runs the U-Net,
-    batch 1 its first half; `ids` are the token ids of [NEGATIVE, PROMPT] from that system's tokenizer."""
+    batch 1 its first half; `ids` are the token ids of [NEGATIVE, PROMPT] from that system's tokenizer.
+    pooled_dim: an SDXL U-Net's pooled text width; adds its `text_embeds2` and `time_ids2` (diffusers' default
+    size conditioning: original size = target size = the image's, no crop)."""
     rng = np.random.default_rng(SEED)
     h, w = height // factor, width // factor
-    return {
+    x = {
         "ids": np.asarray(ids, dtype=np.int64),
         "latents2": rng.standard_normal((2, unet_channels, h, w), dtype=np.float32),
         "context2": rng.standard_normal((2, 77, context_dim), dtype=np.float32),
         "latents1": rng.standard_normal((1, latent_channels, h, w), dtype=np.float32),
         "image": rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32),
     }
+    if pooled_dim:
+        x["text_embeds2"] = rng.standard_normal((2, pooled_dim), dtype=np.float32)
+        x["time_ids2"] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (2, 1))
+    return x
 
 
 def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, ...] = FIGURES + STEP_CACHE_FIGURES,
