@@ -65,18 +65,18 @@ SDXL_TASKS = {"sdxl": "text-to-image", "sdxl-inpaint": "inpainting"}
 SDXL_EXPORTERS = ("optimum",)
 
 
-def tiny_sdxl_folders(family: str, base: Path, exporter: str = "optimum") -> tuple[Path, Path]:
-    """(diffusers folder, ONNX folder written by `exporter`) of a tiny random SDXL (tests/tiny_sdxl.py); built once
-    per test session."""
+def tiny_sdxl_folders(family: str, base: Path, exporter: str = "optimum", build=None) -> tuple[Path, Path]:
+    """(diffusers folder, ONNX folder written by `exporter`) of a tiny random SDXL, built once per test session;
+    build(folder) writes the diffusers folder (default: tests/tiny_sdxl.py's pipeline of `family`)."""
     pt, onnx = base / f"{family}-diffusers", base / f"{family}-onnx-{exporter}"
     if not (pt / "model_index.json").is_file():
         from tiny_sdxl import save_pipeline
 
-        save_pipeline(pt, family)
+        (build or (lambda folder: save_pipeline(folder, family)))(pt)
     if not (onnx / "model_index.json").is_file():
         if exporter != "optimum":
             raise ValueError(f"unknown SDXL exporter {exporter!r}")
         from optimum.exporters.onnx import main_export
 
-        main_export(str(pt), str(onnx), task=SDXL_TASKS[family])
+        main_export(str(pt), str(onnx), task=SDXL_TASKS.get(family, "text-to-image"))
     return pt, onnx

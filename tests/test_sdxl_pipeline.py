@@ -74,7 +74,7 @@ def noise(shape=(1, 4, LATENT, LATENT), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def same_step_noise(monkeypatch, name: str, seed: int, shape=(1, 4, LATENT, LATENT)) -> None:
+def same_step_noise(monkeypatch, sched, seed: int, shape=(1, 4, LATENT, LATENT)) -> None:
     """A stochastic sampler in diffusers draws, step by step, the noise our loop draws from its seed's generator
     (the run's first draws, as the starting latents are given)."""
     import importlib
@@ -82,7 +82,7 @@ def same_step_noise(monkeypatch, name: str, seed: int, shape=(1, 4, LATENT, LATE
     import torch
 
     rng = np.random.default_rng(seed)
-    module = importlib.import_module(type(scheduler(name, {})).__module__)
+    module = importlib.import_module(type(sched).__module__)
     if not hasattr(module, "randn_tensor"):  # a deterministic sampler
         return
     monkeypatch.setattr(module, "randn_tensor",
@@ -145,12 +145,12 @@ def test_txt2img_matches_diffusers(xl, name, monkeypatch):
     _, _, pipe, ref = xl
     ref.scheduler = scheduler(name, ref.folder_scheduler)
     lat = noise()
-    same_step_noise(monkeypatch, name, seed=11)
+    same_step_noise(monkeypatch, ref.scheduler, seed=11)
     ours = pipe.txt2img(PROMPT, NEGATIVE, steps=4, guidance=7.5, scheduler=name, seed=11, latents=lat,
                         output_type="np")
     theirs = reference(ref, lat)
     print(f"sdxl txt2img {name}: max pixel diff {close(ours, theirs):.2e}")
-    same_step_noise(monkeypatch, name, seed=11)
+    same_step_noise(monkeypatch, ref.scheduler, seed=11)
     nudged = reference(ref, lat + 1e-5)  # well-conditioned: far below the tolerance in, far below it out
     assert np.abs(nudged - theirs).max() < 0.1 * TOL
 
@@ -348,3 +348,100 @@ def test_cli_generates_and_describes_an_sdxl_folder(xl, tmp_path):
     cli_error(CliRunner().invoke(main, [*args[:-2], "--clip-skip", "9", "-o", str(tmp_path / "no.png")]),
               "clip skip 9")
     assert not (tmp_path / "no.png").exists()
+
+
+# ---- the LCM input, the tiny VAE, low-memory mode ----------------------------------------------------------
+
+def save_lcm_pipeline(folder: Path) -> None:
+    """The tiny SDXL with an LCM-distilled U-Net's guidance input (time_cond_proj_dim) and the LCM scheduler."""
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    import tiny_sdxl
+
+    pipe = tiny_sdxl.make_pipeline("sdxl")
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(**tiny_sdxl.unet_config("sdxl"), time_cond_proj_dim=16)
+    with torch.no_grad():  # so that the guidance input weighs in this tiny U-Net as much as the text does
+        unet.time_embedding.cond_proj.weight.mul_(20.0)
+    StableDiffusionXLPipeline(**{**pipe.components, "unet": unet,
+                                 "scheduler": LCMScheduler.from_config(pipe.scheduler.config)}).save_pretrained(folder)
+
+
+def test_lcm_unet_matches_diffusers(base, sdxl_exporter, monkeypatch):
+    """The guidance scale as the U-Net's timestep_cond input beside SDXL's inputs, one conditional batch."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pt, onnx = tiny_sdxl_folders("sdxl-lcm", base, sdxl_exporter, build=save_lcm_pipeline)
+    pipe = Pipeline.load(onnx)
+    assert pipe.info.is_sdxl and pipe.info.is_lcm and pipe.info.defaults.scheduler == "lcm"
+    ref = StableDiffusionXLPipeline.from_pretrained(pt, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    lat = noise(seed=9)
+    same_step_noise(monkeypatch, ref.scheduler, seed=9)
+    ours = pipe.txt2img(PROMPT, steps=4, guidance=8.5, seed=9, latents=lat, output_type="np")
+    theirs = ref(PROMPT, num_inference_steps=4, guidance_scale=8.5, width=SIZE, height=SIZE,
+                 latents=torch.from_numpy(lat), output_type="np").images
+    print(f"sdxl lcm: max pixel diff {close(ours, theirs):.2e}")
+    other = pipe.txt2img(PROMPT, steps=4, guidance=1.0, seed=9, latents=lat, output_type="np")
+    assert np.abs(ours - other).max() > 10 * TOL
+
+
+def add_tiny_decoder(folder: Path):
+    """A random TAESDXL decoder (AutoencoderTiny, scaling 1) written as folder/vae_decoder_tiny; returns it."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from sdonnx.export.tiny_vae import random_tiny_vae
+
+    ours = random_tiny_vae("taesdxl", seed=0, downscale=2)
+    tiny = AutoencoderTiny.from_config(ours.config.to_dict())
+    tiny.load_state_dict(ours.state_dict(), strict=True)
+    tiny.eval()
+
+    class Decode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tiny = tiny
+
+        def forward(self, latent_sample):
+            return self.tiny.decode(latent_sample).sample
+
+    out = folder / "vae_decoder_tiny"
+    out.mkdir()
+    with torch.no_grad():
+        torch.onnx.export(Decode(), (torch.zeros(1, 4, LATENT, LATENT),), str(out / "model.onnx"),
+                          input_names=["latent_sample"], output_names=["sample"], dynamo=False,
+                          dynamic_axes={"latent_sample": {0: "batch", 2: "h", 3: "w"}})
+    tiny.save_config(out)
+    return tiny
+
+
+def test_tiny_vae_matches_diffusers(xl, tmp_path):
+    """The VAE code is the same for SDXL: the full VAE's scaling 0.13025, TAESDXL's 1 (vae="tiny")."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pt, onnx, full, ref = xl
+    folder = tmp_path / "tiny"
+    shutil.copytree(onnx, folder)
+    tiny = add_tiny_decoder(folder)
+    pipe = Pipeline.load(folder)
+    assert pipe.info.vae("tiny")[2:] == (1.0, 0.0) and pipe.info.vae("full")[2] == pytest.approx(0.13025)
+    ref = StableDiffusionXLPipeline(**{**ref.components, "vae": tiny,
+                                       "scheduler": scheduler("euler", ref.folder_scheduler)}, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    lat = noise(seed=10)
+    ours = pipe.txt2img(PROMPT, NEGATIVE, steps=3, guidance=7.5, scheduler="euler", latents=lat, output_type="np",
+                        vae="tiny")
+    print(f"sdxl tiny vae: max pixel diff {close(ours, reference(ref, lat, steps=3)):.2e}")
+    kw = dict(steps=3, guidance=7.5, scheduler="euler", latents=lat, output_type="np")
+    assert np.abs(ours - full.txt2img(PROMPT, NEGATIVE, **kw)).max() > 10 * TOL
+
+
+def test_low_memory_mode_gives_the_same_picture(xl):
+    """Low-memory mode runs the guided batch in two halves: SDXL's extra inputs split with it."""
+    _, onnx, pipe, _ = xl
+    low = Pipeline.load(onnx, low_memory=True)
+    kw = dict(negative_prompt=NEGATIVE, steps=3, guidance=7.5, scheduler="euler", seed=2, output_type="np")
+    np.testing.assert_allclose(low.txt2img(PROMPT, **kw), pipe.txt2img(PROMPT, **kw), atol=1e-5)
