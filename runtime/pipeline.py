@@ -395,6 +395,14 @@ class Pipeline:
         """An LCM U-Net's `timestep_cond` input for guidance scale w ({} for other U-Nets)."""
         return sampling.conditioning(w, self.info.guidance_embedding_dim, batch)[1]
 
+    def added_inputs(self, batch: int, width: int, height: int) -> dict[str, np.ndarray]:
+        """An SDXL U-Net's inputs beside the text encodings, for `batch` images of width x height of the empty
+        prompt ({} for other U-Nets): what a lone U-Net call (a benchmark's) needs."""
+        if not self.info.is_sdxl:
+            return {}
+        text = self._encode_texts([""])[0]
+        return sdxl.unet_inputs([text] * batch, 1, height, width)[1]
+
     # ---- the loop ----------------------------------------------------------------------------------
 
     def _generate(self, run: _Run, start: Start, callback, output_type):

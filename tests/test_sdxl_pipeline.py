@@ -348,6 +348,10 @@ def test_cli_generates_and_describes_an_sdxl_folder(xl, tmp_path):
     cli_error(CliRunner().invoke(main, [*args[:-2], "--clip-skip", "9", "-o", str(tmp_path / "no.png")]),
               "clip skip 9")
     assert not (tmp_path / "no.png").exists()
+    result = CliRunner().invoke(main, ["bench", "--model", str(onnx), "--runs", "1", "--steps", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["family"] == "sdxl"
 
 
 # ---- the LCM input, the tiny VAE, low-memory mode ----------------------------------------------------------
@@ -445,3 +449,11 @@ def test_low_memory_mode_gives_the_same_picture(xl):
     low = Pipeline.load(onnx, low_memory=True)
     kw = dict(negative_prompt=NEGATIVE, steps=3, guidance=7.5, scheduler="euler", seed=2, output_type="np")
     np.testing.assert_allclose(low.txt2img(PROMPT, **kw), pipe.txt2img(PROMPT, **kw), atol=1e-5)
+
+
+def test_openvino_f32_draws_what_onnx_runtime_draws(xl):
+    pytest.importorskip("openvino")
+    _, onnx, pipe, _ = xl
+    ov = Pipeline.load(onnx, provider="openvino", provider_options={"INFERENCE_PRECISION_HINT": "f32"})
+    kw = dict(negative_prompt=NEGATIVE, steps=3, guidance=7.5, scheduler="euler", seed=1, output_type="np")
+    close(ov.txt2img(PROMPT, **kw), pipe.txt2img(PROMPT, **kw))
