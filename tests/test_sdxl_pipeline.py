@@ -457,3 +457,23 @@ def test_openvino_f32_draws_what_onnx_runtime_draws(xl):
     ov = Pipeline.load(onnx, provider="openvino", provider_options={"INFERENCE_PRECISION_HINT": "f32"})
     kw = dict(negative_prompt=NEGATIVE, steps=3, guidance=7.5, scheduler="euler", seed=1, output_type="np")
     close(ov.txt2img(PROMPT, **kw), pipe.txt2img(PROMPT, **kw))
+
+
+def test_serving_an_sdxl_folder(xl):
+    """The A1111 and OpenAI APIs run on an SDXL folder as on any other; the image is the pipeline's."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from test_serve import png, post, serving
+
+    _, _, pipe, _ = xl
+    with serving(pipe) as (url, _):
+        r = post(url, "/sdapi/v1/txt2img", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 4, "steps": 2,
+                                             "width": SIZE, "height": SIZE, "cfg_scale": 6, "batch_size": 2,
+                                             "sampler_name": "Euler"})
+        assert r.status_code == 200, r.text
+        served = [np.asarray(png(b).convert("RGB")) for b in r.json()["images"]]
+        r = post(url, "/v1/images/generations", {"prompt": PROMPT, "size": f"{SIZE}x{SIZE}"})
+        assert r.status_code == 200, r.text
+    want = pipe.txt2img(PROMPT, NEGATIVE, steps=2, guidance=6, scheduler="euler", seed=4, width=SIZE, height=SIZE)
+    assert np.array_equal(served[0], np.asarray(want[0]))
+    assert len(served) == 2 and not np.array_equal(served[0], served[1])
