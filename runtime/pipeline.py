@@ -324,9 +324,12 @@ class Pipeline:
     def _run_encoders(self, prompts: list[tuple], clip_skip: int) -> list:
         """Each prompt's chunks (one Chunks per tokenizer) through the text encoder(s), the sessions opened once
         for all of them, which matters in low-memory mode; the results are read-only (shared between calls)."""
-        if self.info.is_sdxl:
-            with self._using("text_encoder") as first, self._using("text_encoder_2") as second:
-                texts = [sdxl.encode((first, second), own, clip_skip) for own in prompts]
+        if self.info.is_sdxl:  # one encoder after the other: in low-memory mode only one is loaded at a time
+            runs = []
+            for k, name in enumerate(("text_encoder", "text_encoder_2")):
+                with self._using(name) as encoder:
+                    runs.append([sdxl.run_encoder(encoder, own[k], clip_skip) for own in prompts])
+            texts = [sdxl.join(first, second) for first, second in zip(*runs)]
             for text in texts:
                 text.hidden.setflags(write=False)
                 text.pooled.setflags(write=False)

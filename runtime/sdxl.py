@@ -44,23 +44,26 @@ def hidden_output(encoder, clip_skip: int) -> str:
     return f"hidden_states.{states - 1 - clip_skip}"
 
 
-def encode(encoders: tuple, chunks: tuple[Chunks, Chunks], clip_skip: int = 1) -> Text:
-    """Both encoders (text_encoder, text_encoder_2 Components) on their tokenizers' chunks of one prompt."""
-    parts = []
-    pooled = None
-    for encoder, own in zip(encoders, chunks):
-        output = hidden_output(encoder, clip_skip)
-        pieces = []
-        for ids, weights in zip(own.ids, own.weights):
-            out = encoder(input_ids=ids[None])
-            pieces.append(emphasis(out[output], weights))
-            if pooled is None and POOLED in out:
-                pooled = out[POOLED]
-        parts.append(np.concatenate(pieces, axis=1))
-    if pooled is None:
-        raise SdonnxError(f"{encoders[-1].path.parent.name}/model.onnx has no {POOLED} output (the projected "
-                          "pooled embedding SDXL's U-Net takes)")
-    return Text(np.concatenate(parts, axis=-1).astype(np.float32), pooled.astype(np.float32))
+def run_encoder(encoder, chunks: Chunks, clip_skip: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+    """One encoder (a text_encoder or text_encoder_2 Component) on its tokenizer's chunks of one prompt:
+    (weighted hidden states [1, 77 * chunks, D], the first chunk's pooled output where the encoder has one)."""
+    output = hidden_output(encoder, clip_skip)
+    pieces, pooled = [], None
+    for ids, weights in zip(chunks.ids, chunks.weights):
+        out = encoder(input_ids=ids[None])
+        pieces.append(emphasis(out[output], weights))
+        if pooled is None and POOLED in out:
+            pooled = out[POOLED]
+    return np.concatenate(pieces, axis=1), pooled
+
+
+def join(first: tuple[np.ndarray, np.ndarray | None], second: tuple[np.ndarray, np.ndarray | None]) -> Text:
+    """The two encoders' run_encoder results as SDXL's conditioning: hidden states side by side, the second's
+    pooled output."""
+    if second[1] is None:
+        raise SdonnxError(f"text_encoder_2/model.onnx has no {POOLED} output (the projected pooled embedding "
+                          "SDXL's U-Net takes)")
+    return Text(np.concatenate([first[0], second[0]], axis=-1).astype(np.float32), second[1].astype(np.float32))
 
 
 def time_ids(height: int, width: int, batch: int) -> np.ndarray:
