@@ -477,3 +477,29 @@ def test_serving_an_sdxl_folder(xl):
     want = pipe.txt2img(PROMPT, NEGATIVE, steps=2, guidance=6, scheduler="euler", seed=4, width=SIZE, height=SIZE)
     assert np.array_equal(served[0], np.asarray(want[0]))
     assert len(served) == 2 and not np.array_equal(served[0], served[1])
+
+
+def test_turbo_folder_one_step_without_guidance_matches_diffusers(base, sdxl_exporter, monkeypatch):
+    """An SDXL-Turbo folder (Euler ancestral, trailing timesteps): one step, no classifier-free guidance."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pt, onnx = tiny_sdxl_folders("sdxl-turbo", base, sdxl_exporter)
+    pipe = Pipeline.load(onnx)
+    assert (pipe.info.family, pipe.info.defaults.scheduler) == ("sdxl", "euler_a")
+    ref = StableDiffusionXLPipeline.from_pretrained(pt, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    lat = noise(seed=12)
+    for steps in (1, 2):
+        same_step_noise(monkeypatch, ref.scheduler, seed=12)
+        ours = pipe.txt2img(PROMPT, steps=steps, guidance=0.0, seed=12, latents=lat, output_type="np")
+        theirs = ref(PROMPT, num_inference_steps=steps, guidance_scale=0.0, width=SIZE, height=SIZE,
+                     latents=torch.from_numpy(lat), output_type="np").images
+        print(f"sdxl-turbo {steps} step(s): max pixel diff {close(ours, theirs):.2e}")
+
+
+def test_encoder_without_layer_outputs_is_a_one_line_error():
+    from types import SimpleNamespace
+
+    bare = SimpleNamespace(outputs=["text_embeds", "last_hidden_state"], path=Path("m/text_encoder_2/model.onnx"))
+    one_line_error(lambda: sdxl.hidden_output(bare, 1), "text_encoder_2/model.onnx", "hidden_states")
