@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .errors import SdonnxError
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny", "vae_decoder_tiny")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny",
+              "vae_decoder_tiny")
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
 # (encoder, decoder) of each VAE a folder may hold: the full one, and a tiny one (TAESD) exported with --tiny-vae
 VAES = {"full": ("vae_encoder", "vae_decoder"), "tiny": ("vae_encoder_tiny", "vae_decoder_tiny")}

@@ -313,8 +313,8 @@ def test_inpaint_matches_diffusers_and_keeps_unmasked_pixels(xl, xl_inpaint, lay
     image, mask, lat = picture(), square_mask(), noise(seed=5)
     ours = pipe.inpaint(PROMPT, image, mask, negative_prompt=NEGATIVE, steps=3, guidance=guidance, scheduler=name,
                         latents=lat, output_type="np")[0]
-    theirs = ref(PROMPT, image=image, mask_image=mask, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=guidance,
-                 strength=1.0, height=SIZE, width=SIZE, latents=torch.from_numpy(lat), output_type="np").images[0]
+    theirs = ref(PROMPT, image=image, mask_image=mask, negative_prompt=NEGATIVE, num_inference_steps=3,
+                 guidance_scale=guidance, strength=1.0, height=SIZE, width=SIZE, latents=torch.from_numpy(lat), output_type="np").images[0]
     inside = np.asarray(mask) >= 128
     # diffusers does not paste the original back; inside the mask both must agree
     print(f"sdxl inpaint {layout} {name} guidance {guidance}: max pixel diff "
