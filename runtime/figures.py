@@ -58,10 +58,12 @@ def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, .
                       _context_dim(pipe), pipe.tokenizer([NEGATIVE, PROMPT]))
     w = info.defaults.guidance if guidance is None else guidance
     unet2 = dict(sample=x["latents2"], timestep=np.float64(info.scheduler_config.get("num_train_timesteps", 1000) // 2),
-                 encoder_hidden_states=x["context2"], **pipe.guidance_input(w, 2))  # {} unless an LCM U-Net
-    unet1 = dict(unet2, sample=x["latents2"][:1], encoder_hidden_states=x["context2"][:1], **pipe.guidance_input(w, 1))
+                 encoder_hidden_states=x["context2"], **pipe.guidance_input(w, 2),  # {} unless an LCM U-Net
+                 **pipe.added_inputs(2, width, height))  # {} unless an SDXL U-Net
+    unet1 = dict(unet2, sample=x["latents2"][:1], encoder_hidden_states=x["context2"][:1], **pipe.guidance_input(w, 1),
+                 **pipe.added_inputs(1, width, height))
     calls = {
-        "text_encoder": lambda: c["text_encoder"](input_ids=x["ids"]),
+        "text_encoder": lambda: _encode_both(pipe, x["ids"]),
         "unet_b2": lambda: c["unet"](**unet2),
         "unet_b1": lambda: c["unet"](**unet1),
     }
@@ -76,10 +78,19 @@ def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, .
     return {name: call for name, call in calls.items() if name in names}
 
 
+def _encode_both(pipe: Pipeline, ids: np.ndarray) -> None:
+    """The text encoder, and SDXL's second one (on its own tokenizer's ids) too."""
+    pipe.components["text_encoder"](input_ids=ids)
+    if pipe.tokenizer_2 is not None:
+        pipe.components["text_encoder_2"](input_ids=pipe.tokenizer_2([NEGATIVE, PROMPT]))
+
+
 def _context_dim(pipe: Pipeline) -> int:
     dim = pipe.components["unet"].inputs["encoder_hidden_states"].shape[-1]
     if isinstance(dim, int):
         return dim
+    if pipe.info.is_sdxl:  # both encoders' widths
+        return pipe._encode_texts([""])[0].hidden.shape[-1]
     return pipe.components["text_encoder"](input_ids=pipe.tokenizer([""]))["last_hidden_state"].shape[-1]
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .errors import SdonnxError
 
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny", "vae_decoder_tiny")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "vae_encoder_tiny",
+              "vae_decoder_tiny")
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
 # (encoder, decoder) of each VAE a folder may hold: the full one, and a tiny one (TAESD) exported with --tiny-vae
 VAES = {"full": ("vae_encoder", "vae_decoder"), "tiny": ("vae_encoder_tiny", "vae_decoder_tiny")}
@@ -57,7 +58,12 @@ DEFAULTS = {
     "turbo": Defaults(steps=1, guidance=0.0, scheduler="euler_a"),
     # the bundled tiny model (chosen on the step-count/guidance sweep of its training: export/tiny/train.py)
     "tiny": Defaults(steps=20, guidance=3.0, scheduler="ddim", width=64, height=64),
+    # SDXL base (Podell et al. 2023): trained at 1024x1024 (the size comes from the U-Net's sample_size); the
+    # guidance diffusers' StableDiffusionXLPipeline defaults to
+    "sdxl": Defaults(steps=25, guidance=5.0, scheduler="dpmpp_2m_karras", width=1024, height=1024),
 }
+# the families whose U-Net takes SDXL's pooled text embedding and size/crop numbers (sdxl.py)
+SDXL_FAMILIES = ("sdxl", "sdxl-inpaint")
 
 
 @dataclass(frozen=True)
@@ -78,12 +84,19 @@ class ModelInfo:
     static_shape: dict | None = None
     guidance_embedding_dim: int | None = None  # an LCM-distilled U-Net's timestep_cond width
     tiny_scaling: tuple[float, float] | None = None  # the tiny VAE's (scaling, shift) factors, where there is one
+    # SDXL: an empty negative prompt conditions on zeros rather than on the encoded "" (model_index.json's flag)
+    force_zeros_for_empty_prompt: bool = True
     meta: dict = field(default_factory=dict)  # sdonnx.json, {} for optimum folders
     checks: dict = field(default_factory=dict)  # file -> "sha256 ok" | "size ok" | ...
 
     @property
     def has_step_cache(self) -> bool:
         return all(c in self.components for c in STEP_CACHE)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders, and a U-Net that takes `text_embeds` and `time_ids` (SDXL's conditioning)."""
+        return self.family in SDXL_FAMILIES
 
     @property
     def is_inpaint(self) -> bool:
@@ -159,22 +172,30 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
     vsf = int(meta.get("vae_scale_factor", 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)))
     prediction = meta.get("prediction_type", sched_cfg.get("prediction_type", "epsilon"))
     sample = int(meta.get("sample_size", unet_cfg.get("sample_size", 64) * vsf))
-    family = meta.get("family") or _infer_family(is_inpainting_unet(in_ch, latent_ch), prediction, text_cfg)
+    family = meta.get("family") or _infer_family(is_inpainting_unet(in_ch, latent_ch), prediction, text_cfg,
+                                                 "text_encoder_2" in components)
+    if family in SDXL_FAMILIES and "text_encoder_2" not in components:
+        raise SdonnxError(f"{root} is not a model folder: an SDXL one ({family}) missing text_encoder_2/model.onnx")
     lcm = meta.get("guidance_embedding_dim", unet_cfg.get("time_cond_proj_dim"))
     tiny = _read_json(root / "vae_decoder_tiny" / "config.json") if "vae_decoder_tiny" in components else None
     return ModelInfo(
         path=root, family=family, components=components, latent_channels=latent_ch, unet_in_channels=in_ch,
         vae_scale_factor=vsf, scaling_factor=float(meta.get("scaling_factor", vae_cfg.get("scaling_factor", 0.18215))),
-        prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample, bool(lcm)),
+        prediction_type=prediction, sample_size=sample, defaults=_defaults(meta, sched_cfg, sample, bool(lcm), family),
         scheduler_config={**sched_cfg, "prediction_type": prediction}, static_shape=meta.get("static_shape"),
         guidance_embedding_dim=int(lcm) if lcm else None,
         tiny_scaling=None if tiny is None else (float(tiny.get("scaling_factor") or 1.0),
                                                 float(tiny.get("shift_factor") or 0.0)),
+        force_zeros_for_empty_prompt=bool(_read_json(root / "model_index.json").get("force_zeros_for_empty_prompt",
+                                                                                     True)),
         meta=meta, checks=checks)
 
 
-def _infer_family(inpaint: bool, prediction: str, text_cfg: dict) -> str:
-    """SD 2.x uses OpenCLIP (gelu) and v-prediction; SD 1.x uses OpenAI CLIP (quick_gelu)."""
+def _infer_family(inpaint: bool, prediction: str, text_cfg: dict, two_encoders: bool = False) -> str:
+    """SDXL has a second text encoder; SD 2.x uses OpenCLIP (gelu) and v-prediction; SD 1.x uses OpenAI CLIP
+    (quick_gelu)."""
+    if two_encoders:
+        return "sdxl" + ("-inpaint" if inpaint else "")
     sd2 = prediction == "v_prediction" or text_cfg.get("hidden_act") == "gelu"
     return ("sd2" if sd2 else "sd1") + ("-inpaint" if inpaint else "")
 
@@ -187,9 +208,10 @@ def scheduler_name(sched_cfg: dict) -> str:
     return name
 
 
-def _defaults(meta: dict, sched_cfg: dict, sample: int, lcm: bool = False) -> Defaults:
+def _defaults(meta: dict, sched_cfg: dict, sample: int, lcm: bool = False, family: str = "sd1") -> Defaults:
     """sdonnx.json's defaults over the table's row for the model kind (a folder without them: its own scheduler)."""
-    base = dataclasses.replace(DEFAULTS["lcm" if lcm else "sd"], width=sample, height=sample)
+    row = "lcm" if lcm else "sdxl" if family in SDXL_FAMILIES else "sd"
+    base = dataclasses.replace(DEFAULTS[row], width=sample, height=sample)
     if not lcm:
         base = dataclasses.replace(base, scheduler=scheduler_name(sched_cfg))
     given = meta.get("defaults") or {}

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from . import image as imaging
-from . import prompt_chunks, prompt_syntax, sampling, schedulers, text_encoding
+from . import prompt_chunks, prompt_syntax, sampling, schedulers, sdxl, text_encoding
 from .model import HIDDEN_STATES, VAES, ModelInfo, default_model_dir, read_model
 from .sampling import Callback, Start
 from .errors import SdonnxError
@@ -30,7 +30,7 @@ TEXT_CACHE_SIZE = 8  # distinct prompts whose encodings a pipeline keeps
 # a 512x512 step (measured: benchmarks/results/sd-turbo-preview-cpu.json)
 PREVIEW_DOWNSCALE = 2
 HIDDEN_STATES_GRAPH = next(iter(HIDDEN_STATES))  # opened only for clip skip > 1
-EAGER = ("text_encoder", "unet")  # loaded up front unless low_memory, with the folder's default VAE
+EAGER = ("text_encoder", "text_encoder_2", "unet")  # loaded up front unless low_memory, with the default VAE
 
 
 @dataclass(frozen=True)
@@ -82,19 +82,21 @@ class Pipeline:
     """A loaded model folder: tokenizer, ONNX components and the folder's defaults.
 
     `components` holds the sessions kept open; others (the step-cache graphs, or all of them in low-memory
-    mode) are opened on first use. `tiles` set: the VAE decodes in overlapping tiles (tiling.py)."""
+    mode) are opened on first use. `tiles` set: the VAE decodes in overlapping tiles (tiling.py). An SDXL folder
+    has a second tokenizer for its second text encoder (`tokenizer_2`)."""
 
     def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, components: dict[str, Component],
                  config: SessionConfig | None = None, low_memory: bool = False, tiles: Tiles | None = None,
-                 stream: bool = True):
+                 stream: bool = True, tokenizer_2: CLIPTokenizer | None = None):
         self.info = info
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
         self.components = components
         self.config = config or SessionConfig()
         self.low_memory = low_memory
         self.tiles = tiles
         self.stream = stream
-        self._texts: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._texts: OrderedDict[bytes, np.ndarray | sdxl.Text] = OrderedDict()
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, provider: str = "cpu", verify: bool | None = None,
@@ -115,7 +117,9 @@ class Pipeline:
         components = {} if low_memory else {name: Component(path, _config_for(info, name, config))
                                             for name, path in info.components.items() if name in eager}
         tokenizer = CLIPTokenizer.from_dir(info.path / "tokenizer")
-        return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None, stream)
+        tokenizer_2 = CLIPTokenizer.from_dir(info.path / "tokenizer_2") if info.is_sdxl else None
+        return cls(info, tokenizer, components, config, low_memory, Tiles() if low_memory else None, stream,
+                   tokenizer_2)
 
     # ---- the three public tasks ------------------------------------------------------------------
 
@@ -295,21 +299,20 @@ class Pipeline:
         whole generation, prompt encoding included, as a first call with a new prompt pays it)."""
         self._texts.clear()
 
-    def _encode_texts(self, prompts: list[str], syntax: str = "a1111", clip_skip: int = 1) -> list[np.ndarray]:
-        """[1, 77 * chunks, D] text encodings, all of as many 75-token chunks as the longest prompt needs; a small
-        LRU keyed by the chunks' token ids, weights and the clip skip saves re-encoding repeated prompts."""
-        chunks = [prompt_chunks.chunk(prompt_syntax.parse(p, syntax), self.tokenizer) for p in prompts]
-        count = max(len(c) for c in chunks)
-        chunks = [prompt_chunks.pad_chunks(c, count, self.tokenizer) for c in chunks]
-        keys = [c.key() + f"|{clip_skip}".encode() for c in chunks]
-        missing = {k: c for k, c in zip(keys, chunks) if k not in self._texts}
-        if missing:  # one session for all of them, which matters in low-memory mode
-            with self._using(self._text_graph(clip_skip)) as encoder:
-                output, norm = text_encoding.clip_skip_reader(encoder, clip_skip)
-                for key, c in missing.items():
-                    hidden = text_encoding.encode(encoder, c, output, norm)
-                    hidden.setflags(write=False)  # shared between calls
-                    self._texts[key] = hidden
+    def _encode_texts(self, prompts: list[str], syntax: str = "a1111", clip_skip: int = 1) -> list:
+        """One encoding per prompt, all of as many 75-token chunks as the longest prompt needs: [1, 77 * chunks, D]
+        arrays, or for SDXL sdxl.Text (both encoders' hidden states and the pooled embedding). A small LRU keyed
+        by the chunks' token ids, weights and the clip skip saves re-encoding repeated prompts."""
+        tokenizers = (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+        fragments = [prompt_syntax.parse(p, syntax) for p in prompts]
+        chunks = [[prompt_chunks.chunk(f, tok) for f in fragments] for tok in tokenizers]
+        count = max(len(c) for own in chunks for c in own)
+        chunks = [[prompt_chunks.pad_chunks(c, count, tok) for c in own] for tok, own in zip(tokenizers, chunks)]
+        per_prompt = list(zip(*chunks))  # each prompt: its Chunks for each tokenizer
+        keys = [b"|".join(c.key() for c in own) + f"|{clip_skip}".encode() for own in per_prompt]
+        missing = {k: own for k, own in zip(keys, per_prompt) if k not in self._texts}
+        if missing:
+            self._texts.update(zip(missing, self._run_encoders(list(missing.values()), clip_skip)))
         out = []
         for key in keys:
             self._texts.move_to_end(key)
@@ -317,6 +320,26 @@ class Pipeline:
         while len(self._texts) > max(TEXT_CACHE_SIZE, len(prompts)):
             self._texts.popitem(last=False)
         return out
+
+    def _run_encoders(self, prompts: list[tuple], clip_skip: int) -> list:
+        """Each prompt's chunks (one Chunks per tokenizer) through the text encoder(s), the sessions opened once
+        for all of them, which matters in low-memory mode; the results are read-only (shared between calls)."""
+        if self.info.is_sdxl:  # one encoder after the other: in low-memory mode only one is loaded at a time
+            runs = []
+            for k, name in enumerate(("text_encoder", "text_encoder_2")):
+                with self._using(name) as encoder:
+                    runs.append([sdxl.run_encoder(encoder, own[k], clip_skip) for own in prompts])
+            texts = [sdxl.join(first, second) for first, second in zip(*runs)]
+            for text in texts:
+                text.hidden.setflags(write=False)
+                text.pooled.setflags(write=False)
+            return texts
+        with self._using(self._text_graph(clip_skip)) as encoder:
+            output, norm = text_encoding.clip_skip_reader(encoder, clip_skip)
+            hiddens = [text_encoding.encode(encoder, own[0], output, norm) for own in prompts]
+        for hidden in hiddens:
+            hidden.setflags(write=False)
+        return hiddens
 
     def _text_graph(self, clip_skip: int) -> str:
         """The text-encoder graph a clip skip reads: optimum's for 1, the one with every layer's output else."""
@@ -375,6 +398,14 @@ class Pipeline:
         """An LCM U-Net's `timestep_cond` input for guidance scale w ({} for other U-Nets)."""
         return sampling.conditioning(w, self.info.guidance_embedding_dim, batch)[1]
 
+    def added_inputs(self, batch: int, width: int, height: int) -> dict[str, np.ndarray]:
+        """An SDXL U-Net's inputs beside the text encodings, for `batch` images of width x height of the empty
+        prompt ({} for other U-Nets): what a lone U-Net call (a benchmark's) needs."""
+        if not self.info.is_sdxl:
+            return {}
+        text = self._encode_texts([""])[0]
+        return sdxl.unet_inputs([text] * batch, 1, height, width)[1]
+
     # ---- the loop ----------------------------------------------------------------------------------
 
     def _generate(self, run: _Run, start: Start, callback, output_type):
@@ -386,12 +417,8 @@ class Pipeline:
             raise SdonnxError(f"{self.info.path.name} is an LCM-distilled U-Net, which takes the guidance scale "
                               "as an input and has no negative prompt")
         w, inputs = sampling.conditioning(s.guidance, self.info.guidance_embedding_dim, n)
-        if w <= 1.0:
-            context = np.repeat(self._encode_texts([s.prompt], s.prompt_syntax, s.clip_skip)[0], n, axis=0)
-        else:
-            negative, positive = self._encode_texts([s.negative_prompt, s.prompt], s.prompt_syntax, s.clip_skip)
-            context = np.concatenate([np.repeat(negative, n, 0), np.repeat(positive, n, 0)])
-        with self._predictor(context, w, inputs, s.cache_interval) as predict:
+        context, more = self._conditioning(s, w, n)
+        with self._predictor(context, w, {**inputs, **more}, s.cache_interval) as predict:
             latents = sampling.denoise(run.sched, start, predict, run.rng, callback)
         pixels = self._decode(latents, s.vae)
         if start.paste is not None:
@@ -403,6 +430,20 @@ class Pipeline:
         for image in images:
             image.info["sdonnx"] = s
         return images
+
+    def _conditioning(self, s: Settings, w: float, n: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(encoder_hidden_states, other text inputs of the U-Net) for n images: the prompt's encoding, or with
+        classifier-free guidance (w > 1) the negative prompt's then the prompt's. SDXL adds its pooled embedding
+        and size numbers, and an empty negative prompt is zeros where the model asks for that."""
+        xl = self.info.is_sdxl
+        zeros = xl and w > 1.0 and s.negative_prompt == "" and self.info.force_zeros_for_empty_prompt
+        prompts = [s.prompt] if w <= 1.0 or zeros else [s.negative_prompt, s.prompt]
+        texts = self._encode_texts(prompts, s.prompt_syntax, s.clip_skip)
+        if not xl:
+            return np.concatenate([np.repeat(t, n, axis=0) for t in texts]), {}
+        if zeros:
+            texts = [texts[0].zeros(), texts[0]]
+        return sdxl.unet_inputs(texts, n, s.height, s.width)
 
     @contextlib.contextmanager
     def _predictor(self, context: np.ndarray, w: float, inputs: dict, interval: int) -> Iterator[sampling.Predict]:

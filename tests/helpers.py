@@ -56,3 +56,27 @@ def cli_error(result, *words: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("Error: ") and lines[0] in result.stderr, result.output
     assert all(w in lines[0] for w in words), lines[0]
     return lines[0]
+
+
+# ---- tiny SDXL folders ----------------------------------------------------------------------------------------
+
+SDXL_TASKS = {"sdxl": "text-to-image", "sdxl-inpaint": "inpainting"}
+# who writes a tiny SDXL ONNX folder; the SDXL tests run on each ("sdonnx", our own export, joins when it exists)
+SDXL_EXPORTERS = ("optimum",)
+
+
+def tiny_sdxl_folders(family: str, base: Path, exporter: str = "optimum", build=None) -> tuple[Path, Path]:
+    """(diffusers folder, ONNX folder written by `exporter`) of a tiny random SDXL, built once per test session;
+    build(folder) writes the diffusers folder (default: tests/tiny_sdxl.py's pipeline of `family`)."""
+    pt, onnx = base / f"{family}-diffusers", base / f"{family}-onnx-{exporter}"
+    if not (pt / "model_index.json").is_file():
+        from tiny_sdxl import save_pipeline
+
+        (build or (lambda folder: save_pipeline(folder, family)))(pt)
+    if not (onnx / "model_index.json").is_file():
+        if exporter != "optimum":
+            raise ValueError(f"unknown SDXL exporter {exporter!r}")
+        from optimum.exporters.onnx import main_export
+
+        main_export(str(pt), str(onnx), task=SDXL_TASKS.get(family, "text-to-image"))
+    return pt, onnx
