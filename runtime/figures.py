@@ -63,7 +63,7 @@ def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, .
     unet1 = dict(unet2, sample=x["latents2"][:1], encoder_hidden_states=x["context2"][:1], **pipe.guidance_input(w, 1),
                  **pipe.added_inputs(1, width, height))
     calls = {
-        "text_encoder": lambda: _encode_both(pipe, x["ids"]),
+        "text_encoder": _text_encoders(pipe, x["ids"]),
         "unet_b2": lambda: c["unet"](**unet2),
         "unet_b1": lambda: c["unet"](**unet1),
     }
@@ -78,11 +78,12 @@ def component_calls(pipe: Pipeline, width: int, height: int, names: tuple[str, .
     return {name: call for name, call in calls.items() if name in names}
 
 
-def _encode_both(pipe: Pipeline, ids: np.ndarray) -> None:
-    """The text encoder, and SDXL's second one (on its own tokenizer's ids) too."""
-    pipe.components["text_encoder"](input_ids=ids)
+def _text_encoders(pipe: Pipeline, ids: np.ndarray) -> Callable[[], object]:
+    """A call of the text encoder, and of SDXL's second one (on its own tokenizer's ids, made here: untimed)."""
+    feeds = [("text_encoder", ids)]
     if pipe.tokenizer_2 is not None:
-        pipe.components["text_encoder_2"](input_ids=pipe.tokenizer_2([NEGATIVE, PROMPT]))
+        feeds.append(("text_encoder_2", pipe.tokenizer_2([NEGATIVE, PROMPT])))
+    return lambda: [pipe.components[name](input_ids=i) for name, i in feeds]
 
 
 def _context_dim(pipe: Pipeline) -> int:
