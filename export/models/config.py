@@ -205,6 +205,15 @@ _UNET_FIXED = {
     "timestep_post_act": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
 }
+# config.json key order as written before the SDXL fields became settable (so SD folders stay byte-identical)
+_UNET_WRITE_ORDER = (
+    "center_input_sample", "mid_block_type", "only_cross_attention", "downsample_padding", "dropout", "act_fn",
+    "transformer_layers_per_block", "reverse_transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type",
+    "num_attention_heads", "dual_cross_attention", "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+    "num_class_embeds", "resnet_time_scale_shift", "resnet_skip_time_act", "resnet_out_scale_factor",
+    "time_embedding_type", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act", "conv_in_kernel",
+    "conv_out_kernel", "projection_class_embeddings_input_dim",
+)
 MID_CROSS, MID_PLAIN = "UNetMidBlock2DCrossAttn", "UNetMidBlock2D"
 # SDXL's micro-conditioning: the pooled text embedding plus six size/crop numbers (Podell et al. 2023)
 TEXT_TIME = "text_time"
@@ -369,7 +378,9 @@ class UNetConfig:
         # addition_embed_type_num_heads is unused without addition embeddings; written for completeness
         header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
                   "addition_embed_type_num_heads": 64}
-        return _write(self, header, _UNET_FIXED)
+        out = _write(self, header, _UNET_FIXED)
+        first = [*header, *_UNET_WRITE_ORDER]
+        return {**{k: out[k] for k in first}, **out}
 
 
 @dataclass(frozen=True)
