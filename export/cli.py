@@ -46,6 +46,7 @@ class ExportJob:
     stream: bool = False  # --stream: also the U-Net and VAE decoder as chains of part graphs, for --low-memory
     stream_part_mb: float = STREAM_PART_MB  # weights a part may reach by merging whole layers
     timings: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)  # the process's peak RSS (MB) when each step ended
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
 
@@ -59,16 +60,18 @@ def default_out_dir(source: str, precision: str) -> Path:
 class Progress:
     """A tqdm bar over named steps that also times each step."""
 
-    def __init__(self, total: int, timings: dict, enabled: bool = True):
+    def __init__(self, total: int, timings: dict, enabled: bool = True, peaks: dict | None = None):
         self.bar = tqdm(total=total, unit="step", disable=not enabled, leave=False,
                         bar_format="{desc:<28} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
-        self.timings = timings
+        self.timings, self.peaks = timings, peaks
 
     def step(self, name: str, fn, *args, **kwargs):
         self.bar.set_description_str(name)
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         self.timings[name] = round(time.perf_counter() - start, 2)
+        if self.peaks is not None:  # the peak is monotonic: the step that raised it is where memory went
+            self.peaks[name] = round(peak_rss_mb())
         self.bar.update()
         return result
 
@@ -152,7 +155,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
     tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
     parts += graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
-    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
+    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * len(parts), job.timings, progress, job.peaks)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
@@ -211,7 +214,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             streamed = (bar.step("stream", _stream, root, checks, int(job.stream_part_mb * 2**20))
                         if job.stream else None)
             job.timings["total"] = round(time.perf_counter() - start, 2)
-            report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
+            report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_after": job.peaks,
+                      "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET,
                       "attention": job.attention, "loras": fused}
             tiny_entry = None if tiny_model is None else folder.write_tiny_vae(root, tiny_model.config, job.tiny_vae)
