@@ -58,6 +58,26 @@ def unet_config(family: str = "sdxl") -> dict:
     )
 
 
+def distilled_unet_config(kind: str) -> dict:
+    """Tiny U-Nets laid out like SDXL's distillations, from the facts of their unet/config.json: three levels of two
+    resnets, no mid-block transformer (UNetMidBlock2D: one resnet), and per-layer transformer depths that differ
+    between the down and up paths. "ssd-1b": down (-, [2, 2], [4, 4]), up ([4, 4, 10], [2, 1, 1], -);
+    "vega": down (-, [1, 1], [2, 2]), up ([2, 2, 2], [1, 1, 1], -). Depths here are scaled down (10 -> 3, 4 -> 2)."""
+    depths = {"ssd-1b": ((1, (2, 2), (2, 2)), ((2, 2, 3), (2, 1, 1), 1)),
+              "vega": ((1, (1, 1), (2, 2)), ((2, 2, 2), (1, 1, 1), 1))}[kind]
+    return dict(
+        unet_config("sdxl"),
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 4),
+        transformer_layers_per_block=depths[0],
+        reverse_transformer_layers_per_block=depths[1],
+        mid_block_type="UNetMidBlock2D",
+    )
+
+
 def clip_config(hidden: int, vocab_size: int, act: str) -> dict:
     return dict(
         vocab_size=vocab_size,

@@ -118,3 +118,25 @@ class CLIPTextModel(nn.Module):
         states: list[torch.Tensor] = []
         hidden, pooled = self.text_model(input_ids.long(), states)
         return (hidden, pooled, *states)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """token ids [B, T] -> (text_embeds [B, P]: the pooled output projected, last_hidden_state [B, T, D])
+
+    SDXL's second text encoder (OpenCLIP ViT-bigG): the U-Net takes text_embeds as its pooled conditioning."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.text_model = TextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.text_model(input_ids.long())
+        return self.text_projection(pooled), hidden
+
+    def forward_all(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(text_embeds, last_hidden_state, hidden state 0, ..., hidden state L): transformers' output order."""
+        states: list[torch.Tensor] = []
+        hidden, pooled = self.text_model(input_ids.long(), states)
+        return (self.text_projection(pooled), hidden, *states)

@@ -38,6 +38,12 @@ def _read(cls: type, d: dict, fixed: dict[str, Any]) -> Any:
     return cls(**{k: _tuple(v) for k, v in d.items() if k in known})
 
 
+def _depths_ok(value: Any, per_layer: int) -> bool:
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, tuple) and len(value) == per_layer and all(isinstance(v, int) and v >= 0 for v in value)
+
+
 def _write(cfg: Any, header: dict, fixed: dict[str, Any]) -> dict:
     out = dict(header)
     out.update({k: _jsonable(v) for k, v in fixed.items()})
@@ -76,8 +82,10 @@ class CLIPConfig:
         """From a transformers text_encoder/config.json (a full CLIPConfig's text_config also works)."""
         return _read(cls, d.get("text_config", d), {})
 
-    def to_dict(self) -> dict:
-        header = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+    def to_dict(self, projection: bool = False) -> dict:
+        """transformers' config.json; `projection`: of a CLIPTextModelWithProjection (SDXL's second encoder)."""
+        arch = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
+        header = {"architectures": [arch], "model_type": "clip_text_model",
                   "transformers_version": TRANSFORMERS_VERSION, "torch_dtype": "float32"}
         return _write(self, header, {"attention_dropout": 0.0, "dropout": 0.0})
 
@@ -189,17 +197,18 @@ TINY_VAE_PRESETS: dict[str, TinyVAEConfig] = {"taesd": TinyVAEConfig(), "taesdxl
 CROSS_DOWN, DOWN, CROSS_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
 _UNET_FIXED = {
-    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "downsample_padding": 1, "dropout": 0.0, "act_fn": "silu", "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "num_attention_heads": None, "dual_cross_attention": False, "class_embed_type": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "center_input_sample": False, "only_cross_attention": False,
+    "downsample_padding": 1, "dropout": 0.0, "act_fn": "silu", "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "num_attention_heads": None, "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "timestep_post_act": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
 }
+MID_CROSS, MID_PLAIN = "UNetMidBlock2DCrossAttn", "UNetMidBlock2D"
+# SDXL's micro-conditioning: the pooled text embedding plus six size/crop numbers (Podell et al. 2023)
+TEXT_TIME = "text_time"
+Depths = int | tuple  # transformer layers: one for a whole block, or one per layer of the block
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,15 @@ class UNetConfig:
     # width of an extra embedding added to the timestep's (LCM-distilled U-Nets take the guidance scale this
     # way, Luo et al. 2023); None: no such input
     time_cond_proj_dim: int | None = None
+    # transformer layers per block (diffusers' meaning): an int for all, one per block, or one tuple per block
+    # with a depth per layer; the up path reads `reverse_transformer_layers_per_block` when given (SSD-1B, Vega)
+    transformer_layers_per_block: Depths | tuple[Depths, ...] = 1
+    reverse_transformer_layers_per_block: tuple[Depths, ...] | None = None
+    # UNetMidBlock2DCrossAttn (resnet, transformer, resnet), UNetMidBlock2D (one resnet: SSD-1B, Vega) or None
+    mid_block_type: str | None = MID_CROSS
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -247,6 +265,68 @@ class UNetConfig:
         for ch, heads in zip(self.block_out_channels, self.heads):
             if ch % heads:
                 raise ConfigError(f"UNetConfig: {ch} channels do not split into {heads} heads")
+        self._check_depths()
+        if self.mid_block_type not in (MID_CROSS, MID_PLAIN, None):
+            raise ConfigError(f"UNetConfig: unsupported mid_block_type={self.mid_block_type!r} "
+                              f"(use {MID_CROSS}, {MID_PLAIN} or null)")
+        self._check_addition()
+
+    def _check_depths(self) -> None:
+        n, layers = len(self.block_out_channels), self.layers_per_block
+        down, up = self.transformer_layers_per_block, self.reverse_transformer_layers_per_block
+        for name, value, per_layer in (("transformer_layers_per_block", down, layers),
+                                       ("reverse_transformer_layers_per_block", up, layers + 1)):
+            if value is None or isinstance(value, int):
+                continue
+            if len(value) != n or not all(_depths_ok(v, per_layer) for v in value):
+                raise ConfigError(f"UNetConfig: {name} needs {n} entries, each an int or {per_layer} ints, "
+                                  f"got {value!r}")
+        if isinstance(down, int) and down < 0:
+            raise ConfigError(f"UNetConfig: transformer_layers_per_block must be >= 0, got {down}")
+        if isinstance(up, int):
+            raise ConfigError(f"UNetConfig: reverse_transformer_layers_per_block must list {n} blocks, got {up}")
+        if up is None and not isinstance(down, int) and any(isinstance(v, tuple) for v in down):
+            # diffusers refuses this too: the up path's per-layer depths cannot be guessed
+            raise ConfigError("UNetConfig: per-layer transformer_layers_per_block needs "
+                              "reverse_transformer_layers_per_block")
+
+    def _check_addition(self) -> None:
+        if self.addition_embed_type not in (None, TEXT_TIME):
+            raise ConfigError(f"UNetConfig: unsupported addition_embed_type={self.addition_embed_type!r} "
+                              f"(only {TEXT_TIME!r} or null)")
+        if self.is_sdxl and not all(isinstance(v, int) and v > 0 for v in
+                                    (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)):
+            raise ConfigError("UNetConfig: addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim")
+        if self.is_sdxl and self.text_embeds_dim <= 0:
+            raise ConfigError(f"UNetConfig: projection_class_embeddings_input_dim "
+                              f"{self.projection_class_embeddings_input_dim} leaves no room for the text embedding "
+                              f"after 6 x {self.addition_time_embed_dim} time ids")
+
+    def down_depths(self, block: int) -> tuple[int, ...]:
+        """Transformer layers after each resnet of down block `block` (diffusers' reading of the config)."""
+        d = self.transformer_layers_per_block
+        d = d if isinstance(d, int) else d[block]
+        return (d,) * self.layers_per_block if isinstance(d, int) else d
+
+    def up_depths(self, block: int) -> tuple[int, ...]:
+        """Transformer layers after each resnet of up block `block` (counted from the lowest resolution)."""
+        n, d = len(self.block_out_channels), self.reverse_transformer_layers_per_block
+        if d is None:
+            d = self.transformer_layers_per_block
+            d = d if isinstance(d, int) else d[n - 1 - block]
+        else:
+            d = d[block]
+        return (d,) * (self.layers_per_block + 1) if isinstance(d, int) else d
+
+    @property
+    def mid_depth(self) -> int:
+        """Transformer layers of the mid block (0 without one): the last down block's, its first layer's if nested."""
+        if self.mid_block_type != MID_CROSS:
+            return 0
+        d = self.transformer_layers_per_block
+        d = d if isinstance(d, int) else d[-1]
+        return d if isinstance(d, int) else d[0]
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -268,6 +348,18 @@ class UNetConfig:
     def is_inpaint(self) -> bool:
         return is_inpainting_unet(self.in_channels, self.out_channels)
 
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL's conditioning: takes text_embeds (the pooled, projected text) and time_ids (6 numbers per image)."""
+        return self.addition_embed_type == TEXT_TIME
+
+    @property
+    def text_embeds_dim(self) -> int:
+        """Width of the pooled text embedding an SDXL U-Net takes (0 for others)."""
+        if not self.is_sdxl:
+            return 0
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         """From a diffusers unet/config.json."""
@@ -282,11 +374,16 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class ModelConfigs:
-    """The three model configs of one Stable Diffusion checkpoint."""
+    """The model configs of one Stable Diffusion checkpoint (SDXL: a second, projected text encoder `clip2`)."""
 
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    clip2: CLIPConfig | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.is_sdxl
 
 
 _SD_VAE = VAEConfig(
@@ -304,6 +401,19 @@ _SD15 = ModelConfigs(
 # OpenCLIP ViT-H/14 text tower, last of its 24 layers dropped as SD 2.x uses the penultimate one
 _SD21_CLIP = CLIPConfig(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
                         num_attention_heads=16, hidden_act="gelu", pad_token_id=1, bos_token_id=0, eos_token_id=2)
+# SDXL base 1.0 (Podell et al. 2023): CLIP ViT-L and OpenCLIP ViT-bigG (all 32 layers: SDXL reads the penultimate
+# hidden state and the last layer's projected pooled output), three U-Net levels with deeper transformers lower down
+_SDXL = ModelConfigs(
+    clip=_SD15.clip,
+    clip2=CLIPConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+                     num_attention_heads=20, hidden_act="gelu", pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    vae=dataclasses.replace(_SD_VAE, sample_size=1024, scaling_factor=0.13025),
+    unet=UNetConfig(sample_size=128, block_out_channels=(320, 640, 1280),
+                    down_block_types=(DOWN, CROSS_DOWN, CROSS_DOWN), up_block_types=(CROSS_UP, CROSS_UP, UP),
+                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                    cross_attention_dim=2048, addition_embed_type=TEXT_TIME, addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816),
+)
 PRESETS: dict[str, ModelConfigs] = {
     "sd15": _SD15,
     "sd15-inpaint": dataclasses.replace(_SD15, unet=dataclasses.replace(_SD15.unet, in_channels=9)),
@@ -322,6 +432,11 @@ PRESETS: dict[str, ModelConfigs] = {
         unet=UNetConfig(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                         use_linear_projection=True, upcast_attention=True),
     ),
+    "sdxl": _SDXL,
+    # SDXL-Turbo: SDXL's architecture distilled for 512x512 (Sauer et al. 2023)
+    "sdxl-turbo": dataclasses.replace(_SDXL, unet=dataclasses.replace(_SDXL.unet, sample_size=64),
+                                      vae=dataclasses.replace(_SDXL.vae, sample_size=512)),
+    "sdxl-inpaint": dataclasses.replace(_SDXL, unet=dataclasses.replace(_SDXL.unet, in_channels=9)),
     "tiny": ModelConfigs(
         clip=CLIPConfig(vocab_size=1000, hidden_size=64, intermediate_size=256, projection_dim=64,
                         num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu",
@@ -334,11 +449,12 @@ PRESETS: dict[str, ModelConfigs] = {
     ),
 }
 # the defaults-table row (sdonnx.model.DEFAULTS) a preset's model generates with, where not its kind's
-PRESET_DEFAULTS = {"sd-turbo": "turbo"}
+PRESET_DEFAULTS = {"sd-turbo": "turbo", "sdxl-turbo": "turbo"}
 
 
 def get_preset(name: str) -> ModelConfigs:
-    """The configs of a named architecture: sd15, sd15-inpaint, sd15-lcm, sd21, sd-turbo or tiny."""
+    """The configs of a named architecture: sd15, sd15-inpaint, sd15-lcm, sd21, sd-turbo, sdxl, sdxl-turbo,
+    sdxl-inpaint or tiny."""
     try:
         return PRESETS[name]
     except KeyError:

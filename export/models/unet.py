@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CROSS_DOWN, CROSS_UP, UNetConfig
+from .config import CROSS_DOWN, CROSS_UP, MID_CROSS, UNetConfig
 from .layers import Attention, Downsample, ResnetBlock, Upsample, group_norm
 
 
@@ -76,16 +76,16 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map -> tokens -> transformer block -> feature map, with a residual."""
+    """Feature map -> tokens -> `depth` transformer blocks -> feature map, with a residual."""
 
-    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
+    def __init__(self, channels: int, heads: int, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = group_norm(channels, cfg.norm_num_groups, 1e-6)
         proj = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+            TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention) for _ in range(depth))
         self.proj_out = proj(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -104,13 +104,15 @@ class SpatialTransformer(nn.Module):
 class DownBlock(nn.Module):
     """ResNets (each followed by a transformer when `cross`), then an optional stride-2 conv."""
 
-    def __init__(self, cin: int, cout: int, heads: int, cross: bool, downsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, heads: int, depths: tuple[int, ...] | None, downsample: bool,
+                 cfg: UNetConfig):
+        """`depths`: transformer layers after each resnet; None: no transformers (DownBlock2D)."""
         super().__init__()
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList(
             ResnetBlock(cin if i == 0 else cout, cout, cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim)
             for i in range(n))
-        self.attentions = nn.ModuleList(SpatialTransformer(cout, heads, cfg) for _ in range(n if cross else 0))
+        self.attentions = nn.ModuleList(SpatialTransformer(cout, heads, cfg, d) for d in depths or ())
         self.downsamplers = nn.ModuleList([Downsample(cout)] if downsample else [])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
@@ -129,7 +131,8 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """ResNets over [x, skip] concatenations (each followed by a transformer when `cross`), then upsampling."""
 
-    def __init__(self, cin: int, cout: int, cskip: int, heads: int, cross: bool, upsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, cskip: int, heads: int, depths: tuple[int, ...] | None, upsample: bool,
+                 cfg: UNetConfig):
         super().__init__()
         n = cfg.layers_per_block + 1
         # the last resnet takes the skip from the block below (or conv_in), which has `cskip` channels
@@ -137,7 +140,7 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock((cin if i == 0 else cout) + skip_ch[i], cout, cfg.norm_num_groups, cfg.norm_eps,
                         cfg.time_embed_dim) for i in range(n))
-        self.attentions = nn.ModuleList(SpatialTransformer(cout, heads, cfg) for _ in range(n if cross else 0))
+        self.attentions = nn.ModuleList(SpatialTransformer(cout, heads, cfg, d) for d in depths or ())
         self.upsamplers = nn.ModuleList([Upsample(cout)] if upsample else [])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
@@ -152,22 +155,28 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResNet, transformer, ResNet at the lowest resolution."""
+    """ResNet, transformer, ResNet at the lowest resolution; a single ResNet without cross-attention (SSD-1B)."""
 
     def __init__(self, channels: int, heads: int, cfg: UNetConfig):
         super().__init__()
-        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, cfg)])
+        cross = cfg.mid_block_type == MID_CROSS
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, cfg, cfg.mid_depth)] if cross else [])
         self.resnets = nn.ModuleList(
             ResnetBlock(channels, channels, cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim,
-                        out_scale=cfg.mid_block_scale_factor) for _ in range(2))
+                        out_scale=cfg.mid_block_scale_factor) for _ in range(2 if cross else 1))
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
-        return self.resnets[1](self.attentions[0](x, context), temb)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attention(x, context), temb)
+        return x
 
 
 class UNet2DConditionModel(nn.Module):
-    """(sample [B, C, h, w], timestep [] or [B], encoder_hidden_states [B, T, D]) -> prediction [B, 4, h, w]"""
+    """(sample [B, C, h, w], timestep [] or [B], encoder_hidden_states [B, T, D]) -> prediction [B, 4, h, w]
+
+    SDXL U-Nets also take text_embeds [B, text_embeds_dim] and time_ids [B, 6] (original size, crop top-left and
+    target size, each as (height, width))."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -175,29 +184,47 @@ class UNet2DConditionModel(nn.Module):
         ch, heads, n = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
+        if cfg.is_sdxl:
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList(
-            DownBlock(ch[max(i - 1, 0)], ch[i], heads[i], cfg.down_block_types[i] == CROSS_DOWN,
+            DownBlock(ch[max(i - 1, 0)], ch[i], heads[i],
+                      cfg.down_depths(i) if cfg.down_block_types[i] == CROSS_DOWN else None,
                       downsample=i < n - 1, cfg=cfg) for i in range(n))
-        self.mid_block = MidBlock(ch[-1], heads[-1], cfg)
+        self.mid_block = MidBlock(ch[-1], heads[-1], cfg) if cfg.mid_block_type is not None else None
         rch, rheads = ch[::-1], heads[::-1]
         self.up_blocks = nn.ModuleList(
             UpBlock(rch[max(i - 1, 0)], rch[i], rch[min(i + 1, n - 1)], rheads[i],
-                    cfg.up_block_types[i] == CROSS_UP, upsample=i < n - 1, cfg=cfg) for i in range(n))
+                    cfg.up_depths(i) if cfg.up_block_types[i] == CROSS_UP else None, upsample=i < n - 1, cfg=cfg)
+            for i in range(n))
         self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def embed_time(self, timestep: torch.Tensor | float, sample: torch.Tensor,
-                   timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                   timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                   time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """timestep (python number, [] or [B]) -> time embedding [B, 4 * ch0] in the sample's dtype;
-        timestep_cond [B, time_cond_proj_dim]: the guidance embedding of an LCM U-Net (required there)"""
+        timestep_cond [B, time_cond_proj_dim]: the guidance embedding of an LCM U-Net (required there);
+        text_embeds [B, text_embeds_dim] and time_ids [B, 6]: SDXL's added conditioning (required there)"""
+        cfg = self.config
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(sample.shape[0])  # a shape op, so the batch stays dynamic in ONNX
-        emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                 self.config.freq_shift)
-        if (timestep_cond is not None) != self.config.is_lcm:
+        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        if (timestep_cond is not None) != cfg.is_lcm:
             raise ValueError("timestep_cond must be given exactly when the U-Net has time_cond_proj_dim "
-                             f"(here {self.config.time_cond_proj_dim})")
-        return self.time_embedding(emb.to(sample.dtype), timestep_cond)
+                             f"(here {cfg.time_cond_proj_dim})")
+        temb = self.time_embedding(emb.to(sample.dtype), timestep_cond)
+        if (text_embeds is not None, time_ids is not None) != (cfg.is_sdxl, cfg.is_sdxl):
+            raise ValueError("text_embeds and time_ids must be given exactly when the U-Net has "
+                             f"addition_embed_type 'text_time' (here {cfg.addition_embed_type!r})")
+        return temb + self.embed_added(text_embeds, time_ids) if cfg.is_sdxl else temb
+
+    def embed_added(self, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """SDXL: [pooled text, sinusoids of the 6 time ids] -> an embedding added to the timestep's"""
+        cfg = self.config
+        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                 cfg.freq_shift)
+        added = torch.cat([text_embeds, ids.reshape(text_embeds.shape[0], -1).to(text_embeds.dtype)], dim=-1)
+        return self.add_embedding(added.to(self.add_embedding.linear_1.weight.dtype))
 
     def down(self, sample: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -210,7 +237,7 @@ class UNet2DConditionModel(nn.Module):
         return x, skips
 
     def mid(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.mid_block(x, temb, context)
+        return self.mid_block(x, temb, context) if self.mid_block is not None else x
 
     def up(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor
            ) -> torch.Tensor:
@@ -225,8 +252,9 @@ class UNet2DConditionModel(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-        temb = self.embed_time(timestep, sample, timestep_cond)
+                encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.embed_time(timestep, sample, timestep_cond, text_embeds, time_ids)
         x, skips = self.down(sample, temb, encoder_hidden_states)
         x = self.mid(x, temb, encoder_hidden_states)
         return self.out(self.up(x, skips, temb, encoder_hidden_states))
@@ -242,9 +270,10 @@ class UNet2DConditionModel(nn.Module):
 
     def forward_with_features(self, sample: torch.Tensor, timestep: torch.Tensor | float,
                               encoder_hidden_states: torch.Tensor, depth: int,
-                              timestep_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                              time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The full pass -> (prediction, deep features): the input of the last up block's final depth+1 layers"""
-        temb = self.embed_time(timestep, sample, timestep_cond)
+        temb = self.embed_time(timestep, sample, timestep_cond, text_embeds, time_ids)
         context = encoder_hidden_states
         x, skips = self.down(sample, temb, context)
         x = self.mid(x, temb, context)
@@ -260,9 +289,10 @@ class UNet2DConditionModel(nn.Module):
 
     def forward_shallow(self, sample: torch.Tensor, timestep: torch.Tensor | float,
                         encoder_hidden_states: torch.Tensor, deep: torch.Tensor, depth: int,
-                        timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                        timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                        time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """conv_in and the first `depth` down layers, then the last up block's final layers on cached `deep`"""
-        temb = self.embed_time(timestep, sample, timestep_cond)
+        temb = self.embed_time(timestep, sample, timestep_cond, text_embeds, time_ids)
         context = encoder_hidden_states
         first = self.down_blocks[0]
         x = self.conv_in(sample)
