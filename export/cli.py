@@ -109,7 +109,7 @@ def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, 
     return {k: v.numpy() for k, v in inputs.items()}, [o.numpy() for o in outs]
 
 
-OWNERS = {"text_encoder": "text_encoder", "unet": "unet", "unet_shallow": "unet", "vae_encoder": "vae",
+OWNERS = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_shallow": "unet", "vae_encoder": "vae",
           "vae_decoder": "vae", "vae_encoder_tiny": "tiny_vae", "vae_decoder_tiny": "tiny_vae"}
 
 
@@ -150,20 +150,27 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     embeds = [ti.read_embedding(path, token) for path, token in job.embeddings]
     ti.check_unique(embeds)
-    parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
     if job.defaults.get("vae") == "tiny" and not job.tiny_vae:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
     tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
-    parts += graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
-    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * len(parts), job.timings, progress, job.peaks)
+    extra = graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
+    # the bar's length assumes SD's graphs until the checkpoint says SDXL
+    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * (len(graphs.COMPONENTS) + len(extra)
+                                                                     + (job.step_cache is not None)),
+                   job.timings, progress, job.peaks)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
+            parts = graphs.components(ckpt.configs, job.step_cache is not None) + extra
+            _check_sdxl(job, ckpt.configs)
+            if len(parts) > len(graphs.COMPONENTS) + len(extra) + (job.step_cache is not None):
+                bar.bar.total += STEPS_PER_COMPONENT
             # a tiny VAE of another model family's latents fails here, in one line, before any export
             tiny_model = tiny_vae.build_tiny_vae(tiny, ckpt.configs.vae) if tiny is not None else None
             # what the folder will generate with: sdonnx.json's defaults, and how calibration samples
-            defaults = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm, job.defaults)
+            defaults = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm, job.defaults,
+                                                  sdxl=ckpt.configs.is_sdxl)
             if job.static is not None and (ckpt.configs.unet.is_lcm or defaults["guidance"] <= 1.0):
                 job.static = dataclasses.replace(job.static, batch=1)  # LCM, turbo: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
@@ -203,7 +210,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                                   calibration.get(c))
                 job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
             _remove(work)
-            graphs.split_hidden_states(root / "text_encoder" / "model.onnx")
+            if not ckpt.configs.is_sdxl:  # optimum's SD text encoder has two outputs; its SDXL ones all (as ours)
+                graphs.split_hidden_states(root / "text_encoder" / "model.onnx")
             step_cache = None
             if job.step_cache is not None:
                 _, features = graphs.split_features(root / "unet" / "model.onnx")
@@ -227,11 +235,26 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 components=job.components, report=report, step_cache=step_cache,
                 defaults=defaults, tiny_vae=tiny_entry, final_norm=final_norm, added_tokens=added,
                 embeddings=[e.record() for e in embeds],
-                stream=streamed,
+                stream=streamed, tokenizer_2_dir=_tokenizer_2(ckpt),
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
         bar.close()
+
+
+def _tokenizer_2(ckpt) -> Path | None:
+    path = getattr(ckpt, "tokenizer_2_dir", None)
+    return None if path is None else Path(path)
+
+
+def _check_sdxl(job: ExportJob, configs) -> None:
+    """What an SDXL export cannot do yet: one line each, before any work."""
+    if not configs.is_sdxl:
+        return
+    if job.embeddings:
+        raise ValueError("--embedding is not supported for SDXL yet (its embeddings hold a vector per text encoder)")
+    if job.stream:
+        raise ValueError("--stream is not supported for SDXL yet: export it without --stream")
 
 
 def _check_attention(job: ExportJob) -> None:
@@ -268,9 +291,15 @@ def _calibration(models: dict, ckpt, job: ExportJob, defaults: dict) -> list[dic
     hw = (side, side) if job.static is None else graphs.trace_shape("unet", ckpt.configs, job.static)[1]
     few = defaults["steps"] <= FEW_STEPS
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
+    # SDXL's time ids: the size the folder generates at by default (diffusers' default ids), not the smaller
+    # calibration latents'
+    image_hw = (defaults.get("height"), defaults.get("width"))
+    pixels = (ckpt.configs.unet.sample_size or 0) * ckpt.configs.vae.downscale
+    image_hw = tuple(v or pixels for v in image_hw) if pixels else None
     return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched,
                                       guidance=defaults["guidance"], latent_hw=hw,
-                                      sampler=defaults["scheduler"] if few else None, steps=FEW_STEPS if few else 10)
+                                      sampler=defaults["scheduler"] if few else None, steps=FEW_STEPS if few else 10,
+                                      tokenizer_2_dir=_tokenizer_2(ckpt), image_hw=image_hw)
 
 
 def _optimize(work: Path) -> None:
