@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from . import external
 from .models.config import ModelConfigs, TinyVAEConfig
 from .models.layers import Attention, merge_heads, split_heads
 
@@ -337,8 +338,9 @@ def export_component(component: str, module: nn.Module, inputs: dict[str, torch.
         torch.onnx.export(module, tuple(inputs[n] for n in sig.inputs), str(raw), input_names=list(sig.inputs),
                           output_names=list(sig.outputs), dynamic_axes=None if static else sig.dynamic_axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    # the TorchScript exporter scatters >2 GB weights over one file per tensor: gather them into one
-    save_model(onnx.load(str(raw)), path)
+    # the TorchScript exporter scatters >2 GB weights over one file per tensor: gather them into one, tensor by
+    # tensor (loading them would hold the weights twice while the PyTorch module still holds them once)
+    external.gather(raw, path, EXTERNAL_DATA_NAME, EXTERNAL_DATA_BYTES)
     shutil.rmtree(scratch)
     return path
 

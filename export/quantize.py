@@ -203,7 +203,15 @@ def to_int8_dynamic(src: Path, dst: Path, reduce_range: bool = True) -> Path:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from . import dynamic_int8, onnx as graphs
+
     exclude = int8_nodes_to_exclude(onnx.load(str(src), load_external_data=False))
+    if reduce_range and (src.parent / EXTERNAL_DATA_NAME).exists():
+        # a large graph: the same result with one weight in memory instead of the model three times over
+        try:
+            return dynamic_int8.quantize(src, dst, exclude, EXTERNAL_DATA_NAME, graphs.EXTERNAL_DATA_BYTES)
+        except dynamic_int8.Unsupported:
+            pass
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns about pre-processing on every call
     try:

@@ -1,0 +1,211 @@
+"""`sdonnx export` for SDXL: graphs against our PyTorch models, optimum's SDXL layout, and the lean large-model path
+(weights streamed tensor by tensor) against the whole-model one."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import tiny_sd
+import tiny_sdxl
+from sdonnx.export import dynamic_int8, external, optimize, quantize
+from sdonnx.export import onnx as graphs
+from sdonnx.export.models import CLIPConfig, CLIPTextModel, ModelConfigs, UNet2DConditionModel, UNetConfig, VAEConfig
+from sdonnx.export.models.clip import CLIPTextModelWithProjection
+
+TOL = 1e-4
+
+
+def configs(**unet) -> ModelConfigs:
+    """Our configs of tests/tiny_sdxl.py's pipeline (`unet`: fields to change)."""
+    return ModelConfigs(
+        clip=CLIPConfig.from_dict(tiny_sdxl.clip_config(tiny_sdxl.TEXT_1, 100, "quick_gelu")),
+        clip2=CLIPConfig.from_dict(tiny_sdxl.clip_config(tiny_sdxl.TEXT_2, 100, "gelu")),
+        vae=VAEConfig.from_dict({**tiny_sd.vae_config(), "scaling_factor": 0.13025}),
+        unet=UNetConfig.from_dict({**tiny_sdxl.unet_config(), **unet}))
+
+
+def build(cfg: ModelConfigs, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    models = {"text_encoder": CLIPTextModel(cfg.clip), "text_encoder_2": CLIPTextModelWithProjection(cfg.clip2),
+              "unet": UNet2DConditionModel(cfg.unet)}
+    with torch.no_grad():  # weights of a trained model's size, not zero-initialised output layers
+        for p in models["unet"].parameters():
+            p.normal_(0, 0.2)
+    return {k: m.eval() for k, m in models.items()}
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    cfg = configs()
+    return cfg, build(cfg)
+
+
+def export(component: str, cfg: ModelConfigs, models: dict, path, depth: int | None = None):
+    module = graphs.wrap(component, models, depth)
+    signature = "unet_features" if component == "unet" and depth is not None else component
+    batch, hw = graphs.trace_shape(component, cfg, None)
+    if component == "unet_shallow":
+        inputs = graphs.with_deep_features(graphs.sample_inputs("unet", cfg, batch, hw, 0), models["unet"], depth)
+    else:
+        inputs = graphs.sample_inputs(component, cfg, batch, hw, 0)
+    graphs.export_component(signature, module, inputs, path)
+    return module
+
+
+def run(path, inputs: dict) -> tuple[ort.InferenceSession, list[np.ndarray]]:
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    declared = {i.name for i in s.get_inputs()}  # a graph drops inputs it never reads
+    return s, s.run(None, {k: v.numpy() for k, v in inputs.items() if k in declared})
+
+
+def test_text_encoder_2_is_optimums_signature_and_matches_pytorch(sdxl, tmp_path):
+    cfg, models = sdxl
+    module = export("text_encoder_2", cfg, models, tmp_path / "te2" / "model.onnx")
+    inputs = graphs.sample_inputs("text_encoder_2", cfg, 2, (8, 8), seed=3)
+    s, got = run(tmp_path / "te2" / "model.onnx", inputs)
+    layers = cfg.clip2.num_hidden_layers
+    assert [o.name for o in s.get_outputs()] == ["text_embeds", "last_hidden_state", *(
+        f"hidden_states.{k}" for k in range(layers + 1))]
+    with torch.no_grad():
+        want = module(**inputs)
+    assert got[0].shape == (2, cfg.clip2.projection_dim)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), atol=TOL)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "lcm"])
+def test_unet_takes_text_embeds_and_time_ids(kind, tmp_path):
+    cfg = configs(**({"time_cond_proj_dim": 16} if kind == "lcm" else {}))
+    models = build(cfg, seed=1)
+    module = export("unet", cfg, models, tmp_path / "unet" / "model.onnx")
+    inputs = graphs.sample_inputs("unet", cfg, 2, (6, 4), seed=4)  # another batch and a non-square size
+    s, (got,) = run(tmp_path / "unet" / "model.onnx", inputs)
+    extra = ["timestep_cond"] if kind == "lcm" else []
+    assert [i.name for i in s.get_inputs()] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                "time_ids", *extra]
+    assert s.get_inputs()[3].shape == ["batch_size", cfg.unet.text_embeds_dim]
+    assert s.get_inputs()[4].shape == ["batch_size", 6]
+    with torch.no_grad():
+        want = module(**inputs).numpy()
+        other = module(**{**inputs, "time_ids": inputs["time_ids"] * 0.5}).numpy()
+    np.testing.assert_allclose(got, want, atol=TOL)
+    assert np.abs(other - want).max() > 100 * TOL  # the time ids reach the output: the check above can fail
+    h, w = 6 * cfg.vae.downscale, 4 * cfg.vae.downscale  # diffusers' default time ids: (h, w, 0, 0, h, w)
+    assert inputs["time_ids"][0].tolist() == [h, w, 0, 0, h, w]
+
+
+def test_step_cache_graphs_take_sdxl_inputs(sdxl, tmp_path):
+    cfg, models = sdxl
+    full = export("unet", cfg, models, tmp_path / "unet" / "model.onnx", depth=0)
+    shallow = export("unet_shallow", cfg, models, tmp_path / "shallow" / "model.onnx", depth=0)
+    inputs = graphs.sample_inputs("unet", cfg, 2, (6, 4), seed=5)
+    _, (out, deep) = run(tmp_path / "unet" / "model.onnx", inputs)
+    s, (cached,) = run(tmp_path / "shallow" / "model.onnx", {**inputs, "deep_features": torch.from_numpy(deep)})
+    assert {"text_embeds", "time_ids"} <= {i.name for i in s.get_inputs()}
+    with torch.no_grad():
+        want, want_deep = full(**inputs)
+        want_cached = shallow(**inputs, deep_features=torch.from_numpy(deep))
+    np.testing.assert_allclose(out, want.numpy(), atol=TOL)
+    np.testing.assert_allclose(cached, want_cached.numpy(), atol=TOL)
+    np.testing.assert_allclose(cached, out, atol=1e-3)  # the same step from the same deep features
+
+
+def test_add_embedding_stays_float_in_int8(sdxl, tmp_path):
+    cfg, models = sdxl
+    export("unet", cfg, models, tmp_path / "raw" / "model.onnx")
+    optimize.optimize(tmp_path / "raw" / "model.onnx", tmp_path / "opt" / "model.onnx")
+    quantize.apply("unet", "int8", "sdxl", tmp_path / "opt" / "model.onnx", tmp_path / "q" / "model.onnx")
+    nodes = onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node
+    integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
+    assert integer and not any("add_embedding" in n or "time_embedding" in n for n in integer)
+    assert any("add_embedding" in n.name and n.op_type == "MatMul" for n in nodes)
+
+
+def external_copy(src, dst):
+    """`src` re-saved with every tensor of 1 kB or more in model.onnx_data (how a large graph arrives)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx.load(str(src)), str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=graphs.EXTERNAL_DATA_NAME, size_threshold=1024)
+    return dst
+
+
+def comparable(path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph with its weights loaded, split into the proto without weight bytes and the weights."""
+    model = onnx.load(str(path))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for t in model.graph.initializer:
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+    return model, weights
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder_2"])
+@pytest.mark.parametrize("inline_below", [0, graphs.EXTERNAL_DATA_BYTES])
+def test_streamed_int8_is_quantize_dynamic(component, inline_below, sdxl, tmp_path):
+    """The large-model int8 path writes onnxruntime's quantize_dynamic result exactly: the same nodes, value infos,
+    metadata and initializers (names, order, values)."""
+    cfg, models = sdxl
+    export(component, cfg, models, tmp_path / "raw" / "model.onnx")
+    opt = optimize.optimize(tmp_path / "raw" / "model.onnx", tmp_path / "opt" / "model.onnx")
+    (tmp_path / "ref").mkdir()
+    quantize.to_int8_dynamic(opt, tmp_path / "ref" / "model.onnx")  # small: the whole-model quantizer
+    ext = external_copy(opt, tmp_path / "ext" / "model.onnx")
+    exclude = quantize.int8_nodes_to_exclude(onnx.load(str(ext), load_external_data=False))
+    out = dynamic_int8.quantize(ext, tmp_path / "lean" / "model.onnx", exclude, graphs.EXTERNAL_DATA_NAME,
+                                inline_below)
+    assert (out.parent / graphs.EXTERNAL_DATA_NAME).exists() == (inline_below == 0)
+    assert sorted(p.name for p in out.parent.iterdir()) <= ["model.onnx", graphs.EXTERNAL_DATA_NAME]
+    (want, want_w), (got, got_w) = comparable(tmp_path / "ref" / "model.onnx"), comparable(out)
+    assert got.SerializeToString() == want.SerializeToString()
+    assert list(got_w) == list(want_w)
+    for name, value in want_w.items():
+        assert got_w[name].dtype == value.dtype and np.array_equal(got_w[name], value), name
+    assert sum(n.op_type == "MatMulInteger" for n in got.graph.node) > 3
+
+
+def test_to_int8_dynamic_streams_large_graphs(sdxl, tmp_path, monkeypatch):
+    """A graph with an external data file takes the streamed path (quantize_dynamic is not called)."""
+    cfg, models = sdxl
+    export("text_encoder_2", cfg, models, tmp_path / "raw" / "model.onnx")
+    ext = external_copy(tmp_path / "raw" / "model.onnx", tmp_path / "ext" / "model.onnx")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantize_dynamic loads the whole model")
+
+    monkeypatch.setattr("onnxruntime.quantization.quantize_dynamic", refuse)
+    (tmp_path / "q").mkdir()
+    quantize.to_int8_dynamic(ext, tmp_path / "q" / "model.onnx")
+    inputs = graphs.sample_inputs("text_encoder_2", cfg, 1, (8, 8), seed=2)
+    _, got = run(tmp_path / "q" / "model.onnx", inputs)
+    _, want = run(ext, inputs)
+    assert np.abs(got[0] - want[0]).max() < 0.1 * np.abs(want[0]).max()
+
+
+def test_gather_joins_per_tensor_files_without_loading(tmp_path):
+    """torch.onnx.export's >2 GB layout (a file per tensor) -> one data file with the same tensors."""
+    rng = np.random.default_rng(0)
+    weights = [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), f"w{i}")
+               for i, shape in enumerate([(64, 64), (3,), (16, 64)])]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w0"], ["h"]), onnx.helper.make_node("MatMul", ["w2", "h"], ["y"])],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [16, 64])], weights)
+    raw = tmp_path / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(onnx.helper.make_model(graph), str(raw), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(raw.parent.iterdir())) == 4
+    out = external.gather(raw, tmp_path / "out" / "model.onnx", "model.onnx_data", inline_below=0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx_data"]
+    loaded = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    for w in weights:
+        np.testing.assert_array_equal(loaded[w.name], onnx.numpy_helper.to_array(w))
+    small = [t for t in onnx.load(str(out), load_external_data=False).graph.initializer if t.name == "w1"]
+    assert small[0].data_location == onnx.TensorProto.DEFAULT  # under 1 kB stays inline, as onnx writes it
+    inline = external.gather(raw, tmp_path / "inline" / "model.onnx", "model.onnx_data", inline_below=10**9)
+    assert [p.name for p in inline.parent.iterdir()] == ["model.onnx"]
