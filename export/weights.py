@@ -1,7 +1,8 @@
 """Stable Diffusion weights -> our key layout: a diffusers folder, an LDM single file, or a random preset.
 
 Our models keep diffusers/transformers key names, so a diffusers folder loads almost as is; a single-file
-(CompVis LDM) checkpoint is renamed by a handful of rules with per-block index arithmetic.
+(CompVis LDM, or Stability's SGM layout for SDXL) checkpoint is renamed by a handful of rules with per-block index
+arithmetic.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from typing import Callable, Iterable
 
 import torch
 
-from .models.config import CLIPConfig, ConfigError, ModelConfigs, UNetConfig, VAEConfig, get_preset
+from .models.config import (MID_CROSS, MID_PLAIN, CLIPConfig, ConfigError, ModelConfigs, UNetConfig, VAEConfig,
+                            get_preset)
 
 COMPONENTS = ("text_encoder", "vae", "unet")
-FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint")
+SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet")
+FAMILIES = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sdxl", "sdxl-inpaint")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 RANDOM_PRESETS = {"sd15": "sd1", "sd15-inpaint": "sd1-inpaint", "sd15-lcm": "sd1", "sd21": "sd2", "sd-turbo": "sd2",
-                  "tiny": "sd1"}
+                  "tiny": "sd1", "sdxl": "sdxl", "sdxl-turbo": "sdxl", "sdxl-inpaint": "sdxl-inpaint",
+                  "tiny-sdxl": "sdxl"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 Tensors = dict[str, torch.Tensor]
@@ -45,6 +49,7 @@ class Checkpoint:
     tokenizer_dir: Path
     scheduler_config: dict
     prediction_type: str
+    tokenizer_2_dir: Path | None = None  # SDXL's second tokenizer (OpenCLIP's: pads with "!", id 0)
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -76,10 +81,16 @@ def load_checkpoint(source: str | Path, *, seed: int = 0, prediction_type: str |
     return ckpt
 
 
+def components(configs: ModelConfigs) -> tuple[str, ...]:
+    """The models a checkpoint of these configs holds: SDXL adds text_encoder_2."""
+    return SDXL_COMPONENTS if configs.is_sdxl else COMPONENTS
+
+
 def build_models(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
-    """Our three PyTorch models holding the checkpoint's tensors (shared, not copied), in eval mode."""
+    """Our PyTorch models (text_encoder(s), vae, unet) holding the checkpoint's tensors (shared, not copied), in
+    eval mode."""
     models = {}
-    for name in COMPONENTS:
+    for name in components(ckpt.configs):
         cls, cfg = _model_class(name), _config_of(ckpt.configs, name)
         with torch.device("meta"):  # skip allocating and initialising weights that are replaced at once
             module = cls(cfg)
@@ -101,6 +112,8 @@ def convert_ldm(state_dict: Tensors,
                 configs: ModelConfigs | None = None) -> tuple[str, ModelConfigs, dict[str, Tensors]]:
     """An LDM (CompVis) state dict -> (family, configs, {component: fp32 state dict in our layout})."""
     _reject_unsupported(state_dict)
+    if any(k.startswith(_SDXL_CONDITIONER) for k in state_dict):
+        return _convert_sdxl(state_dict, configs)
     parts = _split_ldm(state_dict)
     base = "sd2" if parts["openclip"] else "sd1"
     configs = configs or _ldm_configs(base, parts)
@@ -167,6 +180,9 @@ def _model_class(component: str) -> Callable:
     if component == "text_encoder":
         from .models.clip import CLIPTextModel
         return CLIPTextModel
+    if component == "text_encoder_2":
+        from .models.clip import CLIPTextModelWithProjection
+        return CLIPTextModelWithProjection
     if component == "vae":
         from .models.vae import AutoencoderKL
         return AutoencoderKL
@@ -175,7 +191,8 @@ def _model_class(component: str) -> Callable:
 
 
 def _config_of(configs: ModelConfigs, component: str):
-    return {"text_encoder": configs.clip, "vae": configs.vae, "unet": configs.unet}[component]
+    return {"text_encoder": configs.clip, "text_encoder_2": configs.clip2, "vae": configs.vae,
+            "unet": configs.unet}[component]
 
 
 def _to_fp32(state_dict: Tensors) -> Tensors:
@@ -183,11 +200,12 @@ def _to_fp32(state_dict: Tensors) -> Tensors:
 
 
 def _finish(source: str, family: str, configs: ModelConfigs, state_dicts: dict[str, Tensors], tokenizer_dir: Path,
-            scheduler_config: dict) -> Checkpoint:
-    for name in COMPONENTS:
+            scheduler_config: dict, tokenizer_2_dir: Path | None = None) -> Checkpoint:
+    for name in components(configs):
         _validate(name, _config_of(configs, name), state_dicts[name])
     prediction = scheduler_config.get("prediction_type", "epsilon")
-    return Checkpoint(source, family, configs, state_dicts, tokenizer_dir, scheduler_config, prediction)
+    return Checkpoint(source, family, configs, state_dicts, tokenizer_dir, scheduler_config, prediction,
+                      tokenizer_2_dir)
 
 
 # -------------------------------------------------------------------------------------------------- reading files
@@ -231,22 +249,67 @@ _OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_att
 def _load_folder(folder: Path) -> Checkpoint:
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers folder (no model_index.json)")
-    for part in (*COMPONENTS, "tokenizer", "scheduler"):
+    sdxl = (folder / "text_encoder_2").is_dir()
+    if sdxl and not (folder / "text_encoder").is_dir():
+        raise CheckpointError(f"{folder}: an SDXL refiner (text_encoder_2/ without text_encoder/); only SDXL base "
+                              "models (two text encoders) are supported")
+    names = SDXL_COMPONENTS if sdxl else COMPONENTS
+    for part in (*names, "tokenizer", "scheduler", *(("tokenizer_2",) if sdxl else ())):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: diffusers folder without {part}/")
     configs = ModelConfigs(
         clip=_read_config(folder / "text_encoder", CLIPConfig),
         vae=_read_config(folder / "vae", VAEConfig),
         unet=_read_config(folder / "unet", UNetConfig),
+        clip2=_read_config(folder / "text_encoder_2", CLIPConfig) if sdxl else None,
     )
-    state_dicts = {name: _to_fp32(_rename_old_vae_attention(_read_component(folder / name))) for name in COMPONENTS}
-    tokenizer_dir = folder / "tokenizer"
-    for name in ("vocab.json", "merges.txt"):
-        if not (tokenizer_dir / name).is_file():
-            raise CheckpointError(f"{tokenizer_dir}: missing {name}")
+    _check_text_encoders(folder, configs)
+    state_dicts = {name: _to_fp32(_rename_old_vae_attention(_read_component(folder / name))) for name in names}
+    tokenizer_dir = _tokenizer_folder(folder / "tokenizer")
+    tokenizer_2_dir = _tokenizer_folder(folder / "tokenizer_2") if sdxl else None
+    if sdxl:  # SDXL's two tokenizers differ (pad token) and are easily swapped or taken from another model
+        _check_vocabulary(tokenizer_dir, configs.clip, "text_encoder")
+        _check_vocabulary(tokenizer_2_dir, configs.clip2, "text_encoder_2")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
-    family = ("sd2" if configs.clip.hidden_act == "gelu" else "sd1") + _inpaint_suffix(configs.unet)
-    return _finish(str(folder), family, configs, state_dicts, tokenizer_dir, scheduler)
+    base = "sdxl" if sdxl else "sd2" if configs.clip.hidden_act == "gelu" else "sd1"
+    return _finish(str(folder), base + _inpaint_suffix(configs.unet), configs, state_dicts, tokenizer_dir, scheduler,
+                   tokenizer_2_dir)
+
+
+def _tokenizer_folder(folder: Path) -> Path:
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: missing {name}")
+    return folder
+
+
+def _check_text_encoders(source: Path | str, configs: ModelConfigs) -> None:
+    """An SDXL U-Net reads both text encoders' hidden states side by side and the second one's projection."""
+    unet, clip, clip2 = configs.unet, configs.clip, configs.clip2
+    if clip2 is None:
+        if unet.is_sdxl:
+            raise CheckpointError(f"{source}: an SDXL U-Net (addition_embed_type 'text_time') needs a second text "
+                                  "encoder (text_encoder_2/)")
+        return
+    if not unet.is_sdxl:
+        raise CheckpointError(f"{source}: two text encoders but the U-Net lacks SDXL's text_time conditioning")
+    if unet.cross_attention_dim != clip.hidden_size + clip2.hidden_size:
+        raise CheckpointError(f"{source}: the U-Net attends to {unet.cross_attention_dim} channels, not the text "
+                              f"encoders' {clip.hidden_size} + {clip2.hidden_size}")
+    if unet.text_embeds_dim != clip2.projection_dim:
+        raise CheckpointError(f"{source}: the U-Net takes a {unet.text_embeds_dim}-wide pooled text embedding, "
+                              f"text_encoder_2 projects to {clip2.projection_dim}")
+
+
+def _check_vocabulary(tokenizer_dir: Path, clip: CLIPConfig, encoder: str) -> None:
+    """The tokenizer's ids must be the rows of the encoder's token embedding: same count."""
+    vocab = _read_json(tokenizer_dir / "vocab.json")
+    added = tokenizer_dir / "added_tokens.json"
+    ids = [*vocab.values(), *(_read_json(added).values() if added.is_file() else ())]
+    size = max((i for i in ids if isinstance(i, int)), default=-1) + 1
+    if size != clip.vocab_size:
+        raise CheckpointError(f"{tokenizer_dir}: {size} tokens but {encoder} embeds {clip.vocab_size} "
+                              "(a tokenizer of another model?)")
 
 
 def _read_json(path: Path) -> dict:
@@ -319,7 +382,16 @@ _RESNET_LDM = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1
                "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut.",
                "nin_shortcut.": "conv_shortcut."}
 _UNET_LDM = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
-             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}
+             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
+             "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
+# SDXL (Stability's SGM layout): the U-Net and VAE as in LDM, two text encoders under the conditioner
+_SDXL_CONDITIONER = "conditioner.embedders."
+_SDXL_PREFIXES = {
+    "unet": _LDM_PREFIXES["unet"],
+    "vae": _LDM_PREFIXES["vae"],
+    "text_encoder": "conditioner.embedders.0.transformer.",  # CLIP ViT-L in transformers' own names
+    "text_encoder_2": "conditioner.embedders.1.model.",  # OpenCLIP ViT-bigG in OpenCLIP's names
+}
 _VAE_LDM = {"encoder.norm_out.": "encoder.conv_norm_out.", "decoder.norm_out.": "decoder.conv_norm_out."}
 _VAE_ATTENTION_LDM = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _OPENCLIP_LAYER = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "mlp.c_fc.": "mlp.fc1.",
@@ -352,14 +424,26 @@ TURBO_SCHEDULER = {
     **SD2_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing",
     "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False,
 }
-PRESET_SCHEDULERS = {"sd-turbo": TURBO_SCHEDULER}
+# SDXL base 1.0: Euler with leading timesteps; SDXL-Turbo: Euler ancestral with trailing ones (one step starts at
+# the highest noise level)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading",
+    "interpolation_type": "linear", "use_karras_sigmas": False, "trained_betas": None, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "clip_sample": False, "set_alpha_to_one": False,
+}
+SDXL_TURBO_SCHEDULER = {**SDXL_SCHEDULER, "_class_name": "EulerAncestralDiscreteScheduler",
+                        "timestep_spacing": "trailing"}
+PRESET_SCHEDULERS = {"sd-turbo": TURBO_SCHEDULER, "sdxl-turbo": SDXL_TURBO_SCHEDULER}
 
 
 def _load_single_file(path: Path, configs: ModelConfigs | None) -> Checkpoint:
     state_dict = _read_tensors(path)
     try:
         family, configs, state_dicts = convert_ldm(state_dict, configs)
-        return _finish(str(path), family, configs, state_dicts, _family_tokenizer(family), _family_scheduler(family))
+        tokenizer_2 = clip_tokenizer_dir("!") if configs.is_sdxl else None  # OpenCLIP's tokenizer pads with id 0
+        return _finish(str(path), family, configs, state_dicts, _family_tokenizer(family), _family_scheduler(family),
+                       tokenizer_2)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -369,6 +453,8 @@ def _family_tokenizer(family: str) -> Path:
 
 
 def _family_scheduler(family: str) -> dict:
+    if family.startswith("sdxl"):
+        return dict(SDXL_SCHEDULER)
     if family == "sd2":
         return dict(SD2_SCHEDULER)
     if family == "sd2-inpaint":  # the 512 inpainting model of SD 2 was trained with the epsilon objective
@@ -378,15 +464,14 @@ def _family_scheduler(family: str) -> dict:
 
 def _reject_unsupported(state_dict: Tensors) -> None:
     keys = state_dict.keys()
-    if "model.diffusion_model.label_emb.0.0.weight" in keys or any(k.startswith("conditioner.") for k in keys):
-        raise CheckpointError("SDXL checkpoints are not supported (only SD 1.x / 2.x)")
     if "model.diffusion_model.input_blocks.0.0.weight" not in keys:
         if "conv_in.weight" in keys or any(k.startswith(("down_blocks.", "text_model.")) for k in keys):
             raise CheckpointError("a single diffusers component, not a full checkpoint; pass the diffusers folder")
         raise CheckpointError(f"not a Stable Diffusion checkpoint: no model.diffusion_model.* U-Net tensors "
                               f"(first keys: {_first_few(sorted(keys))})")
-    if any(".transformer_blocks.1." in k for k in keys if k.startswith(_LDM_PREFIXES["unet"])):
-        raise CheckpointError("U-Nets with several transformer layers per block (SDXL-like) are not supported")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise CheckpointError("an SDXL refiner (one OpenCLIP text encoder, no CLIP ViT-L in conditioner.embedders.0); "
+                              "only SDXL base models (two text encoders) are supported")
 
 
 def _split_ldm(state_dict: Tensors) -> dict[str, Tensors]:
@@ -426,7 +511,7 @@ def _ldm_configs(base: str, parts: dict) -> ModelConfigs:
         raise CheckpointError(f"unsupported architecture: {err}") from None
 
 
-def _ldm_unet_config(preset: UNetConfig, sd: Tensors, sd2: bool) -> UNetConfig:
+def _ldm_unet_config(preset: UNetConfig, sd: Tensors, heads_of_64: bool) -> UNetConfig:
     levels = _count(sd, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
     per_level = _count(sd, r"input_blocks\.(\d+)\.") // levels  # resnets + 1 (a downsampler or the skip slot)
     first = [1 + b * per_level for b in range(levels)]  # input block of each level's first resnet
@@ -435,15 +520,51 @@ def _ldm_unet_config(preset: UNetConfig, sd: Tensors, sd2: bool) -> UNetConfig:
     up_attn = [f"output_blocks.{b * per_level}.1.proj_in.weight" in sd for b in range(levels)]
     proj = next((v for k, v in sd.items() if k.endswith("proj_in.weight")), None)
     context = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), preset.cross_attention_dim)
-    # head counts are not in the shapes: LDM's SD 1 yaml fixes 8 heads, SD 2's fixes 64 channels per head
-    heads = tuple(max(1, c // 64) for c in channels) if sd2 else preset.attention_head_dim
-    return dataclasses.replace(
+    # head counts are not in the shapes: LDM's SD 1 yaml fixes 8 heads, SD 2's and SDXL's 64 channels per head
+    heads = tuple(max(1, c // 64) for c in channels) if heads_of_64 else preset.attention_head_dim
+    cfg = dataclasses.replace(
         preset, in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
         block_out_channels=channels, layers_per_block=per_level - 1, cross_attention_dim=context,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn),
         use_linear_projection=proj is not None and proj.ndim == 2, attention_head_dim=heads,
+        transformer_layers_per_block=1, reverse_transformer_layers_per_block=None,  # counted next
     )
+    return _ldm_depths(cfg, sd, down_attn, up_attn)
+
+
+def _ldm_depths(cfg: UNetConfig, sd: Tensors, down_attn: list[bool], up_attn: list[bool]) -> UNetConfig:
+    """Transformer layers per resnet and the mid block's kind, counted in the file, in diffusers' terms: one int
+    when all agree, per block, per layer (with the up path given separately) only where they differ."""
+    levels, layers = len(cfg.block_out_channels), cfg.layers_per_block
+
+    def depth(block: str) -> int:
+        return _count(sd, re.escape(block) + r"\.1\.transformer_blocks\.(\d+)\.")
+
+    mid_type = MID_CROSS if "middle_block.1.proj_in.weight" in sd else \
+        MID_PLAIN if "middle_block.0.in_layers.0.weight" in sd else None
+    mid = depth("middle_block") if mid_type == MID_CROSS else 1
+    down = [tuple(depth(f"input_blocks.{1 + b * (layers + 1) + j}") for j in range(layers)) for b in range(levels)]
+    up = [tuple(depth(f"output_blocks.{b * (layers + 1) + j}") for j in range(layers + 1)) for b in range(levels)]
+    # a level without transformers says nothing; the last down level's value also sets the mid block's depth
+    fills = [1] * (levels - 1) + [mid]
+    down_values = [_one_or_all(d) if a else f for d, a, f in zip(down, down_attn, fills)]
+    up_values = [_one_or_all(u) if a else 1 for u, a in zip(up, up_attn)]
+    together = down_values[0] if all(v == down_values[0] and isinstance(v, int) for v in down_values) else \
+        tuple(down_values)
+    cfg = dataclasses.replace(cfg, transformer_layers_per_block=together, reverse_transformer_layers_per_block=None,
+                              mid_block_type=mid_type)
+    nested = isinstance(together, tuple) and any(isinstance(v, tuple) for v in together)
+    if nested or any(cfg.up_depths(b) != up[b] for b in range(levels) if up_attn[b]):
+        cfg = dataclasses.replace(cfg, reverse_transformer_layers_per_block=tuple(up_values))
+    if mid_type == MID_CROSS and cfg.mid_depth != mid:
+        raise CheckpointError(f"the mid block has {mid} transformer layers, the last level's first one "
+                              f"{cfg.mid_depth}: diffusers' UNet2DConditionModel cannot describe that")
+    return cfg
+
+
+def _one_or_all(depths: tuple[int, ...]) -> int | tuple[int, ...]:
+    return depths[0] if len(set(depths)) == 1 else depths
 
 
 def _ldm_vae_config(preset: VAEConfig, sd: Tensors) -> VAEConfig:
@@ -458,11 +579,12 @@ def _ldm_vae_config(preset: VAEConfig, sd: Tensors) -> VAEConfig:
     )
 
 
-def _ldm_clip_config(preset: CLIPConfig, sd: Tensors, openclip: bool) -> CLIPConfig:
+def _ldm_clip_config(preset: CLIPConfig, sd: Tensors, openclip: bool, drop_last: bool = True) -> CLIPConfig:
     if openclip:
         tokens, positions = sd["token_embedding.weight"], sd["positional_embedding"]
-        # SD 2 conditions on the penultimate layer, so the last residual block is dropped
-        layers = _count(sd, r"transformer\.resblocks\.(\d+)\.") - 1
+        # SD 2 conditions on the penultimate layer, so the last residual block is dropped (SDXL keeps it: its
+        # pooled output comes from the last)
+        layers = _count(sd, r"transformer\.resblocks\.(\d+)\.") - drop_last
         inner = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     else:
         sd = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in sd.items()}
@@ -475,6 +597,53 @@ def _ldm_clip_config(preset: CLIPConfig, sd: Tensors, openclip: bool) -> CLIPCon
         preset, vocab_size=tokens.shape[0], hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
         max_position_embeddings=positions.shape[0], num_attention_heads=max(1, hidden // 64),  # 64-wide heads
     )
+
+
+def _convert_sdxl(state_dict: Tensors, configs: ModelConfigs | None) -> tuple[str, ModelConfigs, dict[str, Tensors]]:
+    """An SDXL single file (SGM names) -> (family, configs, {component: fp32 state dict in our layout})."""
+    parts: dict[str, Tensors] = {name: {} for name in _SDXL_PREFIXES}
+    for key, value in state_dict.items():
+        for name, prefix in _SDXL_PREFIXES.items():
+            if key.startswith(prefix):
+                parts[name][key[len(prefix):]] = value
+    for name, prefix in _SDXL_PREFIXES.items():
+        if not parts[name]:
+            raise CheckpointError(f"SDXL checkpoint without {name} tensors ({prefix}*)")
+    configs = configs or _sdxl_ldm_configs(parts)
+    _check_text_encoders("SDXL checkpoint", configs)
+    layers, n_vae = configs.unet.layers_per_block, len(configs.vae.block_out_channels)
+    bigg = parts["text_encoder_2"]
+    out = {
+        "unet": _rename(parts["unet"], lambda k: _unet_key(k, layers)),
+        "vae": _rename(parts["vae"], lambda k: _vae_key(k, n_vae)),
+        "text_encoder": _rename(parts["text_encoder"], _clip_key),
+        "text_encoder_2": _rename(bigg, _openclip_key),
+    }
+    if "text_projection" in bigg:  # OpenCLIP applies it as x @ P; a Linear computes x @ W.T
+        out["text_encoder_2"]["text_projection.weight"] = bigg["text_projection"].t().contiguous()
+    out["vae"] = {k: _squeeze_1x1(k, v) for k, v in out["vae"].items()}
+    out["unet"] = {k: _fit_projection(k, v, configs.unet.use_linear_projection) for k, v in out["unet"].items()}
+    family = "sdxl" + _inpaint_suffix(configs.unet)
+    return family, configs, {name: _to_fp32(sd) for name, sd in out.items()}
+
+
+def _sdxl_ldm_configs(parts: dict[str, Tensors]) -> ModelConfigs:
+    """SDXL base's configs with every size the tensor shapes reveal replaced by the file's own."""
+    preset = get_preset("sdxl")
+    try:
+        clip2 = _ldm_clip_config(preset.clip2, parts["text_encoder_2"], openclip=True, drop_last=False)
+        projection = parts["text_encoder_2"]["text_projection"].shape[1]
+        clip2 = dataclasses.replace(clip2, projection_dim=projection)
+        unet = _ldm_unet_config(preset.unet, parts["unet"], heads_of_64=True)
+        added = parts["unet"]["label_emb.0.0.weight"].shape[1]  # pooled text + 6 sinusoids of the time ids
+        unet = dataclasses.replace(unet, projection_class_embeddings_input_dim=added,
+                                   addition_time_embed_dim=(added - projection) // 6)
+        return ModelConfigs(clip=_ldm_clip_config(preset.clip, parts["text_encoder"], openclip=False), clip2=clip2,
+                            vae=_ldm_vae_config(preset.vae, parts["vae"]), unet=unet)
+    except KeyError as err:
+        raise CheckpointError(f"missing tensor {err.args[0]} needed to read the architecture") from None
+    except ConfigError as err:
+        raise CheckpointError(f"unsupported architecture: {err}") from None
 
 
 def _rename(state_dict: Tensors, rule: Callable[[str], str | list[str] | None]) -> Tensors:
@@ -591,30 +760,38 @@ def _load_random(name: str, seed: int) -> Checkpoint:
                               f"{', '.join('random:' + n for n in RANDOM_PRESETS)}")
     configs = get_preset(name)
     family = RANDOM_PRESETS[name]
-    if name == "tiny":
+    if name.startswith("tiny"):
         tokenizer_dir, configs = _tiny_tokenizer(configs)
+        tokenizer_2_dir = _tiny_tokenizer(configs, pad_token="!")[0] if configs.is_sdxl else None
     else:
         tokenizer_dir = _family_tokenizer(family)
+        tokenizer_2_dir = clip_tokenizer_dir("!") if configs.is_sdxl else None
     torch.manual_seed(seed)
     state_dicts = {}
-    for component in COMPONENTS:
+    # one model at a time, its tensors kept and the module dropped: full-size SDXL holds one copy (~14 GB fp32)
+    for component in components(configs):
         state_dicts[component] = _model_class(component)(_config_of(configs, component)).state_dict()
     scheduler = dict(LCM_SCHEDULER) if configs.unet.is_lcm else _family_scheduler(family)
     scheduler = dict(PRESET_SCHEDULERS.get(name, scheduler))
-    return _finish(f"random:{name}", family, configs, state_dicts, tokenizer_dir, scheduler)
+    return _finish(f"random:{name}", family, configs, state_dicts, tokenizer_dir, scheduler, tokenizer_2_dir)
 
 
-def _tiny_tokenizer(configs: ModelConfigs) -> tuple[Path, ModelConfigs]:
-    """A small BPE over the tiny world's words (the real vocabulary does not fit 1000 embeddings)."""
+def _tiny_tokenizer(configs: ModelConfigs, pad_token: str | None = None) -> tuple[Path, ModelConfigs]:
+    """A small BPE over the tiny world's words (the real vocabulary does not fit 1000 embeddings); both text
+    encoders of a tiny SDXL take its ids. `pad_token` "!": the variant padding with "!" (as SDXL's second does)."""
     from .tiny.shapes import vocabulary
     from .tiny.vocab import write_tokenizer
 
-    folder = write_tokenizer(_cache_dir() / "tiny-bpe-v1", vocabulary(), num_merges=200)
+    if pad_token is None:
+        folder = write_tokenizer(_cache_dir() / "tiny-bpe-v1", vocabulary(), num_merges=200)
+    else:
+        folder = write_tokenizer(_cache_dir() / "tiny-bpe-v1-pad0", vocabulary(), num_merges=200, pad_token=pad_token)
     size = len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
     if size > configs.clip.vocab_size:
         raise CheckpointError(f"tiny tokenizer has {size} tokens, more than the preset's {configs.clip.vocab_size}")
-    clip = dataclasses.replace(configs.clip, bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1)
-    return folder, dataclasses.replace(configs, clip=clip)
+    ids = {"bos_token_id": size - 2, "eos_token_id": size - 1, "pad_token_id": size - 1}
+    clip2 = dataclasses.replace(configs.clip2, **ids) if configs.clip2 is not None else None
+    return folder, dataclasses.replace(configs, clip=dataclasses.replace(configs.clip, **ids), clip2=clip2)
 
 
 # ------------------------------------------------------------------------------------------- CLIP BPE tokenizer

@@ -147,7 +147,8 @@ def test_presets_name_their_unet_kind():
     kinds = {name: (p.unet.is_lcm, p.unet.is_inpaint) for name, p in PRESETS.items()}
     assert kinds == {"sd15": (False, False), "sd15-inpaint": (False, True), "sd15-lcm": (True, False),
                      "sd21": (False, False), "sd-turbo": (False, False), "tiny": (False, False),
-                     "sdxl": (False, False), "sdxl-turbo": (False, False), "sdxl-inpaint": (False, True)}
+                     "sdxl": (False, False), "sdxl-turbo": (False, False), "sdxl-inpaint": (False, True),
+                     "tiny-sdxl": (False, False)}
     # the inpainting layout is latents + mask + masked-image latents, whatever the latent width
     assert UNetConfig(in_channels=17, out_channels=8).is_inpaint and not UNetConfig(in_channels=8).is_inpaint
 

@@ -208,7 +208,7 @@ def test_sdxl_presets_are_sdxl_base_on_the_meta_device(name, in_channels, sample
 
 
 def test_presets_name_sdxl():
-    assert {n for n, p in PRESETS.items() if p.is_sdxl} == {"sdxl", "sdxl-turbo", "sdxl-inpaint"}
+    assert {n for n, p in PRESETS.items() if p.is_sdxl} == {"sdxl", "sdxl-turbo", "sdxl-inpaint", "tiny-sdxl"}
     assert not any(p.clip2 for n, p in PRESETS.items() if not p.is_sdxl)
     assert get_preset("sdxl-turbo").unet == dataclasses.replace(get_preset("sdxl").unet, sample_size=64)
 

@@ -448,13 +448,26 @@ PRESETS: dict[str, ModelConfigs] = {
                         cross_attention_dim=64, attention_head_dim=4),
     ),
 }
+# a tiny SDXL for fast end-to-end tests (tests/tiny_sdxl.py's layout): no attention in the first level, two
+# transformer layers in the second, both text encoders 32 wide
+PRESETS["tiny-sdxl"] = ModelConfigs(
+    clip=dataclasses.replace(PRESETS["tiny"].clip, hidden_size=32, intermediate_size=128, projection_dim=32,
+                             num_hidden_layers=3),
+    clip2=dataclasses.replace(PRESETS["tiny"].clip, hidden_size=32, intermediate_size=128, projection_dim=32,
+                              num_hidden_layers=3, hidden_act="gelu"),
+    vae=dataclasses.replace(PRESETS["tiny"].vae, scaling_factor=0.13025),
+    unet=dataclasses.replace(PRESETS["tiny"].unet, down_block_types=(DOWN, CROSS_DOWN), up_block_types=(CROSS_UP, UP),
+                             transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+                             addition_embed_type=TEXT_TIME, addition_time_embed_dim=8,
+                             projection_class_embeddings_input_dim=32 + 6 * 8),
+)
 # the defaults-table row (sdonnx.model.DEFAULTS) a preset's model generates with, where not its kind's
 PRESET_DEFAULTS = {"sd-turbo": "turbo", "sdxl-turbo": "turbo"}
 
 
 def get_preset(name: str) -> ModelConfigs:
     """The configs of a named architecture: sd15, sd15-inpaint, sd15-lcm, sd21, sd-turbo, sdxl, sdxl-turbo,
-    sdxl-inpaint or tiny."""
+    sdxl-inpaint, tiny or tiny-sdxl."""
     try:
         return PRESETS[name]
     except KeyError:
