@@ -209,3 +209,156 @@ def test_gather_joins_per_tensor_files_without_loading(tmp_path):
     assert small[0].data_location == onnx.TensorProto.DEFAULT  # under 1 kB stays inline, as onnx writes it
     inline = external.gather(raw, tmp_path / "inline" / "model.onnx", "model.onnx_data", inline_below=10**9)
     assert [p.name for p in inline.parent.iterdir()] == ["model.onnx"]
+
+
+# ------------------------------------------------------------------------- the whole export of a diffusers folder
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """(diffusers StableDiffusionXLPipeline, its saved folder)."""
+    folder = tmp_path_factory.mktemp("sdxl-src") / "sdxl"
+    pipe = tiny_sdxl.make_pipeline("sdxl", seed=1)
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory):
+    """precision -> our export of the tiny SDXL folder, cached for the module."""
+    root, cache = tmp_path_factory.mktemp("sdxl-out"), {}
+
+    def get(precision: str = "fp32"):
+        if precision not in cache:
+            result = run_cli(source[1], root / precision, "--precision", precision)
+            assert result.exit_code == 0, result.output
+            cache[precision] = root / precision
+        return cache[precision]
+
+    return get
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from sdonnx.export import cli as export_cli
+
+    return CliRunner().invoke(export_cli.export, [*map(str, args), "--quiet"])
+
+
+def test_folder_is_optimums_sdxl_layout(exported, source):
+    import json
+
+    pipe, _ = source
+    out = exported("fp32")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
+    meta = json.loads((out / "sdonnx.json").read_text())
+    assert meta["family"] == "sdxl" and "text_encoder_2" in meta["components"]
+    assert meta["scaling_factor"] == 0.13025
+    assert meta["tokenizer_2"] == {"pad_token_id": pipe.tokenizer_2.pad_token_id, "max_length": 77}
+    assert pipe.tokenizer_2.pad_token == "!"
+    te = ort.InferenceSession(str(out / "text_encoder" / "model.onnx"))
+    layers = pipe.text_encoder.config.num_hidden_layers  # SDXL's folders keep every hidden state in model.onnx
+    assert [o.name for o in te.get_outputs()] == ["last_hidden_state", "pooler_output", *(
+        f"hidden_states.{k}" for k in range(layers + 1))]
+    cfg2 = json.loads((out / "text_encoder_2" / "config.json").read_text())
+    assert cfg2["architectures"] == ["CLIPTextModelWithProjection"]
+    assert cfg2["projection_dim"] == pipe.text_encoder_2.config.projection_dim
+
+
+@torch.no_grad()
+def test_graphs_match_diffusers_and_transformers(exported, source):
+    pipe, _ = source
+    out = exported("fp32")
+    rng = np.random.default_rng(0)
+    ids = np.stack([pipe.tokenizer_2(p, padding="max_length", max_length=77).input_ids
+                    for p in ("a red circle", "a photo of a cat")]).astype(np.int64)
+    got = ort.InferenceSession(str(out / "text_encoder_2" / "model.onnx")).run(None, {"input_ids": ids})
+    want = pipe.text_encoder_2(torch.from_numpy(ids), output_hidden_states=True)
+    np.testing.assert_allclose(got[0], want.text_embeds.numpy(), atol=TOL)
+    np.testing.assert_allclose(got[-2], want.hidden_states[-2].numpy(), atol=TOL)  # what SDXL conditions on
+    cfg = pipe.unet.config
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 12), dtype=np.float32), "timestep": np.array(421.0, np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, cfg.cross_attention_dim), dtype=np.float32),
+             "text_embeds": rng.standard_normal((2, tiny_sdxl.TEXT_2), dtype=np.float32),
+             "time_ids": np.array([[16, 24, 0, 0, 16, 24]] * 2, np.float32)}
+    (unet,) = ort.InferenceSession(str(out / "unet" / "model.onnx")).run(None, feeds)
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+    ref = pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"],
+                    added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]}).sample
+    np.testing.assert_allclose(unet, ref.numpy(), atol=TOL)
+
+
+def test_optimum_runs_our_folder_like_diffusers(exported, source):
+    from optimum.onnxruntime import ORTStableDiffusionXLPipeline
+
+    pipe, _ = source
+    ours = ORTStableDiffusionXLPipeline.from_pretrained(exported("fp32"))
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=2, height=32, width=32, guidance_scale=5.0, output_type="np")
+    got = ours("a red circle", latents=latents, **kwargs).images
+    want = pipe("a red circle", latents=latents, **kwargs).images
+    assert got.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_precisions_keep_the_vae_fp32_and_stay_close(precision, exported):
+    import json
+
+    meta = json.loads((exported(precision) / "sdonnx.json").read_text())
+    comps = meta["components"]
+    assert comps["vae_decoder"]["precision"] == comps["vae_encoder"]["precision"] == "fp32"  # SDXL's VAE overflows
+    want = "fp16" if precision == "fp16" else "int8"
+    assert comps["text_encoder"]["precision"] == comps["text_encoder_2"]["precision"] == comps["unet"]["precision"] \
+        == want
+    assert all(c["verify"]["psnr"] > 25 for c in comps.values())
+
+
+def test_int8_qdq_calibrates_on_sdxl_runs(source, tmp_path):
+    import json
+
+    result = run_cli(source[1], tmp_path / "qdq", "--precision", "int8", "--int8-scheme", "qdq")
+    assert result.exit_code == 0, result.output
+    nodes = onnx.load(str(tmp_path / "qdq" / "unet" / "model.onnx")).graph.node
+    assert any(n.op_type == "QuantizeLinear" for n in nodes) and any(n.op_type == "MatMulInteger" for n in nodes)
+    meta = json.loads((tmp_path / "qdq" / "sdonnx.json").read_text())
+    assert meta["components"]["unet"]["verify"]["psnr"] > 25
+
+
+def test_calibration_feeds_are_sdxl_guided_calls(source):
+    from sdonnx.export import weights
+
+    _, folder = source
+    ckpt = weights.load_checkpoint(folder)
+    models = weights.build_models(ckpt)
+    feeds = quantize.calibration_feeds(models, ckpt.configs, ckpt.tokenizer_dir, ckpt.scheduler_config,
+                                       prompts=("a red circle",), steps=2, guidance=5.0, latent_hw=(8, 8),
+                                       tokenizer_2_dir=ckpt.tokenizer_2_dir, image_hw=(64, 48))
+    assert len(feeds) == 2
+    f = feeds[0]
+    assert set(f) == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"}
+    assert f["time_ids"].tolist() == [[64, 48, 0, 0, 64, 48]] * 2
+    # the empty negative prompt is zeros (force_zeros_for_empty_prompt); the prompt's are not
+    assert not f["encoder_hidden_states"][0].any() and not f["text_embeds"][0].any()
+    assert np.abs(f["encoder_hidden_states"][1]).max() > 0.1 and np.abs(f["text_embeds"][1]).max() > 0.1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--embedding", "EMB"], "--embedding is not supported for SDXL"),
+    (["--stream"], "--stream is not supported for SDXL"),
+])
+def test_unsupported_options_fail_in_one_line(args, message, source, tmp_path):
+    from helpers import cli_error
+
+    emb = tmp_path / "emb.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.zeros(1, tiny_sdxl.TEXT_1)}, str(emb))
+    args = [str(emb) if a == "EMB" else a for a in args]
+    result = run_cli(source[1], tmp_path / "out", *args)
+    cli_error(result, message)
+    assert not (tmp_path / "out").exists()
