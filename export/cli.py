@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import gc
 import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..system import peak_rss_mb
 from . import embeddings as ti, folder, lora, onnx as graphs, optimize as opt, quantize, stream, tiny_vae, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
+DISK_MARGIN = 2 * 2**30  # free disk a saved optimization must leave beside the second copy of the weights
 STREAM_PART_MB = stream.PART_BUDGET / 2**20
 
 
@@ -198,7 +200,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                                      work / c / "raw" / "model.onnx")
                 _free(models, c, parts)
             for c in parts:
-                bar.step(f"optimize {c}", _optimize, work / c)
+                bar.step(f"optimize {c}", _optimize, job, c, work / c)
             calibration = {"unet": feeds}  # static int8's inputs of each graph it quantizes
             if feeds is not None and tiny_model is not None:
                 t = tiny_model.config
@@ -302,14 +304,21 @@ def _calibration(models: dict, ckpt, job: ExportJob, defaults: dict) -> list[dic
                                       tokenizer_2_dir=_tokenizer_2(ckpt), image_hw=image_hw)
 
 
-def _optimize(work: Path) -> None:
+def _optimize(job: ExportJob, component: str, work: Path) -> None:
+    """ORT's basic optimizations, saved; a graph whose weights would not fit the disk twice keeps its traced form
+    (ONNX Runtime applies the same optimizations when it loads the graph: only that work is not saved)."""
+    data = work / "raw" / graphs.EXTERNAL_DATA_NAME
+    need = data.stat().st_size if data.exists() else 0
+    if need and shutil.disk_usage(work).free < need + DISK_MARGIN:
+        (work / "raw").rename(work / "opt")
+        job.warnings.append(f"{component}: offline graph optimization skipped: it needs {need / 2**30:.1f} GiB more "
+                            f"disk, {shutil.disk_usage(work).free / 2**30:.1f} GiB free")
+        return
     opt.optimize(work / "raw" / "model.onnx", work / "opt" / "model.onnx")
     _remove(work / "raw")
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 

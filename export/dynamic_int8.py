@@ -39,7 +39,7 @@ def quantize(src: Path, dst: Path, exclude: list[str], data_name: str, inline_be
     scratch = dst.parent / SCRATCH
     try:
         with open(scratch, "wb") as out:
-            nodes, fresh = _Quantizer(model, src.parent, set(exclude), out).run()
+            nodes = _Quantizer(model, src.parent, set(exclude), out).run()
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         onx = ONNXModel(model)
@@ -48,7 +48,8 @@ def quantize(src: Path, dst: Path, exclude: list[str], data_name: str, inline_be
             raise Unsupported(f"unknown tensors {sorted(missing)[:3]}")
         model.producer_name, model.producer_version = __producer__, __version__
         onx.topological_sort()
-        return external.rewrite(onx.model, src.parent, dst, data_name, inline_below, fresh)
+        # the int8 weights stay where they were written: the scratch file becomes the data file
+        return external.rewrite(onx.model, src.parent, dst, data_name, inline_below, fresh=scratch)
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -109,9 +110,8 @@ class _Quantizer:
                       if v.type.HasField("tensor_type")}
         self.quantized: dict[str, tuple[str, str, str]] = {}  # tensor -> (quantized, scale, zero point)
         self.new_nodes: list[onnx.NodeProto] = []
-        self.fresh: set[str] = set()
 
-    def run(self) -> tuple[list[onnx.NodeProto], set[str]]:
+    def run(self) -> list[onnx.NodeProto]:
         for node in self.model.graph.node:
             if self._should_quantize(node):
                 self.new_nodes += self._matmul(node)
@@ -119,7 +119,7 @@ class _Quantizer:
                 self.new_nodes.append(node)
         if any(o.name in self.quantized for o in self.model.graph.output):
             raise Unsupported("a graph output is a quantized tensor")
-        return self.new_nodes, self.fresh
+        return self.new_nodes
 
     def _is_float(self, name: str) -> bool:
         if name in self.inits:
@@ -198,6 +198,5 @@ class _Quantizer:
         self.out.write(data)
         external.point(tensor, SCRATCH, offset, len(data))
         self.model.graph.initializer.append(tensor)
-        self.fresh.add(names[0])
         self.quantized[name] = names
         return names

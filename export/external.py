@@ -52,10 +52,9 @@ def point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> 
 class DataWriter:
     """Appends tensors to one external data file and points their protos at it (small ones stay inline)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
-        self.file = open(path, "wb")
-        self.bytes = 0
+        self.file = open(path, "ab" if append else "wb")
 
     def put(self, tensor: onnx.TensorProto, data: bytes) -> None:
         if sys.getsizeof(data) < _THRESHOLD:
@@ -66,42 +65,47 @@ class DataWriter:
         offset = self.file.tell()
         self.file.write(data)
         point(tensor, self.path.name, offset, len(data))
-        self.bytes += len(data)
 
     def close(self) -> None:
         self.file.close()
 
 
 def rewrite(model: onnx.ModelProto, src_base: Path, dst: Path, data_name: str, inline_below: int,
-            fresh: set[str] = frozenset()) -> Path:
+            fresh: Path | None = None, consume: bool = False) -> Path:
     """Save `model` (weights not loaded; external ones read from `src_base`) to `dst`: weights in `data_name`
     beside it when their total exceeds `inline_below` bytes, else all inside the graph file, as `onnx.save_model`
-    would place them. `fresh`: names of tensors the caller wrote to a scratch file beside `dst` (their protos
-    name it; the caller removes it)."""
+    would place them. `fresh`: a data file beside `dst` the caller already wrote some tensors to (their protos
+    name it); it becomes the data file (or goes). `consume`: delete each source file that holds one whole tensor
+    once copied (torch's layout), so the copy never needs the disk twice."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     data = dst.parent / data_name
     inits = list(model.graph.initializer)
-    total = sum(_length(t, dst.parent if t.name in fresh else src_base) for t in inits)
+    mine = {t.name for t in inits if fresh is not None and _location(t) == fresh.name}
+    total = sum(_length(t, dst.parent if t.name in mine else src_base) for t in inits)
     if total <= inline_below:
         for t in inits:
-            base = dst.parent if t.name in fresh else src_base
             if uses_external_data(t) or t.HasField("raw_data"):
-                raw = read_bytes(t, base)
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = raw
-        if data.exists():
-            data.unlink()
+                _inline(t, read_bytes(t, dst.parent if t.name in mine else src_base))
+        for path in (data, fresh):
+            if path is not None and path.exists():
+                path.unlink()
         onnx.save_model(model, str(dst))
         return dst
-    staged = dst.parent / (data_name + ".part")
-    writer = DataWriter(staged)
+    staged = fresh if fresh is not None else dst.parent / (data_name + ".part")
+    writer = DataWriter(staged, append=fresh is not None)
     try:
         for t in inits:
+            if t.name in mine:
+                if _length(t, dst.parent) + 33 < _THRESHOLD:  # onnx would keep it inline (bytes' header counts)
+                    _inline(t, read_bytes(t, dst.parent))
+                continue
             if not (uses_external_data(t) or t.HasField("raw_data")):
                 continue  # typed fields (float_data, int32_data): onnx keeps them inline
-            base = dst.parent if t.name in fresh else src_base
-            writer.put(t, read_bytes(t, base))
+            whole = consume and uses_external_data(t) and not ExternalDataInfo(t).offset
+            source = _location(t)
+            writer.put(t, read_bytes(t, src_base))
+            if whole:
+                (src_base / source).unlink(missing_ok=True)
     finally:
         writer.close()
     for t in inits:  # the protos name the staging file; the file takes the final name
@@ -111,6 +115,16 @@ def rewrite(model: onnx.ModelProto, src_base: Path, dst: Path, data_name: str, i
     staged.replace(data)
     onnx.save_model(model, str(dst))
     return dst
+
+
+def _inline(t: onnx.TensorProto, raw: bytes) -> None:
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+    t.raw_data = raw
+
+
+def _location(t: onnx.TensorProto) -> str | None:
+    return ExternalDataInfo(t).location if uses_external_data(t) else None
 
 
 def _length(t: onnx.TensorProto, base: Path) -> int:
@@ -130,4 +144,4 @@ def gather(raw: Path, dst: Path, data_name: str, inline_below: int) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(raw), str(dst))
         return dst
-    return rewrite(model, raw.parent, dst, data_name, inline_below)
+    return rewrite(model, raw.parent, dst, data_name, inline_below, consume=True)

@@ -197,16 +197,22 @@ def test_gather_joins_per_tensor_files_without_loading(tmp_path):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [16, 64])], weights)
     raw = tmp_path / "raw" / "model.onnx"
     raw.parent.mkdir()
-    onnx.save_model(onnx.helper.make_model(graph), str(raw), save_as_external_data=True,
-                    all_tensors_to_one_file=False, size_threshold=0)
-    assert len(list(raw.parent.iterdir())) == 4
+
+    def trace():
+        onnx.save_model(onnx.helper.make_model(graph), str(raw), save_as_external_data=True,
+                        all_tensors_to_one_file=False, size_threshold=0)
+        assert len(list(raw.parent.iterdir())) == 4
+
+    trace()
     out = external.gather(raw, tmp_path / "out" / "model.onnx", "model.onnx_data", inline_below=0)
+    assert [p.name for p in raw.parent.iterdir()] == ["model.onnx"]  # each file went once copied: disk held once
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx_data"]
     loaded = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     for w in weights:
         np.testing.assert_array_equal(loaded[w.name], onnx.numpy_helper.to_array(w))
     small = [t for t in onnx.load(str(out), load_external_data=False).graph.initializer if t.name == "w1"]
     assert small[0].data_location == onnx.TensorProto.DEFAULT  # under 1 kB stays inline, as onnx writes it
+    trace()
     inline = external.gather(raw, tmp_path / "inline" / "model.onnx", "model.onnx_data", inline_below=10**9)
     assert [p.name for p in inline.parent.iterdir()] == ["model.onnx"]
 
