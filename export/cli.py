@@ -211,6 +211,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                                   work / c / "opt" / "model.onnx", root / c / "model.onnx", job.int8_scheme,
                                   calibration.get(c))
                 job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
+                _remove(work / c)  # its float copy: the disk holds one large graph's twice at most
             _remove(work)
             if not ckpt.configs.is_sdxl:  # optimum's SD text encoder has two outputs; its SDXL ones all (as ours)
                 graphs.split_hidden_states(root / "text_encoder" / "model.onnx")
