@@ -111,8 +111,8 @@ def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, 
     return {k: v.numpy() for k, v in inputs.items()}, [o.numpy() for o in outs]
 
 
-OWNERS = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_shallow": "unet", "vae_encoder": "vae",
-          "vae_decoder": "vae", "vae_encoder_tiny": "tiny_vae", "vae_decoder_tiny": "tiny_vae"}
+OWNERS = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_shallow": "unet",
+          "vae_encoder": "vae", "vae_decoder": "vae", "vae_encoder_tiny": "tiny_vae", "vae_decoder_tiny": "tiny_vae"}
 
 
 def _free(models: dict, component: str, components: tuple[str, ...]) -> None:
@@ -156,18 +156,16 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
     tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
     extra = graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
-    # the bar's length assumes SD's graphs until the checkpoint says SDXL
-    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * (len(graphs.COMPONENTS) + len(extra)
-                                                                     + (job.step_cache is not None)),
-                   job.timings, progress, job.peaks)
+    steps = 2 + calibrate + job.stream
+    bar = Progress(steps + STEPS_PER_COMPONENT * (len(graphs.COMPONENTS) + len(extra)), job.timings, progress,
+                   job.peaks)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
             parts = graphs.components(ckpt.configs, job.step_cache is not None) + extra
+            bar.bar.total = steps + STEPS_PER_COMPONENT * len(parts)  # the checkpoint tells SDXL's extra graph
             _check_sdxl(job, ckpt.configs)
-            if len(parts) > len(graphs.COMPONENTS) + len(extra) + (job.step_cache is not None):
-                bar.bar.total += STEPS_PER_COMPONENT
             # a tiny VAE of another model family's latents fails here, in one line, before any export
             tiny_model = tiny_vae.build_tiny_vae(tiny, ckpt.configs.vae) if tiny is not None else None
             # what the folder will generate with: sdonnx.json's defaults, and how calibration samples

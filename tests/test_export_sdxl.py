@@ -368,3 +368,22 @@ def test_unsupported_options_fail_in_one_line(args, message, source, tmp_path):
     result = run_cli(source[1], tmp_path / "out", *args)
     cli_error(result, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_short_disk_skips_the_saved_optimization(source, tmp_path, monkeypatch):
+    """A graph whose weights would not fit the disk twice keeps its traced form, says so, and still verifies."""
+    import collections
+    import json
+
+    from sdonnx.export import cli as export_cli
+
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)  # every graph "large"
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export_cli.shutil, "disk_usage", lambda path: usage(10**12, 10**12, 2**20))
+    result = run_cli(source[1], tmp_path / "out", "--precision", "int8")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "out" / "sdonnx.json").read_text())
+    skipped = [w for w in meta["export_report"]["warnings"] if "offline graph optimization skipped" in w]
+    assert len(skipped) == len(meta["components"])
+    assert meta["components"]["unet"]["verify"]["psnr"] > 25
+    assert meta["components"]["vae_decoder"]["verify"]["max_abs_err"] < 1e-4
