@@ -440,7 +440,7 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
            stream_unet: bool, stream_part_mb: float,
            quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
-    random:sd-turbo, tiny) to ONNX."""
+    random:sd-turbo, random:sdxl, random:sdxl-turbo, tiny) to ONNX."""
     try:
         quantize.check_options(precision, int8_scheme)  # before the default OUT_DIR is named after the precision
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,

@@ -387,3 +387,36 @@ def test_short_disk_skips_the_saved_optimization(source, tmp_path, monkeypatch):
     assert len(skipped) == len(meta["components"])
     assert meta["components"]["unet"]["verify"]["psnr"] > 25
     assert meta["components"]["vae_decoder"]["verify"]["max_abs_err"] < 1e-4
+
+
+@pytest.mark.parametrize("args", [["--static", "32x48"], ["--attention", "mha"], ["--step-cache"]])
+def test_export_options_work_for_sdxl(args, source, tmp_path):
+    import json
+
+    result = run_cli(source[1], tmp_path / "out", *args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    meta = json.loads((out / "sdonnx.json").read_text())
+    assert all(c["verify"]["max_abs_err"] < 1e-3 for c in meta["components"].values())
+    names = [i.name for i in ort.InferenceSession(str(out / "unet" / "model.onnx")).get_inputs()]
+    assert names[-2:] == ["text_embeds", "time_ids"]
+    if args[0] == "--static":
+        assert ort.InferenceSession(str(out / "unet" / "model.onnx")).get_inputs()[0].shape == [2, 4, 24, 16]
+    if args[0] == "--step-cache":
+        shallow = ort.InferenceSession(str(out / "unet_shallow" / "model.onnx"))
+        assert {"text_embeds", "time_ids", "deep_features"} <= {i.name for i in shallow.get_inputs()}
+        assert meta["step_cache"]["deep_features_verify"]["max_abs_err"] < 1e-3
+    if args[0] == "--attention":
+        assert any(n.op_type == "MultiHeadAttention" for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node)
+
+
+def test_sdxl_inpainting_folder(tmp_path):
+    import json
+
+    src = tiny_sdxl.save_pipeline(tmp_path / "src", "sdxl-inpaint", seed=2)
+    result = run_cli(src, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    meta = json.loads((tmp_path / "out" / "sdonnx.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLInpaintPipeline"
+    assert (meta["family"], meta["unet_in_channels"]) == ("sdxl-inpaint", 9)
