@@ -370,23 +370,29 @@ def test_unsupported_options_fail_in_one_line(args, message, source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_short_disk_skips_the_saved_optimization(source, tmp_path, monkeypatch):
-    """A graph whose weights would not fit the disk twice keeps its traced form, says so, and still verifies."""
+def test_short_disk_skips_the_saved_optimization(sdxl, tmp_path, monkeypatch):
+    """A graph whose weights would not fit the disk twice keeps its traced form and the report says so; with room
+    it is optimized."""
     import collections
-    import json
 
     from sdonnx.export import cli as export_cli
 
-    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)  # every graph "large"
+    cfg, models = sdxl
+    export("text_encoder_2", cfg, models, tmp_path / "traced" / "model.onnx")
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(export_cli.shutil, "disk_usage", lambda path: usage(10**12, 10**12, 2**20))
-    result = run_cli(source[1], tmp_path / "out", "--precision", "int8")
-    assert result.exit_code == 0, result.output
-    meta = json.loads((tmp_path / "out" / "sdonnx.json").read_text())
-    skipped = [w for w in meta["export_report"]["warnings"] if "offline graph optimization skipped" in w]
-    assert len(skipped) == len(meta["components"])
-    assert meta["components"]["unet"]["verify"]["psnr"] > 25
-    assert meta["components"]["vae_decoder"]["verify"]["max_abs_err"] < 1e-4
+    for free, skipped in ((2**20, True), (2**40, False)):
+        work = tmp_path / f"work-{free}"
+        external_copy(tmp_path / "traced" / "model.onnx", work / "raw" / "model.onnx")
+        monkeypatch.setattr(export_cli.shutil, "disk_usage", lambda path: usage(2**41, 0, free))
+        job = export_cli.ExportJob("x", tmp_path / "out")
+        export_cli._optimize(job, "text_encoder_2", work)
+        assert not (work / "raw").exists() and (work / "opt" / "model.onnx").exists()
+        assert bool(job.warnings) == skipped
+        assert all("offline graph optimization skipped" in w for w in job.warnings)
+        inputs = graphs.sample_inputs("text_encoder_2", cfg, 1, (8, 8), seed=2)
+        _, got = run(work / "opt" / "model.onnx", inputs)
+        _, want = run(tmp_path / "traced" / "model.onnx", inputs)
+        np.testing.assert_allclose(got[0], want[0], atol=TOL)
 
 
 @pytest.mark.parametrize("args", [["--static", "32x48"], ["--attention", "mha"], ["--step-cache"]])
