@@ -2,10 +2,11 @@
 
 Reads the two layouts LoRA files come in for Stable Diffusion:
 - kohya (sd-scripts, most files people download): `lora_unet_<module path, dots as underscores>.lora_down.weight`,
-  `.lora_up.weight` and `.alpha`; `lora_te_...` for the text encoder;
-- diffusers / PEFT: `unet.<module path>.lora_A.weight` and `.lora_B.weight` (`text_encoder.` for the text
-  encoder; older diffusers files: `.lora.down/up.weight`, `.lora_linear_layer.down/up.weight`), with an
-  optional `.alpha` (absent: alpha = rank).
+  `.lora_up.weight` and `.alpha`; `lora_te_...` for the text encoder (SDXL: `lora_te1_`, `lora_te2_`, and U-Net
+  paths in Stability's SGM names, `input_blocks_4_1_...`, renamed here by the single-file loader's rules);
+- diffusers / PEFT: `unet.<module path>.lora_A.weight` and `.lora_B.weight` (`text_encoder.` / `text_encoder_2.`
+  for the text encoders; older diffusers files: `.lora.down/up.weight`, `.lora_linear_layer.down/up.weight`), with
+  an optional `.alpha` (absent: alpha = rank).
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ import torch
 from torch import nn
 
 # prefix in the file -> which of our models it adapts
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+SDXL_KOHYA = ("lora_te1_", "lora_te2_")
+# kohya's SDXL U-Net layer names are SGM's (LDM's) module paths
+SGM_BLOCK = re.compile(r"(input_blocks|output_blocks)_(\d+)_(\d+)_?(.*)|middle_block_(\d+)_(.+)"
+                       r"|(time_embed|label_emb_0|out)_(\d+)")
+SGM_RESNET = {"in_layers_0": "in_layers.0", "in_layers_2": "in_layers.2", "emb_layers_1": "emb_layers.1",
+              "out_layers_0": "out_layers.0", "out_layers_3": "out_layers.3", "skip_connection": "skip_connection"}
 # PEFT's names, then those of diffusers before it used PEFT (LoRACompatible layers; the text encoder's
 # lora_linear_layer)
 PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha"),
@@ -41,6 +49,7 @@ class Pair:
     up: torch.Tensor | None = None
     alpha: float | None = None
     rslora: bool = False  # rank-stabilised (Kalajdzievski 2023): alpha / sqrt(r) instead of alpha / r
+    sdxl: bool = False  # named the way only SDXL files name layers (kohya's lora_te1_ / lora_te2_)
 
     def factor(self) -> float:
         rank = self.down.shape[0]
@@ -89,6 +98,7 @@ def read_lora(path: Path) -> dict[tuple[str, str], Pair]:
             raise LoraError(f"{path}: unrecognised LoRA tensor {key!r} (expected kohya lora_unet_/lora_te_ or "
                             "diffusers unet./text_encoder. keys)")
         pair = pairs.setdefault((model, layer), Pair())
+        pair.sdxl = pair.sdxl or key.startswith(SDXL_KOHYA)
         if part == "alpha":
             if value.numel() != 1:
                 raise LoraError(f"{path}: {model} layer {layer}: alpha has {value.numel()} values, not one")
@@ -139,6 +149,9 @@ def fuse(models: dict[str, nn.Module], pairs: dict[tuple[str, str], Pair], scale
     """Add every pair's update into the matching Linear / Conv2d weight of `models`; returns the layers changed.
 
     A layer the model does not have is an error (a LoRA for another architecture), not silently skipped."""
+    sdxl_model = "text_encoder_2" in models
+    if not sdxl_model:  # named as only SDXL LoRAs are: say so rather than fuse their CLIP ViT-L part alone
+        _refuse_sdxl([(m, k) for (m, k), p in pairs.items() if p.sdxl or m == "text_encoder_2"], source)
     targets = {}
     for model in {m for m, _ in pairs}:
         if model not in models:
@@ -147,10 +160,17 @@ def fuse(models: dict[str, nn.Module], pairs: dict[tuple[str, str], Pair], scale
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 targets[(model, name)] = module
                 targets[(model, name.replace(".", "_"))] = module  # kohya's spelling of the same path
-    missing = [f"{m}:{k}" for m, k in pairs if (m, k) not in targets]
+    if "unet" in models:  # kohya's SGM spelling (SDXL files, some SD ones) -> ours
+        layers = models["unet"].config.layers_per_block
+        pairs = {(m, _sgm_to_kohya(k, layers) if m == "unet" and (m, k) not in targets else k): p
+                 for (m, k), p in pairs.items()}
+    missing = [(m, k) for m, k in pairs if (m, k) not in targets]
+    if not sdxl_model:
+        _refuse_sdxl([(m, k) for m, k in missing if _sdxl_layer(k)], source)
     if missing:
         raise LoraError(f"{source}: {len(missing)} LoRA layer(s) match nothing in the model, e.g. "
-                        f"{', '.join(missing[:3])} (a LoRA for another architecture or layout?)")
+                        f"{', '.join(f'{m}:{k}' for m, k in missing[:3])} (a LoRA for another architecture or "
+                        "layout?)")
     with torch.no_grad():
         for key, pair in pairs.items():
             module = targets[key]
@@ -163,6 +183,36 @@ def fuse(models: dict[str, nn.Module], pairs: dict[tuple[str, str], Pair], scale
                                 f"{tuple(pair.down.shape)} do not fit the weight {tuple(module.weight.shape)}")
             module.weight += (factor * delta).to(module.weight.dtype)
     return len(pairs)
+
+
+def _refuse_sdxl(layers: list[tuple[str, str]], source: str) -> None:
+    if layers:
+        model, layer = layers[0]
+        raise LoraError(f"{source}: an SDXL LoRA (e.g. {model}:{layer}) cannot be fused into this SD 1.x/2.x model")
+
+
+def _sdxl_layer(layer: str) -> bool:
+    """A U-Net layer SDXL has and SD 1.x/2.x lack: a second transformer layer, the added embedding."""
+    return re.search(r"transformer_blocks[._][1-9]", layer) is not None or "add_embedding" in layer
+
+
+def _sgm_to_kohya(layer: str, layers_per_block: int) -> str:
+    """kohya's SDXL spelling (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`) -> ours with underscores, by the
+    single-file loader's renaming of the dotted SGM key; an unknown name comes back as is."""
+    from .weights import _unet_key
+
+    m = SGM_BLOCK.fullmatch(layer)
+    if m is None:
+        return layer
+    if m[1]:
+        rest = m[4] or ""
+        inner = SGM_RESNET.get(rest, rest)
+        key = f"{m[1]}.{m[2]}.{m[3]}." + (f"{inner}." if inner else "") + "weight"
+    elif m[5]:
+        key = f"middle_block.{m[5]}.{SGM_RESNET.get(m[6], m[6])}.weight"
+    else:
+        key = f"{m[7].replace('_0', '.0')}.{m[8]}.weight"
+    return _unet_key(key, layers_per_block).removesuffix(".weight").replace(".", "_")
 
 
 def _delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,3 +228,24 @@ def test_bad_sdxl_configs_raise_clear_errors():
         UNetConfig.from_dict({**base, "addition_time_embed_dim": None})
     with pytest.raises(ConfigError, match="mid_block_type='UNetMidBlock2DSimpleCrossAttn'"):
         UNetConfig.from_dict({**base, "mid_block_type": "UNetMidBlock2DSimpleCrossAttn"})
+
+
+@torch.no_grad()
+def test_sdxl_unet_exports_with_dynamic_batch_and_size():
+    """The added conditioning traces to ONNX without fixing the batch: traced at batch 2, run at batch 3."""
+    from test_models import export_and_run
+
+    torch.manual_seed(4)
+    unet = randomise(UNet2DConditionModel(UNetConfig.from_dict(LAYOUTS["sdxl"])), 4)
+    x = inputs(unet, batch=2)
+    names = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    args = (x["sample"], torch.tensor(1.0), x["encoder_hidden_states"], None, x["text_embeds"], x["time_ids"])
+    feed = inputs(unet, batch=3, size=(8, 12), seed=9)
+    feed["time_ids"] = torch.cat([feed["time_ids"], feed["time_ids"][:1] * 0.5])
+    dynamic = {n: {0: "B"} for n in names if n != "timestep"}
+    dynamic["sample"] = {0: "B", 2: "H", 3: "W"}
+    [out] = export_and_run(unet, args, names, ["out_sample"], dynamic,
+                           {**{k: v.numpy() for k, v in feed.items()}, "timestep": np.array(421.0, np.float32)})
+    expected = unet(feed["sample"], 421.0, feed["encoder_hidden_states"], text_embeds=feed["text_embeds"],
+                    time_ids=feed["time_ids"])
+    np.testing.assert_allclose(out, expected.numpy(), atol=TOL)
