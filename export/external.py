@@ -20,6 +20,10 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 _THRESHOLD = 1024
 
 
+def _stays_inline(length: int) -> bool:
+    return sys.getsizeof(b"") + length < _THRESHOLD
+
+
 def read_bytes(tensor: onnx.TensorProto, base: Path) -> bytes:
     """The raw bytes of an initializer, inline or from its external file."""
     if not uses_external_data(tensor):
@@ -57,10 +61,8 @@ class DataWriter:
         self.file = open(path, "ab" if append else "wb")
 
     def put(self, tensor: onnx.TensorProto, data: bytes) -> None:
-        if sys.getsizeof(data) < _THRESHOLD:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = data
+        if _stays_inline(len(data)):
+            _inline(tensor, data)
             return
         offset = self.file.tell()
         self.file.write(data)
@@ -96,7 +98,7 @@ def rewrite(model: onnx.ModelProto, src_base: Path, dst: Path, data_name: str, i
     try:
         for t in inits:
             if t.name in mine:
-                if _length(t, dst.parent) + 33 < _THRESHOLD:  # onnx would keep it inline (bytes' header counts)
+                if _stays_inline(_length(t, dst.parent)):
                     _inline(t, read_bytes(t, dst.parent))
                 continue
             if not (uses_external_data(t) or t.HasField("raw_data")):

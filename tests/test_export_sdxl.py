@@ -426,3 +426,15 @@ def test_sdxl_inpainting_folder(tmp_path):
     meta = json.loads((tmp_path / "out" / "sdonnx.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLInpaintPipeline"
     assert (meta["family"], meta["unet_in_channels"]) == ("sdxl-inpaint", 9)
+
+
+def test_random_tiny_sdxl_preset_exports(tmp_path):
+    """`sdonnx export random:tiny-sdxl` (the CLI's small SDXL) writes a loadable SDXL folder."""
+    import json
+
+    result = run_cli("random:tiny-sdxl", tmp_path / "out", "--precision", "int8")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "out" / "sdonnx.json").read_text())
+    assert meta["family"] == "sdxl" and set(meta["components"]) >= {"text_encoder_2", "unet"}
+    assert meta["components"]["text_encoder_2"]["precision"] == "int8"
+    assert (tmp_path / "out" / "tokenizer_2" / "vocab.json").is_file()
