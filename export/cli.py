@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import gc
 import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..system import peak_rss_mb
 from . import embeddings as ti, folder, lora, onnx as graphs, optimize as opt, quantize, stream, tiny_vae, verify
 
 STEPS_PER_COMPONENT = 4  # export, optimize, quantize, verify
+DISK_MARGIN = 2 * 2**30  # free disk a saved optimization must leave beside the second copy of the weights
 STREAM_PART_MB = stream.PART_BUDGET / 2**20
 
 
@@ -46,6 +48,7 @@ class ExportJob:
     stream: bool = False  # --stream: also the U-Net and VAE decoder as chains of part graphs, for --low-memory
     stream_part_mb: float = STREAM_PART_MB  # weights a part may reach by merging whole layers
     timings: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)  # the process's peak RSS (MB) when each step ended
     components: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
 
@@ -59,16 +62,18 @@ def default_out_dir(source: str, precision: str) -> Path:
 class Progress:
     """A tqdm bar over named steps that also times each step."""
 
-    def __init__(self, total: int, timings: dict, enabled: bool = True):
+    def __init__(self, total: int, timings: dict, enabled: bool = True, peaks: dict | None = None):
         self.bar = tqdm(total=total, unit="step", disable=not enabled, leave=False,
                         bar_format="{desc:<28} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
-        self.timings = timings
+        self.timings, self.peaks = timings, peaks
 
     def step(self, name: str, fn, *args, **kwargs):
         self.bar.set_description_str(name)
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         self.timings[name] = round(time.perf_counter() - start, 2)
+        if self.peaks is not None:  # the peak is monotonic: the step that raised it is where memory went
+            self.peaks[name] = round(peak_rss_mb())
         self.bar.update()
         return result
 
@@ -106,8 +111,8 @@ def _trace_and_reference(job: ExportJob, component: str, models: dict, configs, 
     return {k: v.numpy() for k, v in inputs.items()}, [o.numpy() for o in outs]
 
 
-OWNERS = {"text_encoder": "text_encoder", "unet": "unet", "unet_shallow": "unet", "vae_encoder": "vae",
-          "vae_decoder": "vae", "vae_encoder_tiny": "tiny_vae", "vae_decoder_tiny": "tiny_vae"}
+OWNERS = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_shallow": "unet",
+          "vae_encoder": "vae", "vae_decoder": "vae", "vae_encoder_tiny": "tiny_vae", "vae_decoder_tiny": "tiny_vae"}
 
 
 def _free(models: dict, component: str, components: tuple[str, ...]) -> None:
@@ -147,20 +152,25 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     adapters = [(path, scale, lora.read_lora(path)) for path, scale in job.loras]  # bad files fail before any work
     embeds = [ti.read_embedding(path, token) for path, token in job.embeddings]
     ti.check_unique(embeds)
-    parts = graphs.COMPONENTS if job.step_cache is None else graphs.STEP_CACHE_COMPONENTS
     if job.defaults.get("vae") == "tiny" and not job.tiny_vae:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
     tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
-    parts += graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
-    bar = Progress(2 + calibrate + job.stream + STEPS_PER_COMPONENT * len(parts), job.timings, progress)
+    extra = graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
+    steps = 2 + calibrate + job.stream
+    bar = Progress(steps + STEPS_PER_COMPONENT * (len(graphs.COMPONENTS) + len(extra)), job.timings, progress,
+                   job.peaks)
     try:
         with folder.atomic_folder(job.out_dir, job.force) as root:
             ckpt = bar.step("load", load_checkpoint, resolve_source(job.source), seed=job.seed,
                             prediction_type=job.prediction_type)
+            parts = graphs.components(ckpt.configs, job.step_cache is not None) + extra
+            bar.bar.total = steps + STEPS_PER_COMPONENT * len(parts)  # the checkpoint tells SDXL's extra graph
+            _check_sdxl(job, ckpt.configs)
             # a tiny VAE of another model family's latents fails here, in one line, before any export
             tiny_model = tiny_vae.build_tiny_vae(tiny, ckpt.configs.vae) if tiny is not None else None
             # what the folder will generate with: sdonnx.json's defaults, and how calibration samples
-            defaults = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm, job.defaults)
+            defaults = folder.generation_defaults(resolve_source(job.source), ckpt.configs.unet.is_lcm, job.defaults,
+                                                  sdxl=ckpt.configs.is_sdxl)
             if job.static is not None and (ckpt.configs.unet.is_lcm or defaults["guidance"] <= 1.0):
                 job.static = dataclasses.replace(job.static, batch=1)  # LCM, turbo: no [uncond, cond] batch
             models = bar.step("build models", build_models, ckpt)
@@ -188,7 +198,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                                      work / c / "raw" / "model.onnx")
                 _free(models, c, parts)
             for c in parts:
-                bar.step(f"optimize {c}", _optimize, work / c)
+                bar.step(f"optimize {c}", _optimize, job, c, work / c)
             calibration = {"unet": feeds}  # static int8's inputs of each graph it quantizes
             if feeds is not None and tiny_model is not None:
                 t = tiny_model.config
@@ -199,8 +209,10 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                                   work / c / "opt" / "model.onnx", root / c / "model.onnx", job.int8_scheme,
                                   calibration.get(c))
                 job.components[c] = {"precision": scheme.precision, "quantization": quantize.notes(c, scheme)}
+                _remove(work / c)  # its float copy: the disk holds one large graph's twice at most
             _remove(work)
-            graphs.split_hidden_states(root / "text_encoder" / "model.onnx")
+            if not ckpt.configs.is_sdxl:  # optimum's SD text encoder has two outputs; its SDXL ones all (as ours)
+                graphs.split_hidden_states(root / "text_encoder" / "model.onnx")
             step_cache = None
             if job.step_cache is not None:
                 _, features = graphs.split_features(root / "unet" / "model.onnx")
@@ -211,7 +223,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             streamed = (bar.step("stream", _stream, root, checks, int(job.stream_part_mb * 2**20))
                         if job.stream else None)
             job.timings["total"] = round(time.perf_counter() - start, 2)
-            report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "warnings": job.warnings,
+            report = {"timings_s": job.timings, "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_after": job.peaks,
+                      "warnings": job.warnings,
                       "precision": job.precision, "torch": torch.__version__, "opset": graphs.OPSET,
                       "attention": job.attention, "loras": fused}
             tiny_entry = None if tiny_model is None else folder.write_tiny_vae(root, tiny_model.config, job.tiny_vae)
@@ -223,11 +236,26 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                 components=job.components, report=report, step_cache=step_cache,
                 defaults=defaults, tiny_vae=tiny_entry, final_norm=final_norm, added_tokens=added,
                 embeddings=[e.record() for e in embeds],
-                stream=streamed,
+                stream=streamed, tokenizer_2_dir=_tokenizer_2(ckpt),
                 static=None if job.static is None else
                 {"batch": job.static.batch, "height": job.static.height, "width": job.static.width})
     finally:
         bar.close()
+
+
+def _tokenizer_2(ckpt) -> Path | None:
+    path = getattr(ckpt, "tokenizer_2_dir", None)
+    return None if path is None else Path(path)
+
+
+def _check_sdxl(job: ExportJob, configs) -> None:
+    """What an SDXL export cannot do yet: one line each, before any work."""
+    if not configs.is_sdxl:
+        return
+    if job.embeddings:
+        raise ValueError("--embedding is not supported for SDXL yet (its embeddings hold a vector per text encoder)")
+    if job.stream:
+        raise ValueError("--stream is not supported for SDXL yet: export it without --stream")
 
 
 def _check_attention(job: ExportJob) -> None:
@@ -264,19 +292,32 @@ def _calibration(models: dict, ckpt, job: ExportJob, defaults: dict) -> list[dic
     hw = (side, side) if job.static is None else graphs.trace_shape("unet", ckpt.configs, job.static)[1]
     few = defaults["steps"] <= FEW_STEPS
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
+    # SDXL's time ids: the size the folder generates at by default (diffusers' default ids), not the smaller
+    # calibration latents'
+    image_hw = (defaults.get("height"), defaults.get("width"))
+    pixels = (ckpt.configs.unet.sample_size or 0) * ckpt.configs.vae.downscale
+    image_hw = tuple(v or pixels for v in image_hw) if pixels else None
     return quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched,
                                       guidance=defaults["guidance"], latent_hw=hw,
-                                      sampler=defaults["scheduler"] if few else None, steps=FEW_STEPS if few else 10)
+                                      sampler=defaults["scheduler"] if few else None, steps=FEW_STEPS if few else 10,
+                                      tokenizer_2_dir=_tokenizer_2(ckpt), image_hw=image_hw)
 
 
-def _optimize(work: Path) -> None:
+def _optimize(job: ExportJob, component: str, work: Path) -> None:
+    """ORT's basic optimizations, saved; a graph whose weights would not fit the disk twice keeps its traced form
+    (ONNX Runtime applies the same optimizations when it loads the graph: only that work is not saved)."""
+    data = work / "raw" / graphs.EXTERNAL_DATA_NAME
+    need = data.stat().st_size if data.exists() else 0
+    if need and shutil.disk_usage(work).free < need + DISK_MARGIN:
+        (work / "raw").rename(work / "opt")
+        job.warnings.append(f"{component}: offline graph optimization skipped: it needs {need / 2**30:.1f} GiB more "
+                            f"disk, {shutil.disk_usage(work).free / 2**30:.1f} GiB free")
+        return
     opt.optimize(work / "raw" / "model.onnx", work / "opt" / "model.onnx")
     _remove(work / "raw")
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -399,7 +440,7 @@ def export(source: str, out_dir: Path | None, precision: str, force: bool, stati
            stream_unet: bool, stream_part_mb: float,
            quiet: bool) -> None:
     """Export SOURCE (diffusers folder, .safetensors/.ckpt file, random:sd15, random:sd15-lcm, random:sd21,
-    random:sd-turbo, tiny) to ONNX."""
+    random:sd-turbo, random:sdxl, random:sdxl-turbo, tiny) to ONNX."""
     try:
         quantize.check_options(precision, int8_scheme)  # before the default OUT_DIR is named after the precision
         job = ExportJob(source, out_dir or default_out_dir(source, precision), precision, force,

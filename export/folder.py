@@ -146,14 +146,16 @@ def _finite(value):
 def write_configs(root: Path, configs: ModelConfigs) -> None:
     """config.json per component, in the diffusers/transformers format optimum reads."""
     write_json(root / "text_encoder" / "config.json", configs.clip.to_dict())
+    if configs.clip2 is not None:
+        write_json(root / "text_encoder_2" / "config.json", configs.clip2.to_dict(projection=True))
     write_json(root / "unet" / "config.json", configs.unet.to_dict())
     for part in ("vae_encoder", "vae_decoder"):
         write_json(root / part / "config.json", configs.vae.to_dict())
 
 
-def copy_tokenizer(src: Path, root: Path) -> Path:
-    """Copy the CLIP tokenizer files; vocab.json and merges.txt are required."""
-    dst = root / "tokenizer"
+def copy_tokenizer(src: Path, root: Path, name: str = "tokenizer") -> Path:
+    """Copy the CLIP tokenizer files into root/name; vocab.json and merges.txt are required."""
+    dst = root / name
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
@@ -184,6 +186,8 @@ def model_index(unet: UNetConfig, scheduler_class: str) -> dict:
 
     The pipeline class follows the U-Net's kind: diffusers runs an LCM U-Net (guidance as an input) with its LCM
     pipeline, and has no LCM inpainting pipeline."""
+    if unet.is_sdxl:
+        return sdxl_model_index(unet, scheduler_class)
     pipeline = "StableDiffusionPipeline"
     if unet.is_inpaint:
         pipeline = "StableDiffusionInpaintPipeline"
@@ -194,6 +198,20 @@ def model_index(unet: UNetConfig, scheduler_class: str) -> dict:
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
         "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def sdxl_model_index(unet: UNetConfig, scheduler_class: str) -> dict:
+    """model_index.json of an SDXL folder (two text encoders; an empty negative prompt means zero embeddings, as
+    in SDXL base's own index). diffusers has no SDXL LCM pipeline: an LCM U-Net runs in the plain one."""
+    return {
+        "_class_name": "StableDiffusionXLInpaintPipeline" if unet.is_inpaint else "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.35.2", "feature_extractor": [None, None], "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None], "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
 
@@ -244,11 +262,12 @@ def parse_defaults(text: str) -> dict:
     return out
 
 
-def generation_defaults(source: str, lcm: bool, overrides: dict | None = None) -> dict:
+def generation_defaults(source: str, lcm: bool, overrides: dict | None = None, sdxl: bool = False) -> dict:
     """Steps, guidance and scheduler for sdonnx.json: the defaults table's row for the model (a random preset's own,
     else the U-Net kind's), overridden by what the source folder suggests, then by `overrides` (export --defaults)."""
     preset = source[len("random:"):] if source.startswith("random:") else None
-    row = DEFAULTS[PRESET_DEFAULTS.get(preset, "lcm" if lcm else "sd")]
+    kind = "lcm" if lcm else "sdxl" if sdxl and "sdxl" in DEFAULTS else "sd"
+    row = DEFAULTS[PRESET_DEFAULTS.get(preset, kind)]
     return {"steps": row.steps, "guidance": row.guidance, "scheduler": row.scheduler, **source_defaults(source),
             **(overrides or {})}
 
@@ -281,7 +300,8 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
                    configs: ModelConfigs, scheduler_config: dict, tokenizer_dir: Path, components: dict,
                    static: dict | None, report: dict, defaults: dict, step_cache: dict | None = None,
                    tiny_vae: dict | None = None, final_norm: dict | None = None, added_tokens: dict | None = None,
-                   embeddings: list | None = None, stream: dict | None = None) -> dict:
+                   embeddings: list | None = None, stream: dict | None = None,
+                   tokenizer_2_dir: Path | None = None) -> dict:
     """Write tokenizer/, scheduler/, config.json files, model_index.json and, last, sdonnx.json.
 
     `defaults`: steps, guidance and scheduler (generation_defaults); the image size is the model's.
@@ -289,10 +309,15 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
     `final_norm`: the text encoder's final LayerNorm (weight, bias, eps) for clip skip.
     `added_tokens` ({token: id}) and `embeddings` (their records): textual-inversion tokens (embeddings.py).
     `stream`: the streamed U-Net's entry (export --stream): its part files in running order, their inputs and outputs.
+    `tokenizer_2_dir`: SDXL's second tokenizer (required for SDXL).
     """
     from .embeddings import write_tokens
 
     copy_tokenizer(tokenizer_dir, root)
+    if configs.is_sdxl:
+        if tokenizer_2_dir is None:
+            raise ValueError("an SDXL checkpoint needs its second tokenizer (tokenizer_2)")
+        copy_tokenizer(tokenizer_2_dir, root, "tokenizer_2")
     if added_tokens:
         write_tokens(root / "tokenizer", added_tokens)
     if final_norm is not None:
@@ -309,6 +334,8 @@ def write_metadata(root: Path, *, version: str, source: str, family: str, predic
         "unet_in_channels": configs.unet.in_channels, "vae_scale_factor": scale,
         "scaling_factor": configs.vae.scaling_factor, "sample_size": pixels,
         "tokenizer": {"pad_token_id": pad_token_id(root / "tokenizer"), "max_length": 77},
+        **({"tokenizer_2": {"pad_token_id": pad_token_id(root / "tokenizer_2"), "max_length": 77}}
+           if configs.is_sdxl else {}),
         "files": file_table(root), "components": components,
         "guidance_embedding_dim": configs.unet.time_cond_proj_dim,
         "defaults": dict(defaults, width=(static or {}).get("width", pixels),

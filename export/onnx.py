@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from . import external
 from .models.config import ModelConfigs, TinyVAEConfig
 from .models.layers import Attention, merge_heads, split_heads
 
@@ -20,6 +21,8 @@ TEXT_LENGTH = 77
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # with the step cache: the shallow graph, and the full U-Net's second graph file that also hands out deep features
 STEP_CACHE_COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_encoder", "vae_decoder")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SDXL has the second (projected) one
+SDXL_INPUTS = ("text_embeds", "time_ids")  # SDXL's added conditioning: pooled text, (h, w, top, left, h, w)
 # with --tiny-vae: TAESD's graphs beside the full VAE's, with the same input and image conventions
 TINY_VAE_COMPONENTS = ("vae_encoder_tiny", "vae_decoder_tiny")
 FEATURES_FILE = "model_features.onnx"
@@ -52,41 +55,50 @@ class Static:
         return cls(w, h)
 
 
-class UNetGraph(nn.Module):
-    """(sample, timestep [], encoder_hidden_states[, timestep_cond]) -> out_sample"""
+class _UNetWrapper(nn.Module):
+    """Base of the U-Net graphs: inputs after the fixed ones (`extra`: text_embeds, time_ids of SDXL, timestep_cond
+    of LCM, in signature order) arrive by position when traced and by name when checked."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, extra: tuple[str, ...] = ()):
         super().__init__()
-        self.unet = unet
+        self.unet, self.extra = unet, extra
+
+    def added(self, args: tuple, named: dict) -> dict:
+        return {**dict(zip(self.extra, args)), **named}
+
+
+class UNetGraph(_UNetWrapper):
+    """(sample, timestep [], encoder_hidden_states[, text_embeds, time_ids][, timestep_cond]) -> out_sample"""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                timestep_cond: torch.Tensor | None = None):
-        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
+                *extra: torch.Tensor, **named: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states, **self.added(extra, named))
 
 
-class UNetFeaturesGraph(nn.Module):
-    """(sample, timestep [], encoder_hidden_states) -> (out_sample, deep_features) for the step cache"""
+class UNetFeaturesGraph(_UNetWrapper):
+    """(sample, timestep [], encoder_hidden_states, ...) -> (out_sample, deep_features) for the step cache"""
 
-    def __init__(self, unet: nn.Module, depth: int):
-        super().__init__()
-        self.unet, self.depth = unet, unet.check_cache_depth(depth)
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                timestep_cond: torch.Tensor | None = None):
-        return self.unet.forward_with_features(sample, timestep, encoder_hidden_states, self.depth, timestep_cond)
-
-
-class UNetShallowGraph(nn.Module):
-    """(sample, timestep [], encoder_hidden_states, deep_features) -> out_sample: the cached steps (DeepCache)"""
-
-    def __init__(self, unet: nn.Module, depth: int):
-        super().__init__()
-        self.unet, self.depth = unet, unet.check_cache_depth(depth)
+    def __init__(self, unet: nn.Module, depth: int, extra: tuple[str, ...] = ()):
+        super().__init__(unet, extra)
+        self.depth = unet.check_cache_depth(depth)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                deep_features: torch.Tensor, timestep_cond: torch.Tensor | None = None):
+                *extra: torch.Tensor, **named: torch.Tensor):
+        return self.unet.forward_with_features(sample, timestep, encoder_hidden_states, self.depth,
+                                               **self.added(extra, named))
+
+
+class UNetShallowGraph(_UNetWrapper):
+    """(sample, timestep [], encoder_hidden_states, deep_features, ...) -> out_sample: the cached steps (DeepCache)"""
+
+    def __init__(self, unet: nn.Module, depth: int, extra: tuple[str, ...] = ()):
+        super().__init__(unet, extra)
+        self.depth = unet.check_cache_depth(depth)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                deep_features: torch.Tensor, *extra: torch.Tensor, **named: torch.Tensor):
         return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, deep_features, self.depth,
-                                         timestep_cond)
+                                         **self.added(extra, named))
 
 
 class OneInputGraph(nn.Module):
@@ -179,30 +191,50 @@ SIGNATURES = {
 }
 
 
-def text_encoder_signature(layers: int) -> Signature:
+def components(configs: ModelConfigs, step_cache: bool = False) -> tuple[str, ...]:
+    """The graphs a checkpoint exports: SDXL's second text encoder after the first."""
+    parts = STEP_CACHE_COMPONENTS if step_cache else COMPONENTS
+    if configs.is_sdxl:
+        parts = (parts[0], "text_encoder_2", *parts[1:])
+    return parts
+
+
+def text_encoder_signature(layers: int, component: str = "text_encoder") -> Signature:
     """optimum's text-encoder signature plus `hidden_states.0` (the embeddings) .. `hidden_states.{layers}` (the
     last layer before the final norm), the names optimum gives them in SDXL's encoders; clip skip reads them.
-    The folder's model.onnx keeps optimum's two outputs (split_hidden_states)."""
+    An SD folder's model.onnx keeps optimum's two outputs (split_hidden_states); SDXL's keep them all, as optimum's.
+    text_encoder_2 (CLIPTextModelWithProjection) starts with the projected pooled output, text_embeds."""
     sig = SIGNATURES["text_encoder"]
+    if component == "text_encoder_2":
+        sig = Signature(sig.inputs, ("text_embeds", "last_hidden_state"),
+                        {"input_ids": {0: "batch_size"}, "text_embeds": {0: "batch_size"},
+                         "last_hidden_state": {0: "batch_size"}})
     states = tuple(f"hidden_states.{k}" for k in range(layers + 1))
     return Signature(sig.inputs, sig.outputs + states,
                      {**sig.dynamic_axes, **{name: {0: "batch_size"} for name in states}})
 
 
+def unet_extra_inputs(cfg) -> tuple[str, ...]:
+    """The U-Net graph's inputs after sample, timestep, encoder_hidden_states (and deep_features), in order."""
+    return (SDXL_INPUTS if cfg.is_sdxl else ()) + (("timestep_cond",) if cfg.is_lcm else ())
+
+
 def wrap(component: str, models: dict[str, nn.Module], cache_depth: int | None = None) -> nn.Module:
-    """The export wrapper of `component` around our PyTorch models ({"text_encoder", "vae", "unet"}).
+    """The export wrapper of `component` around our PyTorch models ({"text_encoder", "text_encoder_2", "vae",
+    "unet"}).
 
     With a step-cache depth, `unet` also returns the deep features and `unet_shallow` is the cached-step graph."""
+    extra = unet_extra_inputs(models["unet"].config) if component.startswith("unet") else ()
     if component == "unet" and cache_depth is not None:
-        return UNetFeaturesGraph(models["unet"], cache_depth).eval()
+        return UNetFeaturesGraph(models["unet"], cache_depth, extra).eval()
     if component == "unet_shallow":
         if cache_depth is None:
             raise ValueError("unet_shallow needs a step-cache depth")
-        return UNetShallowGraph(models["unet"], cache_depth).eval()
-    if component == "text_encoder":  # input_ids -> (last_hidden_state, pooler_output, hidden_states.0, ...)
-        return OneInputGraph(models["text_encoder"], lambda te, ids: te.forward_all(ids)).eval()
+        return UNetShallowGraph(models["unet"], cache_depth, extra).eval()
+    if component in TEXT_ENCODERS:  # input_ids -> (optimum's outputs, hidden_states.0, ...)
+        return OneInputGraph(models[component], lambda te, ids: te.forward_all(ids)).eval()
     if component == "unet":
-        return UNetGraph(models["unet"]).eval()
+        return UNetGraph(models["unet"], extra).eval()
     if component == "vae_encoder":  # image in [-1, 1] -> concat(mean, logvar) on channels, as optimum exports it
         return OneInputGraph(models["vae"], lambda vae, x: torch.cat(vae.encode(x), dim=1)).eval()
     if component in ("vae_decoder", "vae_decoder_tiny"):  # raw latents -> image in [-1, 1]
@@ -226,8 +258,8 @@ def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: 
     h, w = latent_hw
     scale = configs.vae.downscale
     lat_ch = configs.vae.latent_channels
-    if component == "text_encoder":
-        clip = configs.clip
+    if component in TEXT_ENCODERS:
+        clip = configs.clip if component == "text_encoder" else configs.clip2
         ids = torch.randint(0, clip.vocab_size - 2, (batch, TEXT_LENGTH), generator=g)
         ids[:, 0] = clip.bos_token_id
         ids[:, TEXT_LENGTH // 2:] = clip.eos_token_id  # a prompt padded with the end token
@@ -237,6 +269,10 @@ def sample_inputs(component: str, configs: ModelConfigs, batch: int, latent_hw: 
                   "timestep": torch.tensor(981.0),
                   "encoder_hidden_states": torch.randn(batch, text_length, configs.unet.cross_attention_dim,
                                                        generator=g)}
+        if configs.unet.is_sdxl:  # the pooled text, and diffusers' default time ids (h, w, 0, 0, h, w) in pixels
+            inputs["text_embeds"] = torch.randn(batch, configs.unet.text_embeds_dim, generator=g)
+            size = [float(h * scale), float(w * scale)]
+            inputs["time_ids"] = torch.tensor([size + [0.0, 0.0] + size]).repeat(batch, 1)
         if configs.unet.is_lcm:  # a guidance embedding has values in [-1, 1]
             inputs["timestep_cond"] = torch.rand(batch, configs.unet.time_cond_proj_dim, generator=g) * 2 - 1
         return inputs
@@ -287,12 +323,12 @@ def export_component(component: str, module: nn.Module, inputs: dict[str, torch.
     """Trace `module` with `inputs` into `path` (external data when large); returns path.
 
     `component` names the signature: a graph name, or `unet_features` for the U-Net with deep features."""
-    sig = SIGNATURES[component]
-    if component == "text_encoder":
-        sig = text_encoder_signature(module.module.config.num_hidden_layers)
-    if "timestep_cond" in inputs:  # an LCM U-Net's guidance embedding, after the usual inputs
-        sig = Signature(sig.inputs + ("timestep_cond",), sig.outputs,
-                        {**sig.dynamic_axes, "timestep_cond": {0: "batch_size"}})
+    sig = SIGNATURES.get(component)
+    if component in TEXT_ENCODERS:
+        sig = text_encoder_signature(module.module.config.num_hidden_layers, component)
+    extra = tuple(n for n in (*SDXL_INPUTS, "timestep_cond") if n in inputs)  # after the usual inputs
+    if extra:  # SDXL's added conditioning, an LCM U-Net's guidance embedding
+        sig = Signature(sig.inputs + extra, sig.outputs, {**sig.dynamic_axes, **{n: {0: "batch_size"} for n in extra}})
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.parent / "_trace"
     scratch.mkdir(exist_ok=True)
@@ -302,8 +338,9 @@ def export_component(component: str, module: nn.Module, inputs: dict[str, torch.
         torch.onnx.export(module, tuple(inputs[n] for n in sig.inputs), str(raw), input_names=list(sig.inputs),
                           output_names=list(sig.outputs), dynamic_axes=None if static else sig.dynamic_axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    # the TorchScript exporter scatters >2 GB weights over one file per tensor: gather them into one
-    save_model(onnx.load(str(raw)), path)
+    # the TorchScript exporter scatters >2 GB weights over one file per tensor: gather them into one, tensor by
+    # tensor (loading them would hold the weights twice while the PyTorch module still holds them once)
+    external.gather(raw, path, EXTERNAL_DATA_NAME, EXTERNAL_DATA_BYTES)
     shutil.rmtree(scratch)
     return path
 

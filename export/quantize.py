@@ -24,9 +24,10 @@ FP16_KEEP_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalizat
                  "Sqrt", "Erf", "Exp", "Range", "Resize", "Upsample", "CumSum", "Min", "Max", "ArgMax")
 FP16_KEEP_OPS_SD2 = FP16_KEEP_OPS + ("Softmax",)
 
-# Layers left in float: the time embedding (its error reaches every resnet), its per-block projection, and the
-# first and last convolutions (they see the raw latents and write the prediction itself)
-INT8_KEEP_NODES = re.compile(r"time_embedding|time_emb_proj|/conv_in/|/conv_out/")
+# Layers left in float: the time embedding and SDXL's added (text and size) embedding summed into it (their error
+# reaches every resnet), its per-block projection, and the first and last convolutions (they see the raw latents
+# and write the prediction itself)
+INT8_KEEP_NODES = re.compile(r"time_embedding|add_embedding|time_emb_proj|/conv_in/|/conv_out/")
 # Convolutions static QDQ leaves float: those reading the un-normalised residual stream (resnet shortcuts, down-
 # and upsamplers, the attention blocks' output projections). Its outlier channels stretch a per-tensor uint8
 # range until the ordinary values round away: on the tiny U-Net, quantizing any one of these alone cost its
@@ -202,7 +203,15 @@ def to_int8_dynamic(src: Path, dst: Path, reduce_range: bool = True) -> Path:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from . import dynamic_int8, onnx as graphs
+
     exclude = int8_nodes_to_exclude(onnx.load(str(src), load_external_data=False))
+    if reduce_range and (src.parent / EXTERNAL_DATA_NAME).exists():
+        # a large graph: the same result with one weight in memory instead of the model three times over
+        try:
+            return dynamic_int8.quantize(src, dst, exclude, EXTERNAL_DATA_NAME, graphs.EXTERNAL_DATA_BYTES)
+        except dynamic_int8.Unsupported:
+            pass
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns about pre-processing on every call
     try:
@@ -343,7 +352,8 @@ def _fold_size(feeds: int, most: int = 4) -> int:
 
 def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_config: dict,
                       prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = 10, guidance: float | None = None,
-                      latent_hw: tuple = (32, 32), seed: int = 0, sampler: str | None = None) -> list[dict]:
+                      latent_hw: tuple = (32, 32), seed: int = 0, sampler: str | None = None,
+                      tokenizer_2_dir: Path | None = None, image_hw: tuple | None = None) -> list[dict]:
     """U-Net inputs recorded along sampling runs of our own PyTorch models, one run per prompt.
 
     The runs are the runtime's own loop (sdonnx.sampling) with the PyTorch U-Net behind its model callables, so
@@ -352,12 +362,12 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
     samples its own way (its table row: LCM sampler, 4 steps), with the guidance scale as its input. The
     activation ranges come from the latents sampling really visits (on the tiny model, calibrating on noised
     synthetic images instead left its int8 U-Net 4 points further from fp32 in shape accuracy).
-    guidance: the defaults table's for the U-Net kind when None."""
+    guidance: the defaults table's for the U-Net kind when None. SDXL: both text encoders (tokenizer_2_dir), and
+    time ids (h, w, 0, 0, h, w) of `image_hw` (pixels; default: the latents' size)."""
     import torch
     from sdonnx import sampling
     from sdonnx.model import DEFAULTS
     from sdonnx.schedulers import create
-    from sdonnx.tokenizer import CLIPTokenizer
 
     unet_cfg = configs.unet
     row = DEFAULTS["lcm" if unet_cfg.is_lcm else "sd"]
@@ -365,20 +375,51 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
         sampler, steps = row.scheduler, row.steps
     name = sampler or "ddim"
     w, inputs = sampling.conditioning(row.guidance if guidance is None else guidance, unet_cfg.time_cond_proj_dim, 1)
-    tokenize = CLIPTokenizer.from_dir(tokenizer_dir)
+    encode = _prompt_encoder(models, configs, tokenizer_dir, tokenizer_2_dir,
+                             image_hw or tuple(v * configs.vae.downscale for v in latent_hw))
     rng = np.random.default_rng(seed)
     feeds: list[dict] = []
     unet = _recording(models["unet"], feeds)
     with torch.no_grad():
         for prompt in prompts:
-            ids = tokenize([prompt] if w <= 1.0 else ["", prompt])
-            context = models["text_encoder"](torch.from_numpy(ids))[0].numpy()
+            context, added = encode(prompt, w > 1.0)
             sched = create(name, scheduler_config, steps)
             x = rng.standard_normal((1, unet_cfg.out_channels, *latent_hw)).astype(np.float32)
             extra = _inpainting_inputs(models, configs, rng, *latent_hw) if unet_cfg.is_inpaint else None
             start = sampling.Start(0, x * np.float32(sched.init_noise_sigma), extra=extra)
-            sampling.denoise(sched, start, sampling.every_step(sampling.guided(unet, context, w, **inputs)), rng)
+            call = sampling.guided(unet, context, w, **inputs, **added)
+            sampling.denoise(sched, start, sampling.every_step(call), rng)
     return feeds
+
+
+def _prompt_encoder(models: dict, configs, tokenizer_dir: Path, tokenizer_2_dir: Path | None, image_hw: tuple):
+    """prompt, guided -> (encoder_hidden_states, constant U-Net inputs) as the runtime makes them: SD's last hidden
+    state of ["", prompt]; SDXL's penultimate hidden states of both encoders joined, the second's pooled text_embeds
+    and the time ids, with zeros for the empty negative prompt (force_zeros_for_empty_prompt)."""
+    import torch
+    from sdonnx.tokenizer import CLIPTokenizer
+
+    tokenize = CLIPTokenizer.from_dir(tokenizer_dir)
+    if not configs.is_sdxl:
+        def sd(prompt: str, guided: bool) -> tuple[np.ndarray, dict]:
+            ids = tokenize(["", prompt] if guided else [prompt])
+            return models["text_encoder"](torch.from_numpy(ids))[0].numpy(), {}
+        return sd
+
+    tokenize_2 = CLIPTokenizer.from_dir(tokenizer_2_dir)
+    h, w = image_hw
+    time_ids = np.array([[h, w, 0, 0, h, w]], np.float32)
+
+    def sdxl(prompt: str, guided: bool) -> tuple[np.ndarray, dict]:
+        first = models["text_encoder"].forward_all(torch.from_numpy(tokenize([prompt])))
+        second = models["text_encoder_2"].forward_all(torch.from_numpy(tokenize_2([prompt])))
+        context = torch.cat([first[-2], second[-2]], dim=-1).numpy()
+        pooled = second[0].numpy()
+        if guided:
+            context = np.concatenate([np.zeros_like(context), context])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
+        return context, {"text_embeds": pooled, "time_ids": np.repeat(time_ids, len(pooled), axis=0)}
+    return sdxl
 
 
 def _recording(unet, feeds: list[dict]):
