@@ -62,7 +62,7 @@ def cli_error(result, *words: str) -> str:
 
 SDXL_TASKS = {"sdxl": "text-to-image", "sdxl-inpaint": "inpainting"}
 # who writes a tiny SDXL ONNX folder; the SDXL tests run on each ("sdonnx", our own export, joins when it exists)
-SDXL_EXPORTERS = ("optimum",)
+SDXL_EXPORTERS = ("sdonnx", "optimum")
 
 
 def tiny_sdxl_folders(family: str, base: Path, exporter: str = "optimum", build=None) -> tuple[Path, Path]:
@@ -74,9 +74,19 @@ def tiny_sdxl_folders(family: str, base: Path, exporter: str = "optimum", build=
 
         (build or (lambda folder: save_pipeline(folder, family)))(pt)
     if not (onnx / "model_index.json").is_file():
-        if exporter != "optimum":
-            raise ValueError(f"unknown SDXL exporter {exporter!r}")
-        from optimum.exporters.onnx import main_export
+        if exporter == "sdonnx":
+            from click.testing import CliRunner
 
-        main_export(str(pt), str(onnx), task=SDXL_TASKS.get(family, "text-to-image"))
+            from sdonnx.export.cli import export
+
+            # a turbo folder is exported as a user of a real one would: with its generation defaults
+            turbo = ["--defaults", "steps=1,guidance=0,scheduler=euler_a"] if family.endswith("-turbo") else []
+            result = CliRunner().invoke(export, [str(pt), str(onnx), "--precision", "fp32", *turbo, "--quiet"])
+            assert result.exit_code == 0, result.output
+        elif exporter == "optimum":
+            from optimum.exporters.onnx import main_export
+
+            main_export(str(pt), str(onnx), task=SDXL_TASKS.get(family, "text-to-image"))
+        else:
+            raise ValueError(f"unknown SDXL exporter {exporter!r}")
     return pt, onnx

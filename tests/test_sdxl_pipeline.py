@@ -114,16 +114,18 @@ def close(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 # ---- the folder ---------------------------------------------------------------------------------------------
 
-def test_folder_reads_as_sdxl(xl, xl_inpaint):
+def test_folder_reads_as_sdxl(xl, xl_inpaint, sdxl_exporter):
     pt, onnx, pipe, ref = xl
     info = pipe.info
     assert (info.family, info.is_sdxl, info.is_inpaint) == ("sdxl", True, False)
     assert (xl_inpaint[2].info.family, xl_inpaint[2].info.is_inpaint) == ("sdxl-inpaint", True)
     assert "text_encoder_2" in info.components and info.scaling_factor == pytest.approx(0.13025)
     assert info.force_zeros_for_empty_prompt
-    d = info.defaults  # the SDXL row (its guidance), with the folder's size and scheduler
-    assert (d.steps, d.guidance, d.scheduler, d.width) == (DEFAULTS["sdxl"].steps, DEFAULTS["sdxl"].guidance, "euler",
-                                                          SIZE)
+    # the SDXL row (its guidance) with the folder's size; optimum's folder runs its own scheduler, ours the row's
+    d = info.defaults
+    scheduler = DEFAULTS["sdxl"].scheduler if sdxl_exporter == "sdonnx" else "euler"
+    assert (d.steps, d.guidance, d.scheduler, d.width) == (DEFAULTS["sdxl"].steps, DEFAULTS["sdxl"].guidance,
+                                                          scheduler, SIZE)
     assert DEFAULTS["sdxl"].width == DEFAULTS["sdxl"].height == 1024
     assert pipe.tokenizer_2.pad_id == ref.tokenizer_2.pad_token_id != pipe.tokenizer.pad_id  # "!"
     theirs = ref.tokenizer_2(PROMPT, padding="max_length", max_length=77).input_ids
@@ -208,6 +210,10 @@ def test_empty_negative_prompt_is_encoded_without_force_zeros(xl, tmp_path):
     shutil.copytree(onnx, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    if (folder / "sdonnx.json").is_file():  # our folder records its files' sizes: this edit is deliberate
+        meta = json.loads((folder / "sdonnx.json").read_text())
+        del meta["files"]["model_index.json"]
+        (folder / "sdonnx.json").write_text(json.dumps(meta))
     pipe = Pipeline.load(folder)
     assert not pipe.info.force_zeros_for_empty_prompt
     ref.register_to_config(force_zeros_for_empty_prompt=False)
