@@ -41,9 +41,12 @@ def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2
                 t = torch.tensor(500.0)
                 # an LCM U-Net's guidance input (a [batch, 256] projection: a negligible share of the FLOPs)
                 cond = torch.empty(batch, cfg.time_cond_proj_dim) if cfg.is_lcm else None
+                # SDXL's pooled text and size conditioning (its addition embedding: also negligible)
+                added = dict(text_embeds=torch.empty(batch, cfg.text_embeds_dim),
+                             time_ids=torch.empty(batch, 6)) if cfg.is_sdxl else {}
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
-                unet(x, t, ctx, cond)
+                unet(x, t, ctx, cond, **added)
             counts = counter.get_flop_counts()
             by_op = {str(k).split(".")[-1]: int(v) for k, v in counts["Global"].items()}
             conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
