@@ -31,6 +31,7 @@ FOLDERS = {
     # quantization of the 2.6e9-parameter U-Net would take hours on two cores
     "openvino-fp16": "openvino-fp16",
     "openvino-int8w": "openvino-int8w",
+    "openvino-int8w-tiny": "openvino-int8w-tiny",
     "taesd": "taesd",  # a tiny VAE (diffusers AutoencoderTiny folder, random TAESD): the --weights sd-turbo runs
     "optimum-fp32-tiny": "optimum-fp32-tiny",  # optimum's folder with the tiny VAE's graphs as its VAE
     # the OpenVINO folders with those graphs converted to IR as their VAE (openvino_tiny_vae.py, in the venv)
@@ -45,7 +46,8 @@ LDM = "ldm"  # the LDM checkpoint's folder in the work folder (ldm/model.safeten
 # a tiny-VAE folder -> the folders it is made from (the other one's VAE replaced by our export's tiny graphs)
 TINY_FROM = {"optimum-fp32-tiny": ("optimum-fp32", "sdonnx-fp32"),
              "openvino-fp32-tiny": ("openvino-fp32", "sdonnx-fp32"),
-             "openvino-int8-tiny": ("openvino-int8", "sdonnx-fp32")}
+             "openvino-int8-tiny": ("openvino-int8", "sdonnx-fp32"),
+             "openvino-int8w-tiny": ("openvino-int8w", "sdonnx-fp32")}
 RECORD = "prepare.json"  # in the work folder: how long each folder took to make, and its process's peak RSS
 # the sdonnx command of this interpreter: `sdonnx` on PATH may be absent (a venv not activated) or another install's
 SDONNX = [sys.executable, "-m", "sdonnx"]
@@ -262,8 +264,13 @@ def _openvino_formats(work: Path, paths: dict[str, Path]) -> None:
 def _openvino(work: Path, paths: dict[str, Path]) -> None:
     """The OpenVINO folders, each made by the OpenVINO venv (peers.py) into a temporary folder first."""
     _openvino_formats(work, paths)
-    if "openvino-fp32" not in paths and "openvino-int8" not in paths:
-        return
+    if "openvino-fp32" in paths or "openvino-int8" in paths:
+        _openvino_quantized(work, paths)
+    _openvino_tiny(work, paths)
+
+
+def _openvino_quantized(work: Path, paths: dict[str, Path]) -> None:
+    """The fp32 IR, and NNCF's hybrid int8 made from it."""
     src = paths["weights"]
     python = peers.interpreter("openvino-fp32")
     fp32 = paths.get("openvino-fp32") or work / FOLDERS["openvino-fp32"]  # the int8 folder is made from it
@@ -284,11 +291,17 @@ def _openvino(work: Path, paths: dict[str, Path]) -> None:
         made = _run([python, str(Path(__file__).with_name("openvino_int8.py")), str(fp32), str(out), *prompts],
                     work / "export-openvino-int8.log", env)
         _record(work, "openvino-int8", made and {**made, "after": "openvino-fp32"})
-    for name in ("openvino-fp32-tiny", "openvino-int8-tiny"):
+
+
+def _openvino_tiny(work: Path, paths: dict[str, Path]) -> None:
+    """The IR folders whose VAE is our export's tiny one, converted to IR (openvino_tiny_vae.py)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name in ("openvino-fp32-tiny", "openvino-int8-tiny", "openvino-int8w-tiny"):
         out = paths.get(name)
         if out is not None and not (out / "model_index.json").is_file():
             base, ours = (paths[k] for k in TINY_FROM[name])
-            made = _run([python, str(Path(__file__).with_name("openvino_tiny_vae.py")), str(base), str(ours), str(out)],
+            made = _run([peers.interpreter(name), str(Path(__file__).with_name("openvino_tiny_vae.py")), str(base),
+                         str(ours), str(out)],
                         work / f"export-{name}.log", env)
             _record(work, name, made and {**made, "after": base.name})
 

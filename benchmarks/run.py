@@ -52,6 +52,7 @@ KNOWN = {
     # IRs exported at fp16 weights and with int8 weight compression (int8 weights, default bf16 compute): SDXL's
     "openvino-fp16": ("openvino-fp16", []),
     "openvino-int8w": ("openvino-int8w", []),
+    "openvino-int8w-tiny": ("openvino-int8w-tiny", []),
     # the same IRs with their dynamic shapes kept (optimum-intel's default; FastSD reshapes), to see what static buys
     "openvino-fp32-dynamic": ("openvino-fp32", ["--dynamic"]),
     "openvino-int8-dynamic": ("openvino-int8", ["--dynamic"]),

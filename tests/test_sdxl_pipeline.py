@@ -509,3 +509,24 @@ def test_encoder_without_layer_outputs_is_a_one_line_error():
 
     bare = SimpleNamespace(outputs=["text_embeds", "last_hidden_state"], path=Path("m/text_encoder_2/model.onnx"))
     one_line_error(lambda: sdxl.hidden_output(bare, 1), "text_encoder_2/model.onnx", "hidden_states")
+
+
+def test_step_cache_runs_sdxl_with_its_added_inputs(base, tmp_path):
+    """An SDXL folder exported with --step-cache: interval 1 is exactly the plain run, and the cached graphs (which
+    take text_embeds / time_ids too) give a picture near it, not the same one (the shallow steps do run)."""
+    from click.testing import CliRunner
+
+    from sdonnx.export.cli import export
+
+    pt, _ = tiny_sdxl_folders("sdxl", base, "sdonnx")
+    out = tmp_path / "cached"
+    result = CliRunner().invoke(export, [str(pt), str(out), "--precision", "fp32", "--step-cache", "--quiet"])
+    assert result.exit_code == 0, result.output
+    pipe = Pipeline.load(out)
+    assert pipe.info.has_step_cache
+    gen = dict(steps=6, guidance=5.0, scheduler="euler", latents=noise(seed=8), output_type="np")
+    plain = pipe.txt2img(PROMPT, NEGATIVE, **gen)
+    assert np.array_equal(pipe.txt2img(PROMPT, NEGATIVE, cache_interval=1, **gen), plain)
+    cached = pipe.txt2img(PROMPT, NEGATIVE, cache_interval=2, **gen)
+    diff = float(np.abs(cached - plain).max())
+    assert 0 < diff < 0.5, diff
