@@ -179,8 +179,12 @@ class _Quantizer:
             raise Unsupported(f"weight {name} has rank {weights.ndim}")
         zero_points, scales, columns = [], [], []
         for i in range(weights.shape[1]):
-            zp, scale, q = quantize_data(weights.take(i, 1).flatten(), onnx.TensorProto.INT8, True, reduce_range=True,
-                                         min_real_range=None, rmin_override=None, rmax_override=None)
+            try:
+                zp, scale, q = quantize_data(weights.take(i, 1).flatten(), onnx.TensorProto.INT8, True,
+                                             reduce_range=True, min_real_range=None, rmin_override=None,
+                                             rmax_override=None)
+            except TypeError as err:  # an older onnxruntime's quantize_data (other keywords): its own quantizer
+                raise Unsupported(f"this onnxruntime's quantize_data: {err}") from err
             zero_points.append(zp)
             scales.append(scale)
             columns.append(np.asarray(q).reshape(weights.shape[0], 1))

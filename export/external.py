@@ -7,6 +7,8 @@ plus one tensor."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import shutil
 import sys
 from pathlib import Path
@@ -77,8 +79,8 @@ def rewrite(model: onnx.ModelProto, src_base: Path, dst: Path, data_name: str, i
     """Save `model` (weights not loaded; external ones read from `src_base`) to `dst`: weights in `data_name`
     beside it when their total exceeds `inline_below` bytes, else all inside the graph file, as `onnx.save_model`
     would place them. `fresh`: a data file beside `dst` the caller already wrote some tensors to (their protos
-    name it); it becomes the data file (or goes). `consume`: delete each source file that holds one whole tensor
-    once copied (torch's layout), so the copy never needs the disk twice."""
+    name it); it becomes the data file (or goes). `consume`: delete each source file once every tensor in it is
+    copied (torch writes one per tensor), so the copy never needs the disk twice."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     data = dst.parent / data_name
     inits = list(model.graph.initializer)
@@ -95,6 +97,8 @@ def rewrite(model: onnx.ModelProto, src_base: Path, dst: Path, data_name: str, i
         return dst
     staged = fresh if fresh is not None else dst.parent / (data_name + ".part")
     writer = DataWriter(staged, append=fresh is not None)
+    # how many tensors still to copy read each source file: a file goes once all of them are copied
+    readers = Counter(_location(t) for t in inits if t.name not in mine and uses_external_data(t))
     try:
         for t in inits:
             if t.name in mine:
@@ -103,11 +107,12 @@ def rewrite(model: onnx.ModelProto, src_base: Path, dst: Path, data_name: str, i
                 continue
             if not (uses_external_data(t) or t.HasField("raw_data")):
                 continue  # typed fields (float_data, int32_data): onnx keeps them inline
-            whole = consume and uses_external_data(t) and not ExternalDataInfo(t).offset
-            source = _location(t)
+            source = _location(t) if uses_external_data(t) else None
             writer.put(t, read_bytes(t, src_base))
-            if whole:
-                (src_base / source).unlink(missing_ok=True)
+            if consume and source is not None:
+                readers[source] -= 1
+                if not readers[source]:  # its last tensor copied (torch writes one file per tensor)
+                    (src_base / source).unlink(missing_ok=True)
     finally:
         writer.close()
     for t in inits:  # the protos name the staging file; the file takes the final name

@@ -266,7 +266,7 @@ def generation_defaults(source: str, lcm: bool, overrides: dict | None = None, s
     """Steps, guidance and scheduler for sdonnx.json: the defaults table's row for the model (a random preset's own,
     else the U-Net kind's), overridden by what the source folder suggests, then by `overrides` (export --defaults)."""
     preset = source[len("random:"):] if source.startswith("random:") else None
-    kind = "lcm" if lcm else "sdxl" if sdxl and "sdxl" in DEFAULTS else "sd"
+    kind = "lcm" if lcm else "sdxl" if sdxl else "sd"
     row = DEFAULTS[PRESET_DEFAULTS.get(preset, kind)]
     return {"steps": row.steps, "guidance": row.guidance, "scheduler": row.scheduler, **source_defaults(source),
             **(overrides or {})}

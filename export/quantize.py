@@ -210,8 +210,8 @@ def to_int8_dynamic(src: Path, dst: Path, reduce_range: bool = True) -> Path:
         # a large graph: the same result with one weight in memory instead of the model three times over
         try:
             return dynamic_int8.quantize(src, dst, exclude, EXTERNAL_DATA_NAME, graphs.EXTERNAL_DATA_BYTES)
-        except dynamic_int8.Unsupported:
-            pass
+        except dynamic_int8.Unsupported as err:  # onnxruntime's quantizer holds the model three times over
+            logging.getLogger(__name__).warning("%s: %s; quantizing with onnxruntime's quantize_dynamic", src, err)
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns about pre-processing on every call
     try:
@@ -397,6 +397,7 @@ def _prompt_encoder(models: dict, configs, tokenizer_dir: Path, tokenizer_2_dir:
     state of ["", prompt]; SDXL's penultimate hidden states of both encoders joined, the second's pooled text_embeds
     and the time ids, with zeros for the empty negative prompt (force_zeros_for_empty_prompt)."""
     import torch
+    from sdonnx.sdxl import time_ids as size_conditioning
     from sdonnx.tokenizer import CLIPTokenizer
 
     tokenize = CLIPTokenizer.from_dir(tokenizer_dir)
@@ -408,7 +409,7 @@ def _prompt_encoder(models: dict, configs, tokenizer_dir: Path, tokenizer_2_dir:
 
     tokenize_2 = CLIPTokenizer.from_dir(tokenizer_2_dir)
     h, w = image_hw
-    time_ids = np.array([[h, w, 0, 0, h, w]], np.float32)
+    time_ids = size_conditioning(h, w, 1)
 
     def sdxl(prompt: str, guided: bool) -> tuple[np.ndarray, dict]:
         first = models["text_encoder"].forward_all(torch.from_numpy(tokenize([prompt])))

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
+from .sdxl import time_ids
+
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
@@ -44,7 +46,7 @@ def figure_inputs(width: int, height: int, factor: int, unet_channels: int, late
     }
     if pooled_dim:
         x["text_embeds2"] = rng.standard_normal((2, pooled_dim), dtype=np.float32)
-        x["time_ids2"] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (2, 1))
+        x["time_ids2"] = time_ids(height, width, 2)
     return x
 
 

@@ -186,8 +186,9 @@ def read_model(path: str | Path, verify: bool | None = None, check: bool = True)
         guidance_embedding_dim=int(lcm) if lcm else None,
         tiny_scaling=None if tiny is None else (float(tiny.get("scaling_factor") or 1.0),
                                                 float(tiny.get("shift_factor") or 0.0)),
-        force_zeros_for_empty_prompt=bool(_read_json(root / "model_index.json").get("force_zeros_for_empty_prompt",
-                                                                                     True)),
+        # SDXL's flag; an SD folder's model_index.json is not read (as before SDXL)
+        force_zeros_for_empty_prompt=(not family.startswith("sdxl")) or bool(
+            _read_json(root / "model_index.json").get("force_zeros_for_empty_prompt", True)),
         meta=meta, checks=checks)
 
 
