@@ -90,3 +90,16 @@ def tiny_sdxl_folders(family: str, base: Path, exporter: str = "optimum", build=
         else:
             raise ValueError(f"unknown SDXL exporter {exporter!r}")
     return pt, onnx
+
+
+def ldm_tool():
+    """benchmarks/ldm_checkpoint.py (ours -> one LDM single-file checkpoint), imported from its folder."""
+    import sys
+
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import ldm_checkpoint
+    finally:
+        sys.path.remove(bench)
+    return ldm_checkpoint

@@ -3,13 +3,13 @@ fuse_lora (PEFT layout and kohya's SGM-named layout); SDXL LoRAs refused on SD 1
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import helpers
 import tiny_sdxl
 from sdonnx.export import lora
 from sdonnx.export.models import UNet2DConditionModel, get_preset
@@ -17,7 +17,6 @@ from sdonnx.export.weights import build_models, load_checkpoint
 
 pytest.importorskip("peft")
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 RANK = 4
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
@@ -30,12 +29,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ldm_tool():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import ldm_checkpoint
-    finally:
-        sys.path.remove(str(BENCH))
-    return ldm_checkpoint
+    return helpers.ldm_tool()
 
 
 def sgm_name(tool, unet_config, path: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 
 from helpers import SDXL_EXPORTERS, SIZE, cli_error, one_line_error, picture, square_mask, tiny_sdxl_folders
 from sdonnx import prompt_chunks, prompt_syntax, sdxl
+from test_schedulers import DIFFUSERS
 from tiny_sdxl import TEXT_1, TEXT_2
 from sdonnx.model import DEFAULTS, read_model
 from sdonnx.pipeline import Pipeline
@@ -20,17 +21,8 @@ from sdonnx.pipeline import Pipeline
 LATENT = SIZE // 2  # the tiny VAE downsamples by 2
 PROMPT, NEGATIVE = "a red circle on a blue background", "green square"
 TOL = 2 / 255  # per pixel, in [0, 1]
-SCHEDULERS = {  # ours -> (diffusers class, what from_config gets on top of the folder's config)
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2,
-                                                            use_karras_sigmas=True)),
-}
+# ours -> (diffusers class, what from_config gets on top of the folder's config); lcm needs an LCM U-Net
+SCHEDULERS = {name: spec for name, spec in DIFFUSERS.items() if name != "lcm"}
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import helpers
 import tiny_sdxl
 from helpers import one_line_error
 from sdonnx.export.models.config import MID_PLAIN, CLIPConfig, ModelConfigs, UNetConfig, VAEConfig, get_preset
 from sdonnx.export.weights import (CheckpointError, _read_tensors, build_models, components, convert_ldm,
                                    load_checkpoint)
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 PARTS = ("text_encoder", "text_encoder_2", "vae", "unet")
 
 
@@ -30,12 +28,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ldm_tool():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import ldm_checkpoint
-    finally:
-        sys.path.remove(str(BENCH))
-    return ldm_checkpoint
+    return helpers.ldm_tool()
 
 
 def with_unet(pipe, unet_config: dict):
