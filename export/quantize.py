@@ -326,6 +326,14 @@ def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | 
         weights = {t.name for t in model.graph.initializer}
         exclude += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
     del model
+    if (src.parent / EXTERNAL_DATA_NAME).exists():
+        # a large graph: the same result with one weight in memory instead of the model several times over
+        from . import dynamic_int8, onnx as graphs, static_int8
+        try:
+            return static_int8.quantize(src, dst, feeds, ("Conv", "MatMul") if linear else ("Conv",), exclude,
+                                        EXTERNAL_DATA_NAME, graphs.EXTERNAL_DATA_BYTES)
+        except dynamic_int8.Unsupported as err:  # onnxruntime's quantizer holds the model several times over
+            logging.getLogger(__name__).warning("%s: %s; quantizing with onnxruntime's quantize_static", src, err)
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
     try:

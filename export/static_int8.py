@@ -1,0 +1,236 @@
+"""ONNX Runtime's static QDQ int8 (quantize_static: QDQ format, MinMax ranges, per-channel symmetric int8 weights,
+uint8 activations) for graphs whose weights live in an external data file, with one weight in memory at a time.
+
+quantize_static holds a large model several times over (its calibration session on an augmented copy, then the
+quantizer's loaded and shape-inferred copies): a full SDXL U-Net needs about 31 GB. Here the ranges come from one
+ONNX Runtime session on the float graph with the needed tensors added as outputs (the graph file only is rewritten;
+the session reads the weights from the data file once), and the QDQ graph is built on the graph without its
+weights, each weight read, quantized with ONNX Runtime's own numeric helpers and written out in turn. Tests compare
+the result with quantize_static's, node kind for node kind and value for value.
+
+It covers what our graphs hold (Conv and MatMul nodes with an initializer weight; activations from other nodes or
+graph inputs); anything else raises dynamic_int8.Unsupported, and the caller falls back to quantize_static."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import external
+from .dynamic_int8 import FLOATS, SCRATCH, Unsupported, _load_inferred
+
+WEIGHT_AXIS = {"Conv": 0, "MatMul": 1}  # each weight's output-channel axis, as quantize_static takes it
+CALIBRATION_GRAPH = "_calibrate.onnx"
+
+
+def quantize(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ...], exclude: list[str],
+             data_name: str, inline_below: int) -> Path:
+    """quantize_static(src, dst, reader(feeds), quant_format=QDQ, op_types_to_quantize=op_types, per_channel=True,
+    reduce_range=False, activation_type=QUInt8, weight_type=QInt8, nodes_to_exclude=exclude,
+    calibrate_method=MinMax), weights streamed; `dst`'s weights go to `data_name` beside it when over
+    `inline_below` bytes."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+    from onnxruntime.quantization.quant_utils import __producer__, __version__
+
+    model = _load_inferred(src)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    targets = [n for n in graph.node if n.op_type in op_types and n.name not in set(exclude)]
+    for node in targets:
+        if node.op_type not in WEIGHT_AXIS or len(node.input) < 2 or node.input[1] not in inits:
+            raise Unsupported(f"{node.op_type} {node.name or '(unnamed)'} has no initializer weight")
+    activations = _activations(model, targets, inits)
+    ranges = calibrate(src, model, activations, feeds)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    scratch = dst.parent / SCRATCH
+    try:
+        with open(scratch, "wb") as out:
+            _Rewriter(model, src.parent, out).run(targets, activations, ranges)
+        onx = ONNXModel(model)
+        _, missing = onx.clean_initializers()
+        if missing:
+            raise Unsupported(f"unknown tensors {sorted(missing)[:3]}")
+        model.producer_name, model.producer_version = __producer__, __version__
+        onx.topological_sort()
+        return external.rewrite(onx.model, src.parent, dst, data_name, inline_below, fresh=scratch)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _activations(model: onnx.ModelProto, targets: list[onnx.NodeProto], inits: dict) -> list[str]:
+    """The tensors quantize_static puts a QDQ pair on: each target's first input and its output, when float."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output, *graph.input)
+             if v.type.HasField("tensor_type")}
+    names: list[str] = []
+    for node in targets:
+        for name in (node.input[0], node.output[0]):
+            if not name or name in inits:
+                raise Unsupported(f"{node.op_type} {node.name} reads a constant or empty first input")
+            if types.get(name) in FLOATS and name not in names:
+                names.append(name)
+    return names
+
+
+def calibrate(src: Path, model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, tuple]:
+    """MinMax ranges of `tensors` over `feeds` (as ONNX Runtime's MinMaxCalibrater: the min of the minima, the max
+    of the maxima), from one session on `src`'s float graph with those tensors added as outputs."""
+    import onnxruntime as ort
+
+    if len(feeds) < 2:
+        raise ValueError("static int8 needs at least 2 calibration feeds")
+    graph_inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)  # no weights in it: they stay in the data file, read by the session
+    values = {v.name: v for v in model.graph.value_info}
+    for name in tensors:
+        if name not in graph_inputs and name not in outputs:
+            if name not in values:
+                raise Unsupported(f"no type for {name}")
+            augmented.graph.output.append(values[name])
+    path = src.parent / CALIBRATION_GRAPH  # beside the data file, so the weights' references resolve
+    try:
+        onnx.save_model(augmented, str(path))
+        del augmented
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+        options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    finally:
+        path.unlink(missing_ok=True)
+    fetch = [n for n in tensors if n not in graph_inputs]
+    low = {n: np.inf for n in tensors}
+    high = {n: -np.inf for n in tensors}
+    for feed in feeds:
+        got = dict(zip(fetch, session.run(fetch, feed)))
+        got.update({n: feed[n] for n in tensors if n in graph_inputs})
+        for name, value in got.items():
+            low[name] = min(low[name], float(np.min(value)))
+            high[name] = max(high[name], float(np.max(value)))
+        del got
+    return {n: (np.float32(low[n]), np.float32(high[n])) for n in tensors}
+
+
+class _Rewriter:
+    """The QDQ graph as QDQQuantizer makes it: a Q/DQ pair per activation that every reader goes through, a DQ per
+    int8 weight, Conv biases int32 at input scale x weight scale."""
+
+    def __init__(self, model: onnx.ModelProto, base: Path, out):
+        self.model, self.base, self.out = model, base, out
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.scales: dict[str, np.ndarray] = {}  # tensor -> its scale (activations and weights)
+        self.renamed: dict[str, str] = {}  # tensor -> the DQ output its readers take instead
+        self.added: list[onnx.NodeProto] = []
+        self.quantized_biases: set[str] = set()
+
+    def run(self, targets: list[onnx.NodeProto], activations: list[str], ranges: dict) -> None:
+        graph = self.model.graph
+        graph_outputs = {o.name for o in graph.output}
+        for name in activations:
+            self._activation(name, *ranges[name], name in graph_outputs)
+        for node in targets:
+            self._weight(node.input[1], WEIGHT_AXIS[node.op_type])
+        for node in targets:
+            if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+                self._bias(node.input[2], node.input[0], node.input[1])
+        produced = {o: n for n in graph.node for o in n.output}
+        for name in activations:
+            if name in graph_outputs and name in produced:  # its producer writes the Q input; the DQ writes it
+                node = produced[name]
+                node.output[list(node.output).index(name)] = name + "_QuantizeLinear_Input"
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in self.renamed:
+                    node.input[i] = self.renamed[name]
+        graph.node.extend(self.added)
+
+    def _activation(self, name: str, low: np.float32, high: np.float32, is_output: bool) -> None:
+        from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+        qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.UINT8, reduce_range=False, symmetric=False)
+        zero, scale = compute_scale_zp(low, high, qmin, qmax, False, None)
+        scale_name, zp_name = name + "_scale", name + "_zero_point"
+        self.model.graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.asarray(scale, dtype=np.float32).reshape(()), scale_name),
+            onnx.numpy_helper.from_array(np.asarray(zero, dtype=np.uint8).reshape(()), zp_name)])
+        q_in, dq_out = (name + "_QuantizeLinear_Input", name) if is_output else (name, name + "_DequantizeLinear_Output")
+        q_out = name + "_QuantizeLinear_Output"
+        helper = onnx.helper
+        self.added += [helper.make_node("QuantizeLinear", [q_in, scale_name, zp_name], [q_out],
+                                        name + "_QuantizeLinear"),
+                       helper.make_node("DequantizeLinear", [q_out, scale_name, zp_name], [dq_out],
+                                        name + "_DequantizeLinear")]
+        self.scales[name] = np.asarray(scale, dtype=np.float32)
+        if not is_output:
+            self.renamed[name] = dq_out
+
+    def _weight(self, name: str, axis: int) -> None:
+        """Per-channel symmetric int8 along `axis` ([-127, 127], ONNX Runtime's numbers); the int8 tensor goes to
+        the scratch file at once."""
+        from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
+
+        if name in self.scales:
+            return
+        init = self.inits[name]
+        if init.data_type != onnx.TensorProto.FLOAT:
+            raise Unsupported(f"weight {name} is not fp32")
+        weights = external.read_array(init, self.base)
+        if not -weights.ndim <= axis < weights.ndim:
+            raise Unsupported(f"weight {name} has no axis {axis}")
+        zeros, scales, parts = [], [], []
+        shape = list(weights.shape)
+        shape[axis] = 1
+        for i in range(weights.shape[axis]):
+            channel = weights.take(i, axis).ravel()
+            zero, scale = compute_data_quant_params(channel, onnx.TensorProto.INT8, True, reduce_range=False)
+            zeros.append(zero)
+            scales.append(scale)
+            parts.append(np.asarray(quantize_nparray(onnx.TensorProto.INT8, channel, scale, zero)).reshape(shape))
+        quantized = np.ascontiguousarray(np.concatenate(parts, axis), dtype=np.int8)
+        del weights, parts
+        q_name, scale_name, zp_name = name + "_quantized", name + "_scale", name + "_zero_point"
+        scale_array = np.hstack(scales).astype(np.float32)
+        self.model.graph.initializer.extend([
+            onnx.helper.make_tensor(scale_name, onnx.TensorProto.FLOAT, [len(scales)], scale_array.tolist()),
+            onnx.helper.make_tensor(zp_name, onnx.TensorProto.INT8, [len(zeros)], np.hstack(zeros).tolist())])
+        self._write(q_name, onnx.TensorProto.INT8, init.dims, quantized.tobytes())
+        out = name + "_DequantizeLinear_Output"
+        self.added.append(onnx.helper.make_node("DequantizeLinear", [q_name, scale_name, zp_name], [out],
+                                                name + "_DequantizeLinear", axis=axis))
+        self.scales[name] = scale_array
+        self.renamed[name] = out
+
+    def _bias(self, name: str, x: str, weight: str) -> None:
+        """int32 with scale = input scale x weight scale per channel and zero point 0 (quantize_bias_static)."""
+        if name in self.quantized_biases:
+            return
+        init = self.inits.get(name)
+        if init is None or init.data_type != onnx.TensorProto.FLOAT or x not in self.scales:
+            raise Unsupported(f"bias {name} is not an fp32 initializer of a quantized input")
+        bias = external.read_array(init, self.base)
+        scale = self.scales[x] * self.scales[weight]
+        values = np.round(np.asarray(bias, np.float64) / np.asarray(scale, np.float64))
+        info = np.iinfo(np.int32)
+        quantized = np.clip(values, info.min, info.max).astype(np.int32).reshape(tuple(init.dims))
+        q_name = name + "_quantized"
+        zero = (onnx.numpy_helper.from_array(np.zeros(scale.size, np.int32), q_name + "_zero_point") if scale.size > 1
+                else onnx.helper.make_tensor(q_name + "_zero_point", onnx.TensorProto.INT32, [], [0]))
+        self.model.graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.asarray(scale, np.float32).reshape(-1), q_name + "_scale"), zero])
+        self.model.graph.initializer.append(onnx.numpy_helper.from_array(quantized, q_name))
+        # the DQ writes the bias's own name, which the float initializer gave up (as quantize_static)
+        self.model.graph.initializer.remove(init)
+        self.added.append(onnx.helper.make_node("DequantizeLinear", [q_name, q_name + "_scale",
+                                                                     q_name + "_zero_point"], [name],
+                                                name + "_DequantizeLinear", axis=0))
+        self.quantized_biases.add(name)
+
+    def _write(self, name: str, data_type: int, dims, data: bytes) -> None:
+        tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+        offset = self.out.tell()
+        self.out.write(data)
+        external.point(tensor, SCRATCH, offset, len(data))
+        self.model.graph.initializer.append(tensor)
