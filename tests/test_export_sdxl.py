@@ -370,6 +370,61 @@ def test_unsupported_options_fail_in_one_line(args, message, source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def sdxl_sources(kind: str, folder, tmp_path) -> str:
+    """A tiny SDXL source of `kind`: random preset, diffusers folder, single .safetensors file or pickled .ckpt."""
+    from helpers import ldm_tool
+
+    if kind == "random":
+        return "random:tiny-sdxl"
+    if kind == "folder":
+        return str(folder)
+    path = tmp_path / f"model.{kind}"
+    if kind == "safetensors":
+        return str(ldm_tool().write(folder, path))
+    torch.save(ldm_tool().ldm_state_dict(folder), path)
+    return str(path)
+
+
+def embedding_file(tmp_path) -> str:
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.zeros(1, tiny_sdxl.TEXT_1)}, str(tmp_path / "emb.safetensors"))
+    return str(tmp_path / "emb.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["random", "folder", "safetensors"])
+@pytest.mark.parametrize("option, message", [("--embedding", "--embedding is not supported for SDXL"),
+                                             ("--stream", "--stream is not supported for SDXL")])
+def test_unsupported_options_fail_before_loading(kind, option, message, source, tmp_path, monkeypatch):
+    """An SDXL source told by its preset, folder or file header is refused before its weights are read."""
+    from helpers import cli_error
+
+    from sdonnx.export import weights
+
+    src = sdxl_sources(kind, source[1], tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("load_checkpoint was called")
+
+    monkeypatch.setattr(weights, "load_checkpoint", no_loading)
+    args = [option, embedding_file(tmp_path)] if option == "--embedding" else [option]
+    cli_error(run_cli(src, tmp_path / "new" / "out", *args), message)
+    assert not (tmp_path / "new").exists()
+
+
+def test_unsupported_options_of_a_pickled_sdxl_fail_after_loading(source, tmp_path, monkeypatch):
+    """A .ckpt's family is known only once it is loaded: the refusal comes then, and leaves nothing."""
+    from helpers import cli_error
+
+    from sdonnx.export import weights
+
+    src = sdxl_sources("ckpt", source[1], tmp_path)
+    calls, load = [], weights.load_checkpoint
+    monkeypatch.setattr(weights, "load_checkpoint", lambda *a, **k: calls.append(a) or load(*a, **k))
+    cli_error(run_cli(src, tmp_path / "new" / "out", "--stream"), "--stream is not supported for SDXL")
+    assert calls and not any((tmp_path / "new").iterdir())
+
+
 def test_short_disk_skips_the_saved_optimization(sdxl, tmp_path, monkeypatch):
     """A graph whose weights would not fit the disk twice keeps its traced form and the report says so; with room
     it is optimized."""
