@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import gc
+import math
 import re
 import shutil
 import signal
@@ -310,10 +311,13 @@ def _optimize(job: ExportJob, component: str, work: Path) -> None:
     (ONNX Runtime applies the same optimizations when it loads the graph: only that work is not saved)."""
     data = work / "raw" / graphs.EXTERNAL_DATA_NAME
     need = data.stat().st_size if data.exists() else 0
-    if need and shutil.disk_usage(work).free < need + DISK_MARGIN:
+    free = shutil.disk_usage(work).free if need else 0
+    if need and free < need + DISK_MARGIN:
         (work / "raw").rename(work / "opt")
-        job.warnings.append(f"{component}: offline graph optimization skipped: it needs {need / 2**30:.1f} GiB more "
-                            f"disk, {shutil.disk_usage(work).free / 2**30:.1f} GiB free")
+        short = math.ceil((need + DISK_MARGIN - free) / 2**30 * 10) / 10  # rounded up: at least this much
+        job.warnings.append(f"{component}: offline graph optimization skipped: a second copy of its "
+                            f"{need / 2**30:.1f} GiB of weights and a {DISK_MARGIN / 2**30:.0f} GiB margin need "
+                            f"{short:.1f} GiB more free disk than the {free / 2**30:.1f} GiB free")
         return
     opt.optimize(work / "raw" / "model.onnx", work / "opt" / "model.onnx")
     _remove(work / "raw")

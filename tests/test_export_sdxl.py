@@ -450,6 +450,27 @@ def test_short_disk_skips_the_saved_optimization(sdxl, tmp_path, monkeypatch):
         np.testing.assert_allclose(got[0], want[0], atol=TOL)
 
 
+@pytest.mark.parametrize("free_gib, short", [(1.5, "3.5"), (4.96, "0.1")])
+def test_short_disk_warning_names_the_shortfall(free_gib, short, tmp_path, monkeypatch):
+    """Weights of 3 GiB (a sparse file) beside 1.5 GiB free: 3 GiB again plus the 2 GiB margin is 3.5 GiB short;
+    a shortfall under 0.1 GiB rounds up, never down to 0.0."""
+    import collections
+
+    from sdonnx.export import cli as export_cli
+
+    (tmp_path / "raw").mkdir()
+    with open(tmp_path / "raw" / graphs.EXTERNAL_DATA_NAME, "wb") as f:
+        f.truncate(3 * 2**30)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export_cli.shutil, "disk_usage", lambda path: usage(2**41, 0, int(free_gib * 2**30)))
+    job = export_cli.ExportJob("x", tmp_path / "out")
+    export_cli._optimize(job, "unet", tmp_path)
+    (warning,) = job.warnings
+    assert warning == (f"unet: offline graph optimization skipped: a second copy of its 3.0 GiB of weights and a 2 GiB "
+                       f"margin need {short} GiB more free disk than the {free_gib:.1f} GiB free")
+    assert (tmp_path / "opt" / graphs.EXTERNAL_DATA_NAME).exists()
+
+
 @pytest.mark.parametrize("args", [["--static", "32x48"], ["--attention", "mha"], ["--step-cache"]])
 def test_export_options_work_for_sdxl(args, source, tmp_path):
     import json
