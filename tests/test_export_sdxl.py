@@ -160,12 +160,41 @@ def test_streamed_int8_is_quantize_dynamic(component, inline_below, sdxl, tmp_pa
                                 inline_below)
     assert (out.parent / graphs.EXTERNAL_DATA_NAME).exists() == (inline_below == 0)
     assert sorted(p.name for p in out.parent.iterdir()) <= ["model.onnx", graphs.EXTERNAL_DATA_NAME]
-    (want, want_w), (got, got_w) = comparable(tmp_path / "ref" / "model.onnx"), comparable(out)
+    got = assert_same_graph(out, tmp_path / "ref" / "model.onnx")
+    assert sum(n.op_type == "MatMulInteger" for n in got.graph.node) > 3
+
+
+def assert_same_graph(path, reference) -> onnx.ModelProto:
+    """The graph at `path` is `reference`'s: the same nodes, value infos, metadata and initializers (names, order,
+    values); returns it without its weight bytes."""
+    (want, want_w), (got, got_w) = comparable(reference), comparable(path)
     assert got.SerializeToString() == want.SerializeToString()
     assert list(got_w) == list(want_w)
     for name, value in want_w.items():
         assert got_w[name].dtype == value.dtype and np.array_equal(got_w[name], value), name
-    assert sum(n.op_type == "MatMulInteger" for n in got.graph.node) > 3
+    return got
+
+
+def test_streamed_int8_of_qdq_convs_is_quantize_dynamic(sdxl, tmp_path):
+    """The qdq scheme's second step: dynamic int8 of a U-Net that already holds static QDQ convolutions, streamed,
+    is quantize_dynamic's result exactly (the QDQ nodes and their int8 weights pass through untouched)."""
+    cfg, models = sdxl
+    export("unet", cfg, models, tmp_path / "raw" / "model.onnx")
+    opt = optimize.optimize(tmp_path / "raw" / "model.onnx", tmp_path / "opt" / "model.onnx")
+    declared = {i.name for i in ort.InferenceSession(str(opt)).get_inputs()}
+    feeds = [{k: v.numpy() for k, v in graphs.sample_inputs("unet", cfg, 2, (8, 8), seed).items() if k in declared}
+             for seed in range(3)]
+    qdq = quantize.to_int8_static_convs(opt, tmp_path / "qdq" / "model.onnx", feeds)
+    (tmp_path / "ref").mkdir()
+    quantize.to_int8_dynamic(qdq, tmp_path / "ref" / "model.onnx")  # small: the whole-model quantizer
+    ext = external_copy(qdq, tmp_path / "ext" / "model.onnx")
+    exclude = quantize.int8_nodes_to_exclude(onnx.load(str(ext), load_external_data=False))
+    out = dynamic_int8.quantize(ext, tmp_path / "lean" / "model.onnx", exclude, graphs.EXTERNAL_DATA_NAME, 0)
+    got = assert_same_graph(out, tmp_path / "ref" / "model.onnx")
+    made = {o: n for n in got.graph.node for o in n.output}
+    qdq_convs = [n for n in got.graph.node if n.op_type == "Conv" and n.input[1] in made
+                 and made[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(qdq_convs) > 3 and sum(n.op_type == "MatMulInteger" for n in got.graph.node) > 3
 
 
 def test_to_int8_dynamic_streams_large_graphs(sdxl, tmp_path, monkeypatch):
