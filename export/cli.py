@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import gc
+import math
 import re
 import shutil
 import signal
@@ -139,7 +140,7 @@ def resolve_source(source: str) -> str:
 
 def run_export(job: ExportJob, progress: bool = True) -> dict:
     """Do the whole export into a temporary folder that becomes job.out_dir on success; returns sdonnx.json."""
-    from .weights import build_models, load_checkpoint
+    from .weights import build_models, load_checkpoint, sniff_sdxl
 
     start = time.perf_counter()
     quantize.check_options(job.precision, job.int8_scheme)  # bad options fail before any work
@@ -155,6 +156,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
     if job.defaults.get("vae") == "tiny" and not job.tiny_vae:
         raise ValueError("--defaults vae=tiny needs a tiny VAE: add --tiny-vae PATH|random")
     tiny = tiny_vae.read_tiny_vae(job.tiny_vae, seed=job.seed) if job.tiny_vae else None  # bad files: before any work
+    if (job.stream or job.embeddings) and sniff_sdxl(resolve_source(job.source)):
+        _check_sdxl(job, sdxl=True)  # before a multi-GB checkpoint loads only to be refused
     extra = graphs.TINY_VAE_COMPONENTS if tiny is not None else ()
     steps = 2 + calibrate + job.stream
     bar = Progress(steps + STEPS_PER_COMPONENT * (len(graphs.COMPONENTS) + len(extra)), job.timings, progress,
@@ -165,7 +168,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                             prediction_type=job.prediction_type)
             parts = graphs.components(ckpt.configs, job.step_cache is not None) + extra
             bar.bar.total = steps + STEPS_PER_COMPONENT * len(parts)  # the checkpoint tells SDXL's extra graph
-            _check_sdxl(job, ckpt.configs)
+            _check_sdxl(job, ckpt.configs.is_sdxl)  # a source whose family the sniff could not tell
             # a tiny VAE of another model family's latents fails here, in one line, before any export
             tiny_model = tiny_vae.build_tiny_vae(tiny, ckpt.configs.vae) if tiny is not None else None
             # what the folder will generate with: sdonnx.json's defaults, and how calibration samples
@@ -248,9 +251,9 @@ def _tokenizer_2(ckpt) -> Path | None:
     return None if path is None else Path(path)
 
 
-def _check_sdxl(job: ExportJob, configs) -> None:
+def _check_sdxl(job: ExportJob, sdxl: bool) -> None:
     """What an SDXL export cannot do yet: one line each, before any work."""
-    if not configs.is_sdxl:
+    if not sdxl:
         return
     if job.embeddings:
         raise ValueError("--embedding is not supported for SDXL yet (its embeddings hold a vector per text encoder)")
@@ -308,10 +311,13 @@ def _optimize(job: ExportJob, component: str, work: Path) -> None:
     (ONNX Runtime applies the same optimizations when it loads the graph: only that work is not saved)."""
     data = work / "raw" / graphs.EXTERNAL_DATA_NAME
     need = data.stat().st_size if data.exists() else 0
-    if need and shutil.disk_usage(work).free < need + DISK_MARGIN:
+    free = shutil.disk_usage(work).free if need else 0
+    if need and free < need + DISK_MARGIN:
         (work / "raw").rename(work / "opt")
-        job.warnings.append(f"{component}: offline graph optimization skipped: it needs {need / 2**30:.1f} GiB more "
-                            f"disk, {shutil.disk_usage(work).free / 2**30:.1f} GiB free")
+        short = math.ceil((need + DISK_MARGIN - free) / 2**30 * 10) / 10  # rounded up: at least this much
+        job.warnings.append(f"{component}: offline graph optimization skipped: a second copy of its "
+                            f"{need / 2**30:.1f} GiB of weights and a {DISK_MARGIN / 2**30:.0f} GiB margin need "
+                            f"{short:.1f} GiB more free disk than the {free / 2**30:.1f} GiB free")
         return
     opt.optimize(work / "raw" / "model.onnx", work / "opt" / "model.onnx")
     _remove(work / "raw")

@@ -326,8 +326,8 @@ def export_component(component: str, module: nn.Module, inputs: dict[str, torch.
     sig = SIGNATURES.get(component)
     if component in TEXT_ENCODERS:
         sig = text_encoder_signature(module.module.config.num_hidden_layers, component)
-    extra = tuple(n for n in (*SDXL_INPUTS, "timestep_cond") if n in inputs)  # after the usual inputs
-    if extra:  # SDXL's added conditioning, an LCM U-Net's guidance embedding
+    extra = module.extra if isinstance(module, _UNetWrapper) else ()  # in unet_extra_inputs' order
+    if extra:  # SDXL's added conditioning, an LCM U-Net's guidance embedding, after the usual inputs
         sig = Signature(sig.inputs + extra, sig.outputs, {**sig.dynamic_axes, **{n: {0: "batch_size"} for n in extra}})
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.parent / "_trace"

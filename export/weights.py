@@ -81,6 +81,58 @@ def load_checkpoint(source: str | Path, *, seed: int = 0, prediction_type: str |
     return ckpt
 
 
+def sniff_sdxl(source: str | Path) -> bool | None:
+    """Whether a source is SDXL, told without reading its weights (a preset's config, a folder's layout, a
+    .safetensors header's key names); None when that cannot be told cheaply (a pickled file) or the source is not
+    well formed (load_checkpoint then says why)."""
+    text = str(source)
+    if text.startswith("random:"):
+        name = text[len("random:"):]
+        return get_preset(name).is_sdxl if name in RANDOM_PRESETS else None
+    path = Path(source)
+    if path.is_dir():
+        return _sniff_folder(path)
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        keys = _safetensors_keys(path)
+        return None if keys is None else _sniff_ldm_keys(keys)
+    return None
+
+
+def _sniff_folder(folder: Path) -> bool | None:
+    if (folder / "text_encoder_2").is_dir():  # the rule _load_folder goes by; a refiner is its own error
+        return True if (folder / "text_encoder").is_dir() else None
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name.startswith("StableDiffusionXL") if isinstance(name, str) else None
+
+
+_MAX_HEADER = 100 * 2**20  # safetensors refuses larger headers itself
+
+
+def _safetensors_keys(path: Path) -> list[str] | None:
+    """The tensor names of a .safetensors file from its header alone: an 8-byte little-endian length, then JSON."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= min(_MAX_HEADER, path.stat().st_size - 8):
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return None
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else None
+
+
+def _sniff_ldm_keys(keys: list[str]) -> bool | None:
+    if any(k.startswith(_SDXL_PREFIXES["text_encoder_2"]) for k in keys):
+        return True
+    if any(k.startswith(_SDXL_CONDITIONER) for k in keys):  # a refiner: load_checkpoint names it
+        return None
+    return False if any(k.startswith(_LDM_PREFIXES["unet"]) for k in keys) else None
+
+
 def components(configs: ModelConfigs) -> tuple[str, ...]:
     """The models a checkpoint of these configs holds: SDXL adds text_encoder_2."""
     return SDXL_COMPONENTS if configs.is_sdxl else COMPONENTS

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import SdonnxError
 from .prompt_chunks import Chunks
-from .text_encoding import emphasis, hidden_layers
+from .text_encoding import encode_with, hidden_layers
 
 POOLED = "text_embeds"  # the second encoder's projected pooled output (optimum's name)
 
@@ -47,14 +47,7 @@ def hidden_output(encoder, clip_skip: int) -> str:
 def run_encoder(encoder, chunks: Chunks, clip_skip: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
     """One encoder (a text_encoder or text_encoder_2 Component) on its tokenizer's chunks of one prompt:
     (weighted hidden states [1, 77 * chunks, D], the first chunk's pooled output where the encoder has one)."""
-    output = hidden_output(encoder, clip_skip)
-    pieces, pooled = [], None
-    for ids, weights in zip(chunks.ids, chunks.weights):
-        out = encoder(input_ids=ids[None])
-        pieces.append(emphasis(out[output], weights))
-        if pooled is None and POOLED in out:
-            pooled = out[POOLED]
-    return np.concatenate(pieces, axis=1), pooled
+    return encode_with(encoder, chunks, hidden_output(encoder, clip_skip), first_of=POOLED)
 
 
 def join(first: tuple[np.ndarray, np.ndarray | None], second: tuple[np.ndarray, np.ndarray | None]) -> Text:

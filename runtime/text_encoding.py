@@ -74,10 +74,20 @@ def encode(encoder, chunks: Chunks, output: str = "last_hidden_state", final_nor
            ) -> np.ndarray:
     """[1, chunks * max_length, D]: `encoder` (a text-encoder Component) run on each chunk, its `output` taken
     (through `final_norm` for clip skip), weighted, and the chunks joined along the sequence."""
-    parts = []
-    for ids, weights in zip(chunks.ids, chunks.weights):
-        hidden = encoder(input_ids=ids[None])[output]
+    return encode_with(encoder, chunks, output, final_norm)[0]
+
+
+def encode_with(encoder, chunks: Chunks, output: str = "last_hidden_state", final_norm: FinalNorm | None = None,
+                first_of: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(encode's result, the first chunk's `first_of` output, None where the graph has none): the one chunk loop,
+    which SDXL's encoders also run for their pooled output."""
+    parts, first = [], None
+    for i, (ids, weights) in enumerate(zip(chunks.ids, chunks.weights)):
+        out = encoder(input_ids=ids[None])
+        if i == 0 and first_of is not None:
+            first = out.get(first_of)
+        hidden = out[output]
         if final_norm is not None:
             hidden = final_norm(hidden)
         parts.append(emphasis(hidden, weights))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), first

@@ -160,12 +160,41 @@ def test_streamed_int8_is_quantize_dynamic(component, inline_below, sdxl, tmp_pa
                                 inline_below)
     assert (out.parent / graphs.EXTERNAL_DATA_NAME).exists() == (inline_below == 0)
     assert sorted(p.name for p in out.parent.iterdir()) <= ["model.onnx", graphs.EXTERNAL_DATA_NAME]
-    (want, want_w), (got, got_w) = comparable(tmp_path / "ref" / "model.onnx"), comparable(out)
+    got = assert_same_graph(out, tmp_path / "ref" / "model.onnx")
+    assert sum(n.op_type == "MatMulInteger" for n in got.graph.node) > 3
+
+
+def assert_same_graph(path, reference) -> onnx.ModelProto:
+    """The graph at `path` is `reference`'s: the same nodes, value infos, metadata and initializers (names, order,
+    values); returns it without its weight bytes."""
+    (want, want_w), (got, got_w) = comparable(reference), comparable(path)
     assert got.SerializeToString() == want.SerializeToString()
     assert list(got_w) == list(want_w)
     for name, value in want_w.items():
         assert got_w[name].dtype == value.dtype and np.array_equal(got_w[name], value), name
-    assert sum(n.op_type == "MatMulInteger" for n in got.graph.node) > 3
+    return got
+
+
+def test_streamed_int8_of_qdq_convs_is_quantize_dynamic(sdxl, tmp_path):
+    """The qdq scheme's second step: dynamic int8 of a U-Net that already holds static QDQ convolutions, streamed,
+    is quantize_dynamic's result exactly (the QDQ nodes and their int8 weights pass through untouched)."""
+    cfg, models = sdxl
+    export("unet", cfg, models, tmp_path / "raw" / "model.onnx")
+    opt = optimize.optimize(tmp_path / "raw" / "model.onnx", tmp_path / "opt" / "model.onnx")
+    declared = {i.name for i in ort.InferenceSession(str(opt)).get_inputs()}
+    feeds = [{k: v.numpy() for k, v in graphs.sample_inputs("unet", cfg, 2, (8, 8), seed).items() if k in declared}
+             for seed in range(3)]
+    qdq = quantize.to_int8_static_convs(opt, tmp_path / "qdq" / "model.onnx", feeds)
+    (tmp_path / "ref").mkdir()
+    quantize.to_int8_dynamic(qdq, tmp_path / "ref" / "model.onnx")  # small: the whole-model quantizer
+    ext = external_copy(qdq, tmp_path / "ext" / "model.onnx")
+    exclude = quantize.int8_nodes_to_exclude(onnx.load(str(ext), load_external_data=False))
+    out = dynamic_int8.quantize(ext, tmp_path / "lean" / "model.onnx", exclude, graphs.EXTERNAL_DATA_NAME, 0)
+    got = assert_same_graph(out, tmp_path / "ref" / "model.onnx")
+    made = {o: n for n in got.graph.node for o in n.output}
+    qdq_convs = [n for n in got.graph.node if n.op_type == "Conv" and n.input[1] in made
+                 and made[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(qdq_convs) > 3 and sum(n.op_type == "MatMulInteger" for n in got.graph.node) > 3
 
 
 def test_to_int8_dynamic_streams_large_graphs(sdxl, tmp_path, monkeypatch):
@@ -370,6 +399,61 @@ def test_unsupported_options_fail_in_one_line(args, message, source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def sdxl_sources(kind: str, folder, tmp_path) -> str:
+    """A tiny SDXL source of `kind`: random preset, diffusers folder, single .safetensors file or pickled .ckpt."""
+    from helpers import ldm_tool
+
+    if kind == "random":
+        return "random:tiny-sdxl"
+    if kind == "folder":
+        return str(folder)
+    path = tmp_path / f"model.{kind}"
+    if kind == "safetensors":
+        return str(ldm_tool().write(folder, path))
+    torch.save(ldm_tool().ldm_state_dict(folder), path)
+    return str(path)
+
+
+def embedding_file(tmp_path) -> str:
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.zeros(1, tiny_sdxl.TEXT_1)}, str(tmp_path / "emb.safetensors"))
+    return str(tmp_path / "emb.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["random", "folder", "safetensors"])
+@pytest.mark.parametrize("option, message", [("--embedding", "--embedding is not supported for SDXL"),
+                                             ("--stream", "--stream is not supported for SDXL")])
+def test_unsupported_options_fail_before_loading(kind, option, message, source, tmp_path, monkeypatch):
+    """An SDXL source told by its preset, folder or file header is refused before its weights are read."""
+    from helpers import cli_error
+
+    from sdonnx.export import weights
+
+    src = sdxl_sources(kind, source[1], tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("load_checkpoint was called")
+
+    monkeypatch.setattr(weights, "load_checkpoint", no_loading)
+    args = [option, embedding_file(tmp_path)] if option == "--embedding" else [option]
+    cli_error(run_cli(src, tmp_path / "new" / "out", *args), message)
+    assert not (tmp_path / "new").exists()
+
+
+def test_unsupported_options_of_a_pickled_sdxl_fail_after_loading(source, tmp_path, monkeypatch):
+    """A .ckpt's family is known only once it is loaded: the refusal comes then, and leaves nothing."""
+    from helpers import cli_error
+
+    from sdonnx.export import weights
+
+    src = sdxl_sources("ckpt", source[1], tmp_path)
+    calls, load = [], weights.load_checkpoint
+    monkeypatch.setattr(weights, "load_checkpoint", lambda *a, **k: calls.append(a) or load(*a, **k))
+    cli_error(run_cli(src, tmp_path / "new" / "out", "--stream"), "--stream is not supported for SDXL")
+    assert calls and not any((tmp_path / "new").iterdir())
+
+
 def test_short_disk_skips_the_saved_optimization(sdxl, tmp_path, monkeypatch):
     """A graph whose weights would not fit the disk twice keeps its traced form and the report says so; with room
     it is optimized."""
@@ -393,6 +477,27 @@ def test_short_disk_skips_the_saved_optimization(sdxl, tmp_path, monkeypatch):
         _, got = run(work / "opt" / "model.onnx", inputs)
         _, want = run(tmp_path / "traced" / "model.onnx", inputs)
         np.testing.assert_allclose(got[0], want[0], atol=TOL)
+
+
+@pytest.mark.parametrize("free_gib, short", [(1.5, "3.5"), (4.96, "0.1")])
+def test_short_disk_warning_names_the_shortfall(free_gib, short, tmp_path, monkeypatch):
+    """Weights of 3 GiB (a sparse file) beside 1.5 GiB free: 3 GiB again plus the 2 GiB margin is 3.5 GiB short;
+    a shortfall under 0.1 GiB rounds up, never down to 0.0."""
+    import collections
+
+    from sdonnx.export import cli as export_cli
+
+    (tmp_path / "raw").mkdir()
+    with open(tmp_path / "raw" / graphs.EXTERNAL_DATA_NAME, "wb") as f:
+        f.truncate(3 * 2**30)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export_cli.shutil, "disk_usage", lambda path: usage(2**41, 0, int(free_gib * 2**30)))
+    job = export_cli.ExportJob("x", tmp_path / "out")
+    export_cli._optimize(job, "unet", tmp_path)
+    (warning,) = job.warnings
+    assert warning == (f"unet: offline graph optimization skipped: a second copy of its 3.0 GiB of weights and a 2 GiB "
+                       f"margin need {short} GiB more free disk than the {free_gib:.1f} GiB free")
+    assert (tmp_path / "opt" / graphs.EXTERNAL_DATA_NAME).exists()
 
 
 @pytest.mark.parametrize("args", [["--static", "32x48"], ["--attention", "mha"], ["--step-cache"]])

@@ -15,8 +15,8 @@ import helpers
 import tiny_sdxl
 from helpers import one_line_error
 from sdonnx.export.models.config import MID_PLAIN, CLIPConfig, ModelConfigs, UNetConfig, VAEConfig, get_preset
-from sdonnx.export.weights import (CheckpointError, _read_tensors, build_models, components, convert_ldm,
-                                   load_checkpoint)
+from sdonnx.export.weights import (RANDOM_PRESETS, CheckpointError, _read_tensors, build_models, components,
+                                   convert_ldm, load_checkpoint, sniff_sdxl)
 
 PARTS = ("text_encoder", "text_encoder_2", "vae", "unet")
 
@@ -236,6 +236,49 @@ def test_bad_sdxl_files(folders, ldm_tool, tmp_path):
     one_line_error(lambda: load_checkpoint(tmp_path / "narrow.safetensors"), error=CheckpointError,
                    match=r"narrow.safetensors: SDXL checkpoint: the U-Net takes a \d+-wide pooled text embedding, "
                          r"text_encoder_2 projects to 16")
+
+
+# ------------------------------------------------------------------------------------- family without weights
+
+
+def test_sniff_tells_sdxl_as_loading_does(folders, ldm_tool, tmp_path):
+    for name in ("sdxl", "sdxl-inpaint"):
+        assert sniff_sdxl(folders[name]) is True and load_checkpoint(folders[name]).configs.is_sdxl
+    single = ldm_tool.write(folders["sdxl"], tmp_path / "model.safetensors")
+    assert sniff_sdxl(single) is True and load_checkpoint(single).configs.is_sdxl
+    # the header alone decides: a file cut right after it is still told, though it cannot load
+    size = 8 + int.from_bytes(single.read_bytes()[:8], "little")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(single.read_bytes()[:size + 1])
+    assert sniff_sdxl(cut) is True
+    for preset, family in RANDOM_PRESETS.items():
+        assert sniff_sdxl(f"random:{preset}") is family.startswith("sdxl"), preset
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1)}
+    save_file(sd, tmp_path / "sd.safetensors")
+    assert sniff_sdxl(tmp_path / "sd.safetensors") is False
+    sd_folder = tmp_path / "sd-folder"
+    sd_folder.mkdir()
+    (sd_folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert sniff_sdxl(sd_folder) is False
+    (sd_folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert sniff_sdxl(sd_folder) is True
+
+
+def test_sniff_leaves_undecidable_sources_to_loading(folders, ldm_tool, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(ldm_tool.ldm_state_dict(folders["sdxl"]), ckpt)
+    assert sniff_sdxl(ckpt) is None and load_checkpoint(ckpt).configs.is_sdxl  # pickles: only loading tells
+    refiner_folder = tmp_path / "refiner"
+    shutil.copytree(folders["sdxl"], refiner_folder)
+    shutil.rmtree(refiner_folder / "text_encoder")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    not_index = tmp_path / "no-index"
+    not_index.mkdir()
+    for source in (refiner_folder, garbage, not_index, "random:nope", tmp_path / "absent.safetensors"):
+        assert sniff_sdxl(source) is None, source
+        with pytest.raises(CheckpointError):  # and loading names the problem
+            load_checkpoint(source)
 
 
 # ----------------------------------------------------------------------------------------------- random presets
