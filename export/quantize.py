@@ -177,6 +177,10 @@ def to_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> Path:
     """fp16 weights and math, graph inputs/outputs kept fp32 (the runtime feeds and reads fp32)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from . import lean_fp16, onnx as graphs
+
+    if (src.parent / EXTERNAL_DATA_NAME).exists():  # a large graph: one weight in memory instead of all twice
+        return lean_fp16.convert(src, dst, keep_ops, EXTERNAL_DATA_NAME, graphs.EXTERNAL_DATA_BYTES)
     # infer shapes file to file (a full U-Net proto is over protobuf's 2 GB limit); written beside `src` so
     # its external data reference still resolves
     inferred = src.with_name("inferred.onnx")

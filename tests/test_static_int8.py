@@ -91,3 +91,31 @@ def test_calibration_ranges_are_min_max_over_feeds(unet, tmp_path):
     assert low < feeds[0]["sample"].min() or high > feeds[0]["sample"].max()  # more than the first feed's
     with pytest.raises(ValueError, match="at least 2"):
         static_int8.calibrate(ext, model, ["sample"], feeds[:1])
+
+
+@pytest.mark.parametrize("inline_below", [0, graphs.EXTERNAL_DATA_BYTES])
+def test_lean_fp16_is_the_converters(inline_below, unet, tmp_path, monkeypatch):
+    """fp16 of a graph with external data, weights streamed, is onnxruntime's convert_float_to_float16 result on the
+    loaded graph: the same nodes, value infos and initializers (names, order, values)."""
+    from sdonnx.export import lean_fp16
+    from test_export_sdxl import assert_same_graph
+
+    cfg, opt, _ = unet
+    keep = quantize.FP16_KEEP_OPS
+    (tmp_path / "ref").mkdir()
+    quantize.to_fp16(opt, tmp_path / "ref" / "model.onnx", keep)  # inline weights: the whole-model converter
+    ext = external_copy(opt, tmp_path / "ext" / "model.onnx")
+    out = lean_fp16.convert(ext, tmp_path / "lean" / "model.onnx", keep, graphs.EXTERNAL_DATA_NAME, inline_below)
+    assert (out.parent / graphs.EXTERNAL_DATA_NAME).exists() == (inline_below == 0)
+    assert sorted(p.name for p in out.parent.iterdir()) <= ["model.onnx", graphs.EXTERNAL_DATA_NAME]
+    got = assert_same_graph(out, tmp_path / "ref" / "model.onnx")
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in got.graph.initializer) > 10
+    from onnxruntime.transformers import float16
+    assert float16.make_value_info_from_tensor.__name__ == "make_value_info_from_tensor"  # the patch is undone
+
+    calls = []
+    real = lean_fp16.convert
+    monkeypatch.setattr(lean_fp16, "convert", lambda *a: calls.append(a) or real(*a))
+    quantize.to_fp16(ext, tmp_path / "via" / "model.onnx", keep)
+    assert len(calls) == 1  # a graph with external data takes the lean path
+    assert_same_graph(tmp_path / "via" / "model.onnx", tmp_path / "ref" / "model.onnx")
