@@ -1,5 +1,6 @@
-"""The lean static QDQ int8 (export/static_int8.py, for graphs with external data) against onnxruntime's
-quantize_static on the same graph and calibration feeds."""
+"""The lean conversions of graphs with external data (weights streamed one at a time) against onnxruntime's own on
+the loaded graph: static QDQ int8 (export/static_int8.py) against quantize_static with the same calibration feeds,
+fp16 (export/lean_fp16.py) against convert_float_to_float16."""
 
 from __future__ import annotations
 
