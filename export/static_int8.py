@@ -3,7 +3,8 @@ uint8 activations) for graphs whose weights live in an external data file, with 
 
 quantize_static holds a large model several times over (its calibration session on an augmented copy, then the
 quantizer's loaded and shape-inferred copies): a full SDXL U-Net needs about 31 GB. Here the ranges come from one
-ONNX Runtime session on the float graph with the needed tensors added as outputs (the graph file only is rewritten;
+ONNX Runtime session on the float graph with the needed tensors' minima and maxima added as outputs (the graph file
+only is rewritten;
 the session reads the weights from the data file once), and the QDQ graph is built on the graph without its
 weights, each weight read, quantized with ONNX Runtime's own numeric helpers and written out in turn. Tests compare
 the result with quantize_static's, node kind for node kind and value for value.
@@ -38,9 +39,7 @@ def quantize(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ...],
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     targets = [n for n in graph.node if n.op_type in op_types and n.name not in set(exclude)]
-    for node in targets:
-        if node.op_type not in WEIGHT_AXIS or len(node.input) < 2 or node.input[1] not in inits:
-            raise Unsupported(f"{node.op_type} {node.name or '(unnamed)'} has no initializer weight")
+    _check(targets, inits)  # before the calibration session reads every weight
     activations = _activations(model, targets, inits)
     ranges = calibrate(src, model, activations, feeds)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +56,27 @@ def quantize(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ...],
         return external.rewrite(onx.model, src.parent, dst, data_name, inline_below, fresh=scratch)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _check(targets: list[onnx.NodeProto], inits: dict) -> None:
+    """What the rewriter reproduces: each target reads its own fp32 initializer weight (and Conv bias), with the
+    output-channel axis in range."""
+    seen: set[str] = set()
+    for node in targets:
+        name = f"{node.op_type} {node.name or '(unnamed)'}"
+        if node.op_type not in WEIGHT_AXIS or len(node.input) < 2 or node.input[1] not in inits:
+            raise Unsupported(f"{name} has no initializer weight")
+        params = [node.input[1]] + ([node.input[2]] if node.op_type == "Conv" and len(node.input) > 2
+                                    and node.input[2] else [])
+        for param in params:
+            init = inits.get(param)
+            if init is None or init.data_type != onnx.TensorProto.FLOAT:
+                raise Unsupported(f"{name}: {param} is not an fp32 initializer")
+            if param in seen:  # quantize_static gives a shared bias a copy per reader; not reproduced here
+                raise Unsupported(f"{name}: {param} is shared with another quantized node")
+            seen.add(param)
+        if WEIGHT_AXIS[node.op_type] >= len(inits[node.input[1]].dims):
+            raise Unsupported(f"{name}: its weight has no axis {WEIGHT_AXIS[node.op_type]}")
 
 
 def _activations(model: onnx.ModelProto, targets: list[onnx.NodeProto], inits: dict) -> list[str]:
@@ -76,21 +96,21 @@ def _activations(model: onnx.ModelProto, targets: list[onnx.NodeProto], inits: d
 
 def calibrate(src: Path, model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, tuple]:
     """MinMax ranges of `tensors` over `feeds` (as ONNX Runtime's MinMaxCalibrater: the min of the minima, the max
-    of the maxima), from one session on `src`'s float graph with those tensors added as outputs."""
+    of the maxima), from one session on `src`'s float graph with each tensor's ReduceMin and ReduceMax added as
+    outputs."""
     import onnxruntime as ort
 
     if len(feeds) < 2:
         raise ValueError("static int8 needs at least 2 calibration feeds")
-    graph_inputs = {i.name for i in model.graph.input}
-    outputs = {o.name for o in model.graph.output}
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)  # no weights in it: they stay in the data file, read by the session
-    values = {v.name: v for v in model.graph.value_info}
-    for name in tensors:
-        if name not in graph_inputs and name not in outputs:
-            if name not in values:
-                raise Unsupported(f"no type for {name}")
-            augmented.graph.output.append(values[name])
+    fetch = []
+    for i, name in enumerate(tensors):  # each tensor's extremes as scalars (not the tensors: they are large)
+        for op in ("ReduceMin", "ReduceMax"):
+            out = f"_calibration_{op}_{i}"
+            augmented.graph.node.append(onnx.helper.make_node(op, [name], [out], out, keepdims=0))
+            augmented.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, []))
+            fetch.append(out)
     path = src.parent / CALIBRATION_GRAPH  # beside the data file, so the weights' references resolve
     try:
         onnx.save_model(augmented, str(path))
@@ -101,17 +121,12 @@ def calibrate(src: Path, model: onnx.ModelProto, tensors: list[str], feeds: list
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     finally:
         path.unlink(missing_ok=True)
-    fetch = [n for n in tensors if n not in graph_inputs]
-    low = {n: np.inf for n in tensors}
-    high = {n: -np.inf for n in tensors}
+    low = np.full(len(tensors), np.inf, np.float32)
+    high = np.full(len(tensors), -np.inf, np.float32)
     for feed in feeds:
-        got = dict(zip(fetch, session.run(fetch, feed)))
-        got.update({n: feed[n] for n in tensors if n in graph_inputs})
-        for name, value in got.items():
-            low[name] = min(low[name], float(np.min(value)))
-            high[name] = max(high[name], float(np.max(value)))
-        del got
-    return {n: (np.float32(low[n]), np.float32(high[n])) for n in tensors}
+        got = np.asarray(session.run(fetch, feed), dtype=np.float32).reshape(len(tensors), 2)
+        low, high = np.fmin(low, got[:, 0]), np.fmax(high, got[:, 1])  # NaNs ignored, as ORT's nanmin/nanmax
+    return {n: (low[i], high[i]) for i, n in enumerate(tensors)}
 
 
 class _Rewriter:
@@ -124,7 +139,6 @@ class _Rewriter:
         self.scales: dict[str, np.ndarray] = {}  # tensor -> its scale (activations and weights)
         self.renamed: dict[str, str] = {}  # tensor -> the DQ output its readers take instead
         self.added: list[onnx.NodeProto] = []
-        self.quantized_biases: set[str] = set()
 
     def run(self, targets: list[onnx.NodeProto], activations: list[str], ranges: dict) -> None:
         graph = self.model.graph
@@ -132,7 +146,8 @@ class _Rewriter:
         for name in activations:
             self._activation(name, *ranges[name], name in graph_outputs)
         for node in targets:
-            self._weight(node.input[1], WEIGHT_AXIS[node.op_type])
+            bias = node.input[2] if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] else None
+            self._weight(node.input[1], WEIGHT_AXIS[node.op_type], bias and (bias, self.scales[node.input[0]]))
         for node in targets:
             if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
                 self._bias(node.input[2], node.input[0], node.input[1])
@@ -167,49 +182,40 @@ class _Rewriter:
         if not is_output:
             self.renamed[name] = dq_out
 
-    def _weight(self, name: str, axis: int) -> None:
+    def _weight(self, name: str, axis: int, bias: tuple[str, np.ndarray] | None) -> None:
         """Per-channel symmetric int8 along `axis` ([-127, 127], ONNX Runtime's numbers); the int8 tensor goes to
-        the scratch file at once."""
+        the scratch file at once. `bias`: the Conv's bias and input scale, for quantize_static's int32-bias
+        adjustment of the weight scales."""
         from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
 
-        if name in self.scales:
-            return
         init = self.inits[name]
-        if init.data_type != onnx.TensorProto.FLOAT:
-            raise Unsupported(f"weight {name} is not fp32")
         weights = external.read_array(init, self.base)
-        if not -weights.ndim <= axis < weights.ndim:
-            raise Unsupported(f"weight {name} has no axis {axis}")
-        zeros, scales, parts = [], [], []
+        channels = [weights.take(i, axis).ravel() for i in range(weights.shape[axis])]
+        params = [compute_data_quant_params(c, onnx.TensorProto.INT8, True, reduce_range=False) for c in channels]
+        zeros = [zero for zero, _ in params]
+        scales = np.hstack([scale for _, scale in params]).astype(np.float32)
+        if bias is not None:
+            scales = _bias_safe_scales(scales, external.read_array(self.inits[bias[0]], self.base), bias[1])
         shape = list(weights.shape)
         shape[axis] = 1
-        for i in range(weights.shape[axis]):
-            channel = weights.take(i, axis).ravel()
-            zero, scale = compute_data_quant_params(channel, onnx.TensorProto.INT8, True, reduce_range=False)
-            zeros.append(zero)
-            scales.append(scale)
-            parts.append(np.asarray(quantize_nparray(onnx.TensorProto.INT8, channel, scale, zero)).reshape(shape))
-        quantized = np.ascontiguousarray(np.concatenate(parts, axis), dtype=np.int8)
-        del weights, parts
+        quantized = np.ascontiguousarray(np.concatenate(
+            [np.asarray(quantize_nparray(onnx.TensorProto.INT8, c, scales[i], zeros[i])).reshape(shape)
+             for i, c in enumerate(channels)], axis), dtype=np.int8)
+        del weights, channels
         q_name, scale_name, zp_name = name + "_quantized", name + "_scale", name + "_zero_point"
-        scale_array = np.hstack(scales).astype(np.float32)
         self.model.graph.initializer.extend([
-            onnx.helper.make_tensor(scale_name, onnx.TensorProto.FLOAT, [len(scales)], scale_array.tolist()),
+            onnx.helper.make_tensor(scale_name, onnx.TensorProto.FLOAT, [len(scales)], scales.tolist()),
             onnx.helper.make_tensor(zp_name, onnx.TensorProto.INT8, [len(zeros)], np.hstack(zeros).tolist())])
         self._write(q_name, onnx.TensorProto.INT8, init.dims, quantized.tobytes())
         out = name + "_DequantizeLinear_Output"
         self.added.append(onnx.helper.make_node("DequantizeLinear", [q_name, scale_name, zp_name], [out],
                                                 name + "_DequantizeLinear", axis=axis))
-        self.scales[name] = scale_array
+        self.scales[name] = scales
         self.renamed[name] = out
 
     def _bias(self, name: str, x: str, weight: str) -> None:
         """int32 with scale = input scale x weight scale per channel and zero point 0 (quantize_bias_static)."""
-        if name in self.quantized_biases:
-            return
-        init = self.inits.get(name)
-        if init is None or init.data_type != onnx.TensorProto.FLOAT or x not in self.scales:
-            raise Unsupported(f"bias {name} is not an fp32 initializer of a quantized input")
+        init = self.inits[name]
         bias = external.read_array(init, self.base)
         scale = self.scales[x] * self.scales[weight]
         values = np.round(np.asarray(bias, np.float64) / np.asarray(scale, np.float64))
@@ -223,10 +229,10 @@ class _Rewriter:
         self.model.graph.initializer.append(onnx.numpy_helper.from_array(quantized, q_name))
         # the DQ writes the bias's own name, which the float initializer gave up (as quantize_static)
         self.model.graph.initializer.remove(init)
+        axis = {"axis": 0} if scale.size > 1 else {}
         self.added.append(onnx.helper.make_node("DequantizeLinear", [q_name, q_name + "_scale",
                                                                      q_name + "_zero_point"], [name],
-                                                name + "_DequantizeLinear", axis=0))
-        self.quantized_biases.add(name)
+                                                name + "_DequantizeLinear", **axis))
 
     def _write(self, name: str, data_type: int, dims, data: bytes) -> None:
         tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
@@ -234,3 +240,18 @@ class _Rewriter:
         self.out.write(data)
         external.point(tensor, SCRATCH, offset, len(data))
         self.model.graph.initializer.append(tensor)
+
+
+def _bias_safe_scales(scales: np.ndarray, bias: np.ndarray, input_scale: np.ndarray) -> np.ndarray:
+    """quantize_static's per-channel weight scales raised where input scale x weight scale would clip the int32
+    bias (channels of near-zero weights under a real bias), by the ratio that makes the bias fit."""
+    info = np.iinfo(np.int32)
+    span = np.float64(info.max) - np.float64(info.min + 1)
+    out = scales.copy()
+    x = np.float64(np.asarray(input_scale).item())
+    for i in range(out.size):
+        smallest = 1.0001 * (2.0 * np.abs(bias.reshape(-1)[i])) / span  # float32 until the division, as ORT
+        candidate = x * np.float64(out[i])
+        if 0.0 < candidate < smallest:
+            out[i] = np.float32(np.float64(out[i]) * (smallest / candidate))
+    return out

@@ -48,8 +48,8 @@ def test_lean_static_int8_is_quantize_static(linear, unet, tmp_path, monkeypatch
 
     monkeypatch.setattr("onnxruntime.quantization.quantize_static", refuse)
     out = quantize.to_int8_static_convs(ext, tmp_path / "lean" / "model.onnx", feeds, linear=linear)
-    assert sorted(p.name for p in out.parent.iterdir()) <= ["model.onnx", graphs.EXTERNAL_DATA_NAME]
-    assert not (ext.parent / static_int8.CALIBRATION_GRAPH).exists()
+    assert {p.name for p in out.parent.iterdir()} <= {"model.onnx", graphs.EXTERNAL_DATA_NAME}
+    assert {p.name for p in ext.parent.iterdir()} == {"model.onnx", graphs.EXTERNAL_DATA_NAME}  # nothing left
     (want, want_w), (got, got_w) = comparable(tmp_path / "ref" / "model.onnx"), comparable(out)
     assert nodes(got) == nodes(want)
     assert sorted(got_w) == sorted(want_w)
@@ -108,7 +108,8 @@ def test_lean_fp16_is_the_converters(inline_below, unet, tmp_path, monkeypatch):
     ext = external_copy(opt, tmp_path / "ext" / "model.onnx")
     out = lean_fp16.convert(ext, tmp_path / "lean" / "model.onnx", keep, graphs.EXTERNAL_DATA_NAME, inline_below)
     assert (out.parent / graphs.EXTERNAL_DATA_NAME).exists() == (inline_below == 0)
-    assert sorted(p.name for p in out.parent.iterdir()) <= ["model.onnx", graphs.EXTERNAL_DATA_NAME]
+    assert {p.name for p in out.parent.iterdir()} <= {"model.onnx", graphs.EXTERNAL_DATA_NAME}
+    assert {p.name for p in ext.parent.iterdir()} == {"model.onnx", graphs.EXTERNAL_DATA_NAME}
     got = assert_same_graph(out, tmp_path / "ref" / "model.onnx")
     assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in got.graph.initializer) > 10
     from onnxruntime.transformers import float16
@@ -120,3 +121,68 @@ def test_lean_fp16_is_the_converters(inline_below, unet, tmp_path, monkeypatch):
     quantize.to_fp16(ext, tmp_path / "via" / "model.onnx", keep)
     assert len(calls) == 1  # a graph with external data takes the lean path
     assert_same_graph(tmp_path / "via" / "model.onnx", tmp_path / "ref" / "model.onnx")
+
+
+def small_graph(path, tiny_channel: bool) -> None:
+    """x -> Conv(W, B) -> h (a graph output too) -> Relu -> MatMul(M) -> y; with `tiny_channel`, one output
+    channel's weights are ~1e-12 under a bias of 5, so int32 cannot hold bias / (input scale x weight scale)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    if tiny_channel:
+        w[2] *= 1e-12
+        b[2] = 5.0
+    inits = [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(b, "B"),
+             onnx.numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "M")]
+    nodes = [onnx.helper.make_node("Conv", ["x", "W", "B"], ["h"], "conv", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["h"], ["r"], "relu"),
+             onnx.helper.make_node("MatMul", ["r", "M"], ["y"], "matmul")]
+    f = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", f, [1, 4, 8, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", f, [1, 6, 8, 5]),
+                                    onnx.helper.make_tensor_value_info("h", f, [1, 6, 8, 8])], inits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", graphs.OPSET)]),
+                    str(path))
+
+
+@pytest.mark.parametrize("tiny_channel", [False, True], ids=["plain", "int32-bias-adjusted"])
+def test_lean_static_int8_edge_cases_are_quantize_static(tiny_channel, tmp_path):
+    """A quantized tensor that is also a graph output, and quantize_static's raising of a weight scale whose int32
+    bias would clip: the same graph and values as quantize_static."""
+    src = tmp_path / "src" / "model.onnx"
+    small_graph(src, tiny_channel)
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(3)]
+    (tmp_path / "ref").mkdir()
+    quantize.to_int8_static_convs(src, tmp_path / "ref" / "model.onnx", feeds, linear=True)  # ORT's
+    out = static_int8.quantize(src, tmp_path / "lean" / "model.onnx", feeds, ("Conv", "MatMul"), [],
+                               graphs.EXTERNAL_DATA_NAME, graphs.EXTERNAL_DATA_BYTES)
+    (want, want_w), (got, got_w) = comparable(tmp_path / "ref" / "model.onnx"), comparable(out)
+    assert nodes(got) == nodes(want)
+    assert sorted(got_w) == sorted(want_w)
+    for name, value in want_w.items():
+        assert got_w[name].dtype == value.dtype and np.array_equal(got_w[name], value), name
+    assert "h" in {o.name for o in got.graph.output} and \
+        any(n.op_type == "DequantizeLinear" and n.output[0] == "h" for n in got.graph.node)
+    plain_scale = np.abs(onnx.numpy_helper.to_array(onnx.load(str(src)).graph.initializer[0])[2]).max() / 127
+    assert (got_w["W_scale"][2] > 1e3 * plain_scale) == tiny_channel  # raised only where the bias needs it
+    a = ort.InferenceSession(str(tmp_path / "ref" / "model.onnx")).run(None, feeds[0])
+    b = ort.InferenceSession(str(out)).run(None, feeds[0])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_lean_static_int8_refuses_what_it_does_not_reproduce_before_calibrating(tmp_path, monkeypatch):
+    """A bias two quantized convolutions share: Unsupported before any calibration session (the caller then
+    falls back to quantize_static)."""
+    src = tmp_path / "src" / "model.onnx"
+    small_graph(src, False)
+    model = onnx.load(str(src))
+    model.graph.node.insert(1, onnx.helper.make_node("Conv", ["h", "W2", "B"], ["h2"], "conv2", pads=[1, 1, 1, 1]))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((6, 6, 3, 3), np.float32), "W2"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("h2", onnx.TensorProto.FLOAT, [1, 6, 8, 8]))
+    onnx.save_model(model, str(src))
+    monkeypatch.setattr(static_int8, "calibrate", lambda *a: pytest.fail("calibrated before refusing"))
+    with pytest.raises(static_int8.Unsupported, match="B is shared"):
+        static_int8.quantize(src, tmp_path / "lean" / "model.onnx", [{}, {}], ("Conv",), [],
+                             graphs.EXTERNAL_DATA_NAME, graphs.EXTERNAL_DATA_BYTES)
