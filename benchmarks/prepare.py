@@ -330,8 +330,10 @@ def prepare(work: Path, weights: str, needed: list[str] | None = None) -> dict[s
     """Create whatever of the `needed` folders is missing (default: all that the running interpreter makes, not
     those of the peers in their own venvs); returns name -> folder."""
     work.mkdir(parents=True, exist_ok=True)
-    if needed is not None:  # a tiny-VAE folder is made from two others
-        needed = [*needed, *(k for n in needed for k in TINY_FROM.get(n, ()))]
+    if needed is not None:  # a tiny-VAE folder is made from two others (only when it is still to be made: the
+        # fp32 source of an SDXL one is 13 GB of disk and minutes of export)
+        needed = [*needed, *(k for n in needed if not (work / FOLDERS.get(n, n)).is_dir()
+                             for k in TINY_FROM.get(n, ()))]
     # default: every folder of our venv's systems, but not the tiny-VAE ones
     wanted = ((lambda k: k in needed) if needed is not None else
               (lambda k: peers.venv_of(k) is None and k != "taesd" and k not in TINY_FROM))
