@@ -31,9 +31,6 @@ def quantize(src: Path, dst: Path, exclude: list[str], data_name: str, inline_be
     """quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=True,
     weight_type=QInt8, nodes_to_exclude=exclude), weights streamed; `dst`'s weights go to `data_name` beside it
     when over `inline_below` bytes."""
-    from onnxruntime.quantization.onnx_model import ONNXModel
-    from onnxruntime.quantization.quant_utils import __producer__, __version__
-
     model = _with_shapes(_load_inferred(src), src.parent)
     dst.parent.mkdir(parents=True, exist_ok=True)
     scratch = dst.parent / SCRATCH
@@ -42,16 +39,26 @@ def quantize(src: Path, dst: Path, exclude: list[str], data_name: str, inline_be
             nodes = _Quantizer(model, src.parent, set(exclude), out).run()
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        onx = ONNXModel(model)
-        _, missing = onx.clean_initializers()
-        if missing:
-            raise Unsupported(f"unknown tensors {sorted(missing)[:3]}")
-        model.producer_name, model.producer_version = __producer__, __version__
-        onx.topological_sort()
-        # the int8 weights stay where they were written: the scratch file becomes the data file
-        return external.rewrite(onx.model, src.parent, dst, data_name, inline_below, fresh=scratch)
+        return save_quantized(model, src, dst, scratch, data_name, inline_below)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def save_quantized(model: onnx.ModelProto, src: Path, dst: Path, scratch: Path, data_name: str,
+                   inline_below: int) -> Path:
+    """The quantizers' last steps, as ONNX Runtime's: unused initializers dropped, its producer mark, nodes in
+    topological order; then saved with the weights the scratch file holds (it becomes the data file) and the
+    untouched ones copied from `src`'s."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+    from onnxruntime.quantization.quant_utils import __producer__, __version__
+
+    onx = ONNXModel(model)
+    _, missing = onx.clean_initializers()
+    if missing:
+        raise Unsupported(f"unknown tensors {sorted(missing)[:3]}")
+    model.producer_name, model.producer_version = __producer__, __version__
+    onx.topological_sort()
+    return external.rewrite(onx.model, src.parent, dst, data_name, inline_below, fresh=scratch)
 
 
 def _load_inferred(path: Path) -> onnx.ModelProto:

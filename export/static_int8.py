@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from . import external
-from .dynamic_int8 import FLOATS, SCRATCH, Unsupported, _load_inferred
+from .dynamic_int8 import FLOATS, SCRATCH, Unsupported, _load_inferred, save_quantized
 
 WEIGHT_AXIS = {"Conv": 0, "MatMul": 1}  # each weight's output-channel axis, as quantize_static takes it
 CALIBRATION_GRAPH = "_calibrate.onnx"
@@ -32,9 +32,6 @@ def quantize(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ...],
     reduce_range=False, activation_type=QUInt8, weight_type=QInt8, nodes_to_exclude=exclude,
     calibrate_method=MinMax), weights streamed; `dst`'s weights go to `data_name` beside it when over
     `inline_below` bytes."""
-    from onnxruntime.quantization.onnx_model import ONNXModel
-    from onnxruntime.quantization.quant_utils import __producer__, __version__
-
     model = _load_inferred(src)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -47,13 +44,7 @@ def quantize(src: Path, dst: Path, feeds: list[dict], op_types: tuple[str, ...],
     try:
         with open(scratch, "wb") as out:
             _Rewriter(model, src.parent, out).run(targets, activations, ranges)
-        onx = ONNXModel(model)
-        _, missing = onx.clean_initializers()
-        if missing:
-            raise Unsupported(f"unknown tensors {sorted(missing)[:3]}")
-        model.producer_name, model.producer_version = __producer__, __version__
-        onx.topological_sort()
-        return external.rewrite(onx.model, src.parent, dst, data_name, inline_below, fresh=scratch)
+        return save_quantized(model, src, dst, scratch, data_name, inline_below)
     finally:
         scratch.unlink(missing_ok=True)
 
