@@ -57,8 +57,7 @@ def _check(targets: list[onnx.NodeProto], inits: dict) -> None:
         name = f"{node.op_type} {node.name or '(unnamed)'}"
         if node.op_type not in WEIGHT_AXIS or len(node.input) < 2 or node.input[1] not in inits:
             raise Unsupported(f"{name} has no initializer weight")
-        params = [node.input[1]] + ([node.input[2]] if node.op_type == "Conv" and len(node.input) > 2
-                                    and node.input[2] else [])
+        params = [node.input[1]] + ([_conv_bias(node)] if _conv_bias(node) else [])
         for param in params:
             init = inits.get(param)
             if init is None or init.data_type != onnx.TensorProto.FLOAT:
@@ -68,6 +67,11 @@ def _check(targets: list[onnx.NodeProto], inits: dict) -> None:
             seen.add(param)
         if WEIGHT_AXIS[node.op_type] >= len(inits[node.input[1]].dims):
             raise Unsupported(f"{name}: its weight has no axis {WEIGHT_AXIS[node.op_type]}")
+
+
+def _conv_bias(node: onnx.NodeProto) -> str | None:
+    """A Conv's bias input, if it has one (quantize_static makes it int32)."""
+    return node.input[2] if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] else None
 
 
 def _activations(model: onnx.ModelProto, targets: list[onnx.NodeProto], inits: dict) -> list[str]:
@@ -137,11 +141,12 @@ class _Rewriter:
         for name in activations:
             self._activation(name, *ranges[name], name in graph_outputs)
         for node in targets:
-            bias = node.input[2] if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] else None
-            self._weight(node.input[1], WEIGHT_AXIS[node.op_type], bias and (bias, self.scales[node.input[0]]))
+            bias = _conv_bias(node)
+            self._weight(node.input[1], WEIGHT_AXIS[node.op_type],
+                         (bias, self.scales[node.input[0]]) if bias else None)
         for node in targets:
-            if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
-                self._bias(node.input[2], node.input[0], node.input[1])
+            if _conv_bias(node):
+                self._bias(_conv_bias(node), node.input[0], node.input[1])
         produced = {o: n for n in graph.node for o in n.output}
         for name in activations:
             if name in graph_outputs and name in produced:  # its producer writes the Q input; the DQ writes it
