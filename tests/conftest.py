@@ -16,3 +16,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def sdonnx_cache(tmp_path_factory, monkeypatch):
+    """A per-session cache folder for what the loaders download or convert (modules opt in with usefixtures)."""
+    monkeypatch.setenv("SDONNX_CACHE", str(tmp_path_factory.getbasetemp() / "sdonnx-cache"))
+
+
+@pytest.fixture(scope="module")
+def ldm_tool():
+    """benchmarks/ldm_checkpoint.py, which writes LDM single-file checkpoints of diffusers folders."""
+    import helpers
+
+    return helpers.ldm_tool()

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import helpers
 import tiny_sdxl
 from sdonnx.export import lora
 from sdonnx.export.models import UNet2DConditionModel, get_preset
@@ -22,14 +21,7 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SDONNX_CACHE", str(tmp_path_factory.getbasetemp() / "sdonnx-cache"))
-
-
-@pytest.fixture(scope="module")
-def ldm_tool():
-    return helpers.ldm_tool()
+pytestmark = pytest.mark.usefixtures("sdonnx_cache")
 
 
 def sgm_name(tool, unet_config, path: str) -> str:

@@ -19,9 +19,7 @@ from sdonnx.export.weights import (CheckpointError, build_models, clip_tokenizer
 FAMILY = {"sd1": "sd1", "sd2": "sd2", "inpaint": "sd1-inpaint"}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SDONNX_CACHE", str(tmp_path_factory.getbasetemp() / "sdonnx-cache"))
+pytestmark = pytest.mark.usefixtures("sdonnx_cache")
 
 
 @pytest.fixture(scope="module")

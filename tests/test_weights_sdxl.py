@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import helpers
 import tiny_sdxl
 from helpers import one_line_error
 from sdonnx.export.models.config import MID_PLAIN, CLIPConfig, ModelConfigs, UNetConfig, VAEConfig, get_preset
@@ -21,14 +20,7 @@ from sdonnx.export.weights import (RANDOM_PRESETS, CheckpointError, _read_tensor
 PARTS = ("text_encoder", "text_encoder_2", "vae", "unet")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SDONNX_CACHE", str(tmp_path_factory.getbasetemp() / "sdonnx-cache"))
-
-
-@pytest.fixture(scope="module")
-def ldm_tool():
-    return helpers.ldm_tool()
+pytestmark = pytest.mark.usefixtures("sdonnx_cache")
 
 
 def with_unet(pipe, unet_config: dict):
