@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 import shutil
@@ -59,8 +60,13 @@ def notes(component: str, chosen: Scheme) -> dict:
     return out
 
 
-KINDS = ("none", "fp16") + INT8_SCHEMES
-TINY_DECODER = "vae_decoder_tiny"  # the one VAE graph static int8 speeds up: TAESD's plain 3x3 convolutions
+KINDS = ("none", "fp16") + INT8_SCHEMES + ("vae",)
+TINY_DECODER = "vae_decoder_tiny"  # the one VAE graph every static scheme speeds up: TAESD's plain 3x3 convolutions
+VAE_DECODER = "vae_decoder"  # the full VAE decoder: static int8 only when asked (--int8-vae), for its quality cost
+# The full decoder's activation ranges clip this percentile of the calibration values (both tails): its ~30
+# convolutions in a row each add rounding error, and min/max ranges stretched by rare values left the decoded
+# image of SD 1.5's VAE (random weights) at 35 dB PSNR against fp32, the 99.99th percentile at 38.7 dB
+VAE_PERCENTILE = 99.99
 
 
 @dataclass(frozen=True)
@@ -84,18 +90,22 @@ def check_options(precision: str, int8_scheme: str = "dynamic") -> None:
         raise ValueError(f"unknown int8 scheme {int8_scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
 
 
-def kind_of(component: str, precision: str, int8_scheme: str = "dynamic") -> str:
+def kind_of(component: str, precision: str, int8_scheme: str = "dynamic", int8_vae: bool = False) -> str:
     """The conversion `component` gets for options that passed `check_options`.
 
     The VAE decoder overflows in fp16 (diffusers upcasts it too) and its convolutions do not speed up with
     dynamic int8, so the VAE stays fp32; but qdq runs the tiny VAE's decoder as static int8 convolutions, which
-    makes it 4x faster (calibrated on the latents the U-Net's calibration runs visit). qdq calibrates the full
+    makes it 4x faster (calibrated on the latents the U-Net's calibration runs visit). `int8_vae` (any int8
+    scheme) makes the full VAE decoder static int8 convolutions too ("vae"): several times faster on ONNX Runtime,
+    1.5x on OpenVINO's kernels, at a measurable quality cost (README). qdq calibrates the full
     U-Net and compact concerns the U-Net graphs' convolutions; every other component gets dynamic int8 under them.
     openvino quantizes the full U-Net for OpenVINO; the others' dynamic int8 is ONNX Runtime's form, which
     `--provider openvino` runs on ONNX Runtime (faster there than OpenVINO's bf16 of the float graph).
     """
     if precision == "int8" and int8_scheme in ("qdq", "openvino") and component == TINY_DECODER:
         return "qdq"
+    if precision == "int8" and int8_vae and component == VAE_DECODER:
+        return "vae"
     if precision == "fp32" or component.startswith("vae"):
         return "none"
     if precision == "fp16":
@@ -118,6 +128,9 @@ METHODS = {
     "openvino": "static QDQ int8 convolutions and linear layers (per-channel weights, uint8 activations calibrated "
                 "as qdq's; the same convolutions kept fp32), attention products and normalisations float: the form "
                 "OpenVINO runs as int8 (--provider openvino); ONNX Runtime runs it slower than qdq",
+    "vae": "static QDQ int8 convolutions (per-channel weights, uint8 activations whose ranges clip the "
+           f"{VAE_PERCENTILE}th percentile of the decoder's values on the latents of the U-Net's calibration runs); "
+           "post_quant_conv, conv_in and conv_out kept fp32, the attention block float",
     "compact": _DYNAMIC + "; convolution weights stored int8 (per output channel) and dequantized per call "
                           "(DequantizeLinear -> fp32 Conv): a third of the size and memory, conv_in/conv_out kept fp32",
 }
@@ -127,9 +140,10 @@ def _fp16_keeps_softmax(family: str) -> bool:
     return family.startswith("sd2")
 
 
-def scheme(component: str, precision: str, family: str, int8_scheme: str = "dynamic") -> Scheme:
+def scheme(component: str, precision: str, family: str, int8_scheme: str = "dynamic",
+           int8_vae: bool = False) -> Scheme:
     """The quantization applied to `component` of a `family` checkpoint for a requested `precision`."""
-    kind = kind_of(component, precision, int8_scheme)
+    kind = kind_of(component, precision, int8_scheme, int8_vae)
     if component == TINY_DECODER and kind == "qdq":
         return Scheme(kind, "static QDQ int8 convolutions (per-channel weights, uint8 activations calibrated on the "
                             "latents of the U-Net's calibration runs); its first and last convolutions kept fp32")
@@ -138,12 +152,12 @@ def scheme(component: str, precision: str, family: str, int8_scheme: str = "dyna
 
 
 def apply(component: str, precision: str, family: str, src: Path, dst: Path, int8_scheme: str = "dynamic",
-          calibration: list[dict] | None = None) -> Scheme:
+          calibration: list[dict] | None = None, int8_vae: bool = False) -> Scheme:
     """Write the `precision` variant of the fp32 graph `src` to `dst` (moved as it is for fp32 / the VAE).
 
-    The qdq int8 scheme needs `calibration`: U-Net feeds drawn through our own models.
+    The static kinds need `calibration`: the graph's inputs drawn through our own models.
     """
-    chosen = scheme(component, precision, family, int8_scheme)
+    chosen = scheme(component, precision, family, int8_scheme, int8_vae)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if chosen.kind == "none":
         move_model(src, dst)
@@ -151,6 +165,9 @@ def apply(component: str, precision: str, family: str, src: Path, dst: Path, int
         to_fp16(src, dst, FP16_KEEP_OPS_SD2 if _fp16_keeps_softmax(family) else FP16_KEEP_OPS)
     elif chosen.kind == "openvino":
         to_int8_static_convs(src, dst, calibration or [], linear=True)
+    elif chosen.kind == "vae":  # no dynamic int8 after it: --provider openvino runs the graph on OpenVINO
+        to_int8_static_convs(src, dst, calibration or [], keep=_end_convs(src) + _named_convs(src, INT8_KEEP_NODES),
+                             residual_float=False, percentile=VAE_PERCENTILE)
     elif chosen.kind == "qdq":
         convs = dst.parent / "_qdq" / "model.onnx"
         to_int8_static_convs(src, convs, calibration or [], keep=_end_convs(src) if component == TINY_DECODER else ())
@@ -294,6 +311,11 @@ def _end_convs(path: Path) -> list[str]:
     return convs[:1] + convs[-1:]
 
 
+def _named_convs(path: Path, pattern: re.Pattern) -> list[str]:
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
+            if n.op_type == "Conv" and pattern.search(n.name)]
+
+
 def decoder_feeds(unet_feeds: list[dict], latent_channels: int, scaling: float, shift: float) -> list[dict]:
     """A VAE decoder's calibration inputs from the U-Net's: the latents of every step of the calibration runs (the
     first image of a batch, its latent channels), brought into the decoder's own scale as the runtime does."""
@@ -301,11 +323,19 @@ def decoder_feeds(unet_feeds: list[dict], latent_channels: int, scaling: float, 
             for f in unet_feeds]
 
 
+def final_decoder_feeds(finals: list[np.ndarray], scaling: float) -> list[dict]:
+    """The full VAE decoder's calibration inputs: each calibration run's final latents, scaled as the runtime hands
+    them over. Not every step's: a random-weight U-Net's sampling drifts (SD 1.5's: latent std 1 -> 9 over 10 steps),
+    and ranges fitted to the whole drift left the decoded images of its end 9 dB further from fp32."""
+    return [{"latent_sample": (f[:1] / scaling).astype(np.float32)} for f in finals]
+
+
 def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | list = (),
-                         linear: bool = False) -> Path:
+                         linear: bool = False, residual_float: bool = True, percentile: float | None = None) -> Path:
     """Static QDQ int8 Conv (per-channel int8 weights, uint8 activations with ranges from `feeds`); the Conv nodes
-    named in `keep` stay float, as do those qdq_keeps_float names. `linear`: the MatMuls with a weight operand too
-    (not the attention products of two activations).
+    named in `keep` stay float, as do those qdq_keeps_float names unless not `residual_float`. `linear`: the
+    MatMuls with a weight operand too (not the attention products of two activations). `percentile`: activation
+    ranges clipping that percentile of the values (ONNX Runtime's histogram calibrator) instead of min/max.
 
     Static, unlike dynamic, quantization lets ORT run convolutions as integer kernels (fast with VNNI).
     """
@@ -322,15 +352,21 @@ def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | 
         def get_next(self):
             return next(self.items, None)
 
+        def __len__(self) -> int:
+            return len(feeds)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.items = iter(feeds[start_index:end_index])
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
-    exclude = int8_nodes_to_exclude(model) + [n.name for n in model.graph.node
-                                              if n.op_type == "Conv" and qdq_keeps_float(n.name)] + list(keep)
+    exclude = int8_nodes_to_exclude(model) + [n.name for n in model.graph.node if n.op_type == "Conv" and
+                                              residual_float and qdq_keeps_float(n.name)] + list(keep)
     if linear:
         weights = {t.name for t in model.graph.initializer}
         exclude += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
     del model
-    if (src.parent / EXTERNAL_DATA_NAME).exists():
+    if (src.parent / EXTERNAL_DATA_NAME).exists() and percentile is None:
         # a large graph: the same result with one weight in memory instead of the model several times over
         from . import dynamic_int8, onnx as graphs, static_int8
         try:
@@ -340,17 +376,21 @@ def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | 
             logging.getLogger(__name__).warning("%s: %s; quantizing with onnxruntime's quantize_static", src, err)
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
+    # min/max: fold the collected activations into ranges every few feeds (a full U-Net's are ~100 MB per feed);
+    # ORT's calibrator fails ("No data is collected") if the last fold leaves nothing, so the fold size must not
+    # divide the number of feeds
+    method, options = CalibrationMethod.MinMax, {"CalibMaxIntermediateOutputs": _fold_size(len(feeds))}
+    if percentile is not None:
+        # the histogram calibrator holds every activation of the feeds it is given (about 1 GB per 256x256 decode
+        # of SD's VAE): it is given one feed at a time and merges the histograms ("strided" is not min/max only)
+        method, options = CalibrationMethod.Percentile, {"CalibPercentile": percentile, "CalibStridedMinMax": 1}
     try:
-        with _staged(src, dst) as (out, large):
-            # fold the collected activations into ranges every few feeds (a full U-Net's are ~100 MB per feed);
-            # ORT's calibrator fails ("No data is collected") if the last fold leaves nothing, so the fold size
-            # must not divide the number of feeds
+        with _staged(src, dst) as (out, large), contextlib.redirect_stdout(io.StringIO()):  # the histogram's chatter
             quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["Conv", "MatMul"] if linear else ["Conv"],
                             per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"CalibMaxIntermediateOutputs": _fold_size(len(feeds))})
+                            calibrate_method=method, extra_options=options)
     finally:
         logging.getLogger().setLevel(level)
     return dst
@@ -365,7 +405,8 @@ def _fold_size(feeds: int, most: int = 4) -> int:
 def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_config: dict,
                       prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = 10, guidance: float | None = None,
                       latent_hw: tuple = (32, 32), seed: int = 0, sampler: str | None = None,
-                      tokenizer_2_dir: Path | None = None, image_hw: tuple | None = None) -> list[dict]:
+                      tokenizer_2_dir: Path | None = None, image_hw: tuple | None = None,
+                      finals: list | None = None) -> list[dict]:
     """U-Net inputs recorded along sampling runs of our own PyTorch models, one run per prompt.
 
     The runs are the runtime's own loop (sdonnx.sampling) with the PyTorch U-Net behind its model callables, so
@@ -375,7 +416,8 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
     activation ranges come from the latents sampling really visits (on the tiny model, calibrating on noised
     synthetic images instead left its int8 U-Net 4 points further from fp32 in shape accuracy).
     guidance: the defaults table's for the U-Net kind when None. SDXL: both text encoders (tokenizer_2_dir), and
-    time ids (h, w, 0, 0, h, w) of `image_hw` (pixels; default: the latents' size)."""
+    time ids (h, w, 0, 0, h, w) of `image_hw` (pixels; default: the latents' size). `finals`: a list that gets each
+    run's final latents, what the VAE decoder is handed."""
     import torch
     from sdonnx import sampling
     from sdonnx.model import DEFAULTS
@@ -400,7 +442,9 @@ def calibration_feeds(models: dict, configs, tokenizer_dir: Path, scheduler_conf
             extra = _inpainting_inputs(models, configs, rng, *latent_hw) if unet_cfg.is_inpaint else None
             start = sampling.Start(0, x * np.float32(sched.init_noise_sigma), extra=extra)
             call = sampling.guided(unet, context, w, **inputs, **added)
-            sampling.denoise(sched, start, sampling.every_step(call), rng)
+            last = sampling.denoise(sched, start, sampling.every_step(call), rng)
+            if finals is not None:
+                finals.append(last)
     return feeds
 
 

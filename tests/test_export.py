@@ -369,6 +369,40 @@ def test_fp32_unet_error_fails_export_and_low_psnr_warns(monkeypatch):
     assert warning and "below" in warning
 
 
+def test_int8_vae_makes_the_decoder_convolutions_static_int8(sources, tmp_path):
+    """--int8-vae: every VAE decoder convolution but the first two and the last reads int8 weights and activations
+    through QDQ pairs (no ONNX Runtime-only operator, so OpenVINO runs it), the encoder stays fp32, and the decoded
+    image stays near diffusers' VAE."""
+    pipe, src = sources["sd1"]
+    out = tmp_path / "vae8"
+    result = run_cli(src, out, "--precision", "int8", "--int8-vae")
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(out / "vae_decoder" / "model.onnx")).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    int8 = [n.name for n in convs if n.input[0] in dq_outputs and n.input[1] in dq_outputs]
+    floats = [n.name for n in convs if n.input[0] not in dq_outputs and n.input[1] not in dq_outputs]
+    assert len(int8) + len(floats) == len(convs)
+    assert [n.split("/")[-2] for n in floats] == ["post_quant_conv", "conv_in", "conv_out"], floats
+    assert any("upsamplers" in n for n in int8)  # the residual-stream rule of the U-Net's qdq does not apply
+    meta = json.loads((out / "sdonnx.json").read_text())["components"]
+    assert meta["vae_decoder"]["precision"] == "int8" and meta["vae_encoder"]["precision"] == "fp32"
+    assert not {"DynamicQuantizeLinear", "MatMulInteger"} & set(meta["vae_decoder"]["ops"])
+    assert "percentile" in meta["vae_decoder"]["quantization"]["method"]
+    inputs, expected = reference_outputs(pipe, np.random.default_rng(1))["vae_decoder"]
+    got = session(out / "vae_decoder" / "model.onnx").run(None, inputs)[0]
+    fp32 = session(exported_fp32_decoder(sources, tmp_path)).run(None, inputs)[0]
+    assert 25 < verify.psnr(expected[0].numpy(), got) < verify.psnr(expected[0].numpy(), fp32)
+    assert "needs --precision int8" in cli_error(run_cli(src, tmp_path / "x", "--int8-vae"))
+    assert not (tmp_path / "x").exists()
+
+
+def exported_fp32_decoder(sources, tmp_path) -> Path:
+    out = tmp_path / "fp32"
+    assert run_cli(sources["sd1"][1], out).exit_code == 0
+    return out / "vae_decoder" / "model.onnx"
+
+
 def test_helpers():
     assert export_cli.default_out_dir("random:sd15", "int8") == Path("models/random-sd15-int8")
     assert export_cli.default_out_dir("/x/sd-v1-5.safetensors", "fp32") == Path("models/sd-v1-5-fp32")
@@ -389,6 +423,15 @@ def test_helpers():
     assert kinds == {"text_encoder": "dynamic", "unet": "openvino", "unet_shallow": "dynamic", "vae_decoder": "none",
                      quantize.TINY_DECODER: "qdq"}
     assert quantize.kind_of("unet", "fp16", "qdq") == "fp16" and quantize.kind_of("unet", "fp32", "qdq") == "none"
+    # --int8-vae: the full decoder under any int8 scheme, nothing else changes
+    for s in quantize.INT8_SCHEMES:
+        assert quantize.kind_of("vae_decoder", "int8", s, int8_vae=True) == "vae"
+        assert quantize.kind_of("vae_encoder", "int8", s, int8_vae=True) == "none"
+        assert quantize.kind_of("unet", "int8", s, int8_vae=True) == quantize.kind_of("unet", "int8", s)
+    finals = [np.full((2, 4, 2, 2), i, np.float32) for i in range(3)]
+    feeds = quantize.final_decoder_feeds(finals, 0.5)
+    assert [f["latent_sample"].shape for f in feeds] == [(1, 4, 2, 2)] * 3
+    assert [f["latent_sample"][0, 0, 0, 0] for f in feeds] == [0, 2, 4]
     assert "attention softmax" in quantize.scheme("unet", "fp16", "sd2").method
     assert "attention softmax" not in quantize.scheme("unet", "fp16", "sd1").method
     # ORT's calibrator fails when its last fold of feeds is empty
@@ -403,9 +446,14 @@ def test_calibration_follows_guided_sampling():
     ckpt = load_checkpoint("random:tiny", seed=0)
     models = build_models(ckpt)
     sched = dict(ckpt.scheduler_config, prediction_type=ckpt.prediction_type)
+    finals: list = []
     feeds = quantize.calibration_feeds(models, ckpt.configs, Path(ckpt.tokenizer_dir), sched,
-                                       prompts=("a red circle", "a photo of a cat"), steps=4, latent_hw=(8, 8))
+                                       prompts=("a red circle", "a photo of a cat"), steps=4, latent_hw=(8, 8),
+                                       finals=finals)
     assert len(feeds) == 8
+    # each run's end (one image: the runs are unguided images in guided batches), one DDIM update past its last feed
+    assert [f.shape for f in finals] == [(1, 4, 8, 8)] * 2
+    assert not np.allclose(finals[0], feeds[3]["sample"][:1]) and not np.allclose(finals[0], finals[1])
     ts = [float(f["timestep"]) for f in feeds]
     assert ts[:4] == ts[4:] and ts[:4] == sorted(ts[:4], reverse=True)
     for f in feeds:
