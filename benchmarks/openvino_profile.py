@@ -27,14 +27,16 @@ def feeds(model, size: int, batch: int, text: int) -> dict[str, np.ndarray]:
     import openvino as ov
 
     rng = np.random.default_rng(0)
-    values = {"sample": rng.standard_normal((batch, 4, size // 8, size // 8)).astype(np.float32),
+    latents = rng.standard_normal((batch, 4, size // 8, size // 8)).astype(np.float32)
+    values = {"sample": latents, "latent_sample": latents,
               "timestep": np.array([999]), "encoder_hidden_states":
               rng.standard_normal((batch, 77, text)).astype(np.float32)}
     out = {}
     for port in model.inputs:
         name = port.get_any_name()
         if name not in values:
-            raise SystemExit(f"input {name} is not one this script feeds (sample, timestep, encoder_hidden_states)")
+            raise SystemExit(f"input {name} is not one this script feeds (a U-Net's sample, timestep and "
+                             "encoder_hidden_states, or a VAE decoder's latent_sample)")
         out[name] = values[name].astype(port.get_element_type().to_dtype())
     model.reshape({k: ov.PartialShape(list(v.shape)) for k, v in out.items()})
     return out
