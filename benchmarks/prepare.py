@@ -22,6 +22,7 @@ FOLDERS = {
     "sdonnx-int8-compact": "sdonnx-int8-compact",
     "sdonnx-int8-qdq": "sdonnx-int8-qdq",
     "sdonnx-int8-ov": "sdonnx-int8-ov",  # the int8 form OpenVINO runs as int8 (--int8-scheme openvino)
+    "sdonnx-int8-ov-vae8": "sdonnx-int8-ov-vae8",  # the same with the VAE decoder static int8 too (--int8-vae)
     "sdonnx-fp16": "sdonnx-fp16",  # for GPU providers (benchmarks/gpu.py)
     "openvino-fp32": "openvino-fp32",  # OpenVINO IR (optimum-cli export openvino), in the OpenVINO venv
     "openvino-int8": "openvino-int8",  # its hybrid int8 quantization (openvino_int8.py), made from openvino-fp32
@@ -59,6 +60,7 @@ EXPORTS = {
     "sdonnx-int8-compact": ["--precision", "int8", "--int8-scheme", "compact", "--attention", "mha", "--step-cache"],
     "sdonnx-int8-qdq": ["--precision", "int8", "--int8-scheme", "qdq", "--attention", "mha", "--step-cache"],
     "sdonnx-int8-ov": ["--precision", "int8", "--int8-scheme", "openvino", "--step-cache"],
+    "sdonnx-int8-ov-vae8": ["--precision", "int8", "--int8-scheme", "openvino", "--int8-vae", "--step-cache"],
     "sdonnx-fp16": ["--precision", "fp16"],
 }
 # what every export of a --weights kind adds: a turbo model's defaults (1 step, no guidance; and its qdq

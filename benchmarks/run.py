@@ -66,6 +66,10 @@ KNOWN = {
     # the int8 form OpenVINO runs as int8 (--int8-scheme openvino: static QDQ convolutions and linear layers)
     "sdonnx-int8-ov": ("sdonnx-int8-ov", ["--provider", "openvino", "--cache-interval", "{k}"]),
     "sdonnx-int8-ov-tiny": ("sdonnx-int8-ov", ["--provider", "openvino", "--cache-interval", "{k}", "--vae", "tiny"]),
+    # ... with its VAE decoder static int8 too (--int8-vae): on OpenVINO's kernels, and the same folder on ONNX
+    # Runtime alone (for its VAE decode: there the qdq scheme's U-Net, not this one, is our faster)
+    "sdonnx-int8-ov-vae8": ("sdonnx-int8-ov-vae8", ["--provider", "openvino", "--cache-interval", "{k}"]),
+    "sdonnx-int8-vae8-ort": ("sdonnx-int8-ov-vae8", ["--cache-interval", "{k}"]),
     # stable-diffusion.cpp (its Python binding, own venv) on sd.cpp's GGUF conversion of the same weights: q8_0
     # (linear and attention matrices quantized) and f16; whole generations only (sdcpp_system.py)
     "sdcpp-q8_0": ("sdcpp-q8_0", []),
