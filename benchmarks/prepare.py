@@ -287,11 +287,15 @@ def _openvino_quantized(work: Path, paths: dict[str, Path]) -> None:
         _record(work, "openvino-fp32", made)
     out = paths.get("openvino-int8")
     if out is not None and not (out / "model_index.json").is_file():
+        from sdonnx.export.folder import source_defaults
         from sdonnx.export.quantize import CALIBRATION_PROMPTS  # the prompts our qdq export calibrates on
 
         prompts = [x for p in CALIBRATION_PROMPTS for x in ("--prompt", p)]
-        made = _run([python, str(Path(__file__).with_name("openvino_int8.py")), str(fp32), str(out), *prompts],
-                    work / "export-openvino-int8.log", env)
+        # guided as our export calibrates the same weights: at the guidance they suggest (the tiny model's 3.0)
+        suggested = source_defaults(str(src)).get("guidance")
+        guidance = [] if suggested is None else ["--guidance", str(suggested)]
+        made = _run([python, str(Path(__file__).with_name("openvino_int8.py")), str(fp32), str(out), *prompts,
+                     *guidance], work / "export-openvino-int8.log", env)
         _record(work, "openvino-int8", made and {**made, "after": "openvino-fp32"})
 
 

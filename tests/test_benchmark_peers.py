@@ -119,6 +119,31 @@ def test_default_prepare_leaves_the_peer_venvs_alone(bench, tmp_path, monkeypatc
     assert not set(prepare.TINY_FROM) & set(paths)  # the tiny-VAE folders only when a system asks for them
 
 
+def test_openvino_int8_calibrates_at_the_guidance_the_weights_suggest(bench, fake_venv, tmp_path, monkeypatch):
+    """Weights whose sdonnx_defaults.json names a guidance (the tiny model's 3.0) get OpenVINO's hybrid int8
+    calibrated at it, as our export calibrates them; others keep openvino_int8.py's default (SD's 7.5)."""
+    _, prepare, _, _ = bench
+    commands = []
+
+    def fake_run(cmd, log, env=None):
+        commands.append(cmd)
+        out = Path(cmd[-1] if "optimum-cli" in cmd[0] else cmd[3])
+        out.mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+        return {"seconds": 1.0, "peak_rss_mb": 1.0, "command": cmd, "finished": "now"}
+
+    monkeypatch.setattr(prepare, "_run", fake_run)
+    for work, suggested in ((tmp_path / "plain", None), (tmp_path / "tiny", 3.0)):
+        _fake_weights(work / "diffusers")
+        if suggested is not None:
+            (work / "diffusers" / "sdonnx_defaults.json").write_text(json.dumps({"guidance": suggested, "steps": 20}))
+        prepare.prepare(work, "tiny", ["openvino-int8"])
+        quantize = commands[-1]
+        assert quantize[1] == str(BENCH / "openvino_int8.py")
+        given = [quantize[i + 1] for i, x in enumerate(quantize) if x == "--guidance"]
+        assert given == ([] if suggested is None else [str(suggested)]) and "--steps" not in quantize
+
+
 def _fake_weights(folder: Path) -> None:
     """A stand-in diffusers folder: what prepare reads of it (its VAE's stages; the tiny weights' VAE has two)."""
     (folder / "vae").mkdir(parents=True)

@@ -125,3 +125,65 @@ def test_tiny_quality_pairs_settings_on_the_same_pictures(bundled, monkeypatch):
         "only_this": 2, "only_baseline": 1, "p": 1.0}
     assert tq.mcnemar(0, 5) == 2 / 32 and tq.mcnemar(0, 0) == 1.0
     assert abs(tq.mcnemar(10, 0) - 2 / 1024) < 1e-15 and tq.mcnemar(3, 7) == tq.mcnemar(7, 3)
+
+
+def test_tiny_quality_judges_openvino_pictures_from_our_noise(bundled, tmp_path, monkeypatch):
+    """benchmarks/tiny_quality.py --openvino: the request hands OpenVINO's pipeline our captions and the very noise
+    our runtime draws for each seed (so the two runtimes' pictures pair up), its pictures file is read back and
+    judged in drawing order, and each int8 setting is paired with its own system's fp32 and with the other's int8."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import tiny_quality as tq
+    from sdonnx.export.tiny.shapes import render
+
+    scenes = tq.fresh_scenes(3, 5)
+    shape = tq.latent_shape(bundled)
+    assert shape == (1, 4, 16, 16)
+    ours = tq.generate(bundled, scenes[:1], 100, steps=2)[0]
+    drawn = bundled.txt2img(scenes[0].caption(), seed=100, steps=2)[0]  # the runtime's own draw for seed 100
+    assert np.array_equal(np.asarray(ours), np.asarray(drawn))
+
+    tq.openvino_request(tmp_path / "request.npz", bundled, scenes, 100, seeds=2)
+    with np.load(tmp_path / "request.npz") as req:
+        assert [str(c) for c in req["captions"]] == [s.caption() for s in scenes * 2]
+        assert req["latents"].shape == (6, 4, 16, 16)
+        np.testing.assert_array_equal(req["latents"][4], tq.start_noise(104, shape)[0])  # 2nd seed, 2nd caption
+        assert (int(req["steps"]), float(req["guidance"]), int(req["size"])) == (20, 3.0, 64)
+
+    truth = np.stack([np.asarray(render(s, 64)) for s in scenes])
+    wrong = truth[[1, 0, 2]]  # the first two captions' pictures swapped
+    np.savez(tmp_path / "images.npz", images=np.concatenate([truth, wrong]), precision="bf16",
+             scheduler="DDIMScheduler", seconds=1.5)
+    images, facts = tq.read_openvino_images(tmp_path / "images.npz")
+    assert facts == {"precision": "bf16", "scheduler": "DDIMScheduler", "seconds": 1.5}
+    acc = tq.judged(list(images), scenes * 2, facts["seconds"])
+    assert acc["shape_hits"][:3] == [True] * 3 and acc["shape_hits"][5]
+    assert acc["color_hits"][:3] == [True] * 3
+    assert acc["background"] < 100 and acc["seconds"] == 1.5
+    with pytest.raises(SystemExit, match="5 pictures for 6 captions"):
+        tq.judged(list(images[:5]), scenes * 2, 0.0)
+    np.savez(tmp_path / "float.npz", images=truth / 255.0, precision="f32", scheduler="DDIMScheduler", seconds=1.0)
+    with pytest.raises(SystemExit, match="uint8"):
+        tq.read_openvino_images(tmp_path / "float.npz")
+
+    ov = [("fp32 IR", "OV fp32"), ("hybrid int8", "OV int8")]
+    assert tq.system_pairs("fp32", ["int8"], ov) == [("int8", "fp32"), ("OV fp32", "fp32"), ("OV int8", "OV fp32"),
+                                                     ("int8", "OV int8")]
+    assert tq.system_pairs("fp32", ["int8"], []) == [("int8", "fp32")]
+    hits = {"a": {"shape_hits": [True, True, False], "color_hits": [True] * 3},
+            "b": {"shape_hits": [False, True, True], "color_hits": [False] * 3}}
+    assert tq.pairs_table(hits, [("a", "b")]).splitlines()[-1] == "| a | b | 1 | 1 | 1 | 3 | 0 | 0.25 |"
+    (tmp_path / "ir").mkdir()
+    assert tq.openvino_kind(tmp_path / "ir") == "fp32 IR"
+    (tmp_path / "ir" / "openvino_config.json").write_text(json.dumps({"quantization_config": {
+        "bits": 8, "quant_method": "hybrid"}}))
+    assert tq.openvino_kind(tmp_path / "ir") == "hybrid int8"
+    with pytest.raises(SystemExit, match="no OpenVINO U-Net"):
+        tq.check_openvino(tmp_path / "ir")
+
+    from sdonnx.export.quantize import METHODS
+
+    for scheme in ("openvino", "qdq", "compact"):  # the openvino scheme's U-Net is static QDQ too: not "qdq"
+        unet = {"quantization": {"method": METHODS[scheme]}}
+        (tmp_path / "sdonnx.json").write_text(json.dumps({"components": {"unet": unet}}))
+        assert tq.int8_scheme(tmp_path) == scheme
+        assert tq.int8_label(tmp_path, "openvino") == f"int8 ({scheme}), defaults, provider openvino"
