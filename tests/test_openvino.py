@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 from helpers import picture, square_mask
@@ -89,6 +90,14 @@ def test_openvino_int8_scheme_exports_and_draws_what_fp32_draws(tmp_path):
     matmuls = ops.get("MatMul", 0)
     assert ops["QuantizeLinear"] > ops["Conv"] and matmuls > 0  # activations of linear layers quantized too
     assert meta["text_encoder"]["precision"] == "int8" and meta["unet"]["precision"] == "int8"
+    # the weight MatMuls read int8 weights, but cross-attention's output projection (quantize.INT8_FLOAT_LINEAR)
+    graph = onnx.load(str(out / "unet" / "model.onnx")).graph
+    weights = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"
+                                                     and n.input[0] in {t.name for t in graph.initializer}}
+    linear = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    float_linear = sorted({n.name.split("/")[-3] + "/" + n.name.split("/")[-2] for n in linear if n.input[1] not in dq})
+    assert float_linear == ["attn2/to_out.0"], float_linear
     # on --provider openvino the U-Net runs on OpenVINO, the dynamic int8 text encoder stays on ONNX Runtime
     on_ov = Pipeline.load(out, provider="openvino")
     assert type(on_ov.component("unet").session).__name__ == "OpenVINOSession"
