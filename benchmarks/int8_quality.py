@@ -38,10 +38,10 @@ SYSTEMS = {"sdonnx-int8-ov": ("sdonnx-int8-ov", "model.onnx", "openvino"),
            "openvino-fp32": ("openvino-fp32", "openvino_model.xml", "openvino"),
            # --int8-vae: its decoder static int8, on OpenVINO's kernels and on ONNX Runtime
            "sdonnx-int8-ov-vae8": ("sdonnx-int8-ov-vae8", "model.onnx", "openvino"),
-           "sdonnx-int8-ov-vae8-ort": ("sdonnx-int8-ov-vae8", "model.onnx", "onnxruntime")}
+           "sdonnx-int8-vae8-ort": ("sdonnx-int8-ov-vae8", "model.onnx", "onnxruntime")}
 DEFAULT_SYSTEMS = {"unet": ("sdonnx-int8-ov", "sdonnx-int8-qdq", "openvino-int8", "openvino-fp32"),
                    # sdonnx-int8-ov's decoder is the fp32 graph (OpenVINO runs it in bf16, as openvino-fp32's)
-                   "vae_decoder": ("sdonnx-int8-ov-vae8", "sdonnx-int8-ov-vae8-ort", "sdonnx-int8-ov",
+                   "vae_decoder": ("sdonnx-int8-ov-vae8", "sdonnx-int8-vae8-ort", "sdonnx-int8-ov",
                                    "openvino-int8", "openvino-fp32")}
 
 

@@ -1,6 +1,8 @@
-"""Where a U-Net graph's time goes on OpenVINO's CPU kernels (PERF_COUNT), and what-if timings of more int8.
+"""Where a U-Net's (or a VAE decoder's) time goes on OpenVINO's CPU kernels (PERF_COUNT), and what-if timings of
+more int8.
 
     python benchmarks/openvino_profile.py UNET.onnx [--size 512] [--batch 1] [--text 1024]
+    python benchmarks/openvino_profile.py VAE_DECODER.onnx --size 512 --what-if .   (SD's 8x VAE)
     python benchmarks/openvino_profile.py UNET.onnx --what-if attention
     python benchmarks/openvino_profile.py UNET.onnx --what-if "upsamplers|downsamplers|conv_shortcut"
 

@@ -170,8 +170,8 @@ def int8_scheme(folder: Path) -> str:
     named = [kind for kind, text in METHODS.items() if text == method]
     if named:
         return named[0]
-    if method.startswith("static"):
-        return "qdq"
+    if method.startswith("static"):  # the openvino scheme also quantizes the linear layers statically
+        return "openvino" if "linear layers" in method else "qdq"
     return "compact" if "dequantized per call" in method else "dynamic"
 
 

@@ -420,8 +420,9 @@ def _one_line(err: BaseException) -> str:
                    "| openvino (the U-Net's convolutions and linear layers static and calibrated: for "
                    "--provider openvino).")
 @click.option("--int8-vae", is_flag=True,
-              help="int8 only: also the VAE decoder's convolutions static int8 (calibrated): about 2.7x faster on "
-                   "ONNX Runtime and 1.5x on --provider openvino, and measurably less exact (README).")
+              help="int8 only: also the VAE decoder's convolutions static int8 (calibrated): about 2.6x faster on "
+                   "ONNX Runtime and 1.5x on --provider openvino (SD 1.5, 512x512), and measurably less exact "
+                   "(README).")
 @click.option("--step-cache", is_flag=True,
               help="Also export the DeepCache graphs (unet_shallow/, unet/model_features.onnx) for --cache-interval.")
 @click.option("--step-cache-depth", default=1, show_default=True,

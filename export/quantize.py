@@ -136,7 +136,7 @@ METHODS = {
                 "products and normalisations float: the form "
                 "OpenVINO runs as int8 (--provider openvino); ONNX Runtime runs it slower than qdq",
     "vae": "static QDQ int8 convolutions (per-channel weights, uint8 activations whose ranges clip the "
-           f"{VAE_PERCENTILE}th percentile of the decoder's values on the latents of the U-Net's calibration runs); "
+           f"{VAE_PERCENTILE}th percentile of the decoder's values on each U-Net calibration run's final latents); "
            "post_quant_conv, conv_in and conv_out kept fp32, the attention block float",
     "compact": _DYNAMIC + "; convolution weights stored int8 (per output channel) and dequantized per call "
                           "(DequantizeLinear -> fp32 Conv): a third of the size and memory, conv_in/conv_out kept fp32",
@@ -173,8 +173,8 @@ def apply(component: str, precision: str, family: str, src: Path, dst: Path, int
     elif chosen.kind == "openvino":
         to_int8_static_convs(src, dst, calibration or [], linear=True)
     elif chosen.kind == "vae":  # no dynamic int8 after it: --provider openvino runs the graph on OpenVINO
-        to_int8_static_convs(src, dst, calibration or [], keep=_end_convs(src) + _named_convs(src, INT8_KEEP_NODES),
-                             residual_float=False, percentile=VAE_PERCENTILE)
+        to_int8_static_convs(src, dst, calibration or [], keep=_end_convs(src), residual_float=False,
+                             percentile=VAE_PERCENTILE)
     elif chosen.kind == "qdq":
         convs = dst.parent / "_qdq" / "model.onnx"
         to_int8_static_convs(src, convs, calibration or [], keep=_end_convs(src) if component == TINY_DECODER else ())
@@ -318,11 +318,6 @@ def _end_convs(path: Path) -> list[str]:
     return convs[:1] + convs[-1:]
 
 
-def _named_convs(path: Path, pattern: re.Pattern) -> list[str]:
-    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
-            if n.op_type == "Conv" and pattern.search(n.name)]
-
-
 def decoder_feeds(unet_feeds: list[dict], latent_channels: int, scaling: float, shift: float) -> list[dict]:
     """A VAE decoder's calibration inputs from the U-Net's: the latents of every step of the calibration runs (the
     first image of a batch, its latent channels), brought into the decoder's own scale as the runtime does."""
@@ -330,11 +325,18 @@ def decoder_feeds(unet_feeds: list[dict], latent_channels: int, scaling: float, 
             for f in unet_feeds]
 
 
-def final_decoder_feeds(finals: list[np.ndarray], scaling: float) -> list[dict]:
+def final_decoder_feeds(finals: list[np.ndarray], scaling: float, most: int = 32) -> list[dict]:
     """The full VAE decoder's calibration inputs: each calibration run's final latents, scaled as the runtime hands
-    them over. Not every step's: a random-weight U-Net's sampling drifts (SD 1.5's: latent std 1 -> 9 over 10 steps),
-    and ranges fitted to the whole drift left the decoded images of its end 9 dB further from fp32."""
-    return [{"latent_sample": (f[:1] / scaling).astype(np.float32)} for f in finals]
+    them over, their middle `most` x `most` latents at most (a --static 1024x1024 SDXL decode would hold ~16 GB of
+    activations in the histogram calibrator; ranges barely depend on size). Not every step's latents: a random-weight
+    U-Net's sampling drifts (SD 1.5's: latent std 1 -> 9 over 10 steps), and ranges fitted to the whole drift left
+    the decoded images of its end 9 dB further from fp32."""
+    def middle(x: np.ndarray) -> np.ndarray:
+        h, w = x.shape[-2:]
+        top, left = max(0, (h - most) // 2), max(0, (w - most) // 2)
+        return x[..., top:top + most, left:left + most]
+
+    return [{"latent_sample": (middle(f[:1]) / scaling).astype(np.float32)} for f in finals]
 
 
 def to_int8_static_convs(src: Path, dst: Path, feeds: list[dict], keep: tuple | list = (),

@@ -5,6 +5,7 @@ except by the one end-to-end test, which skips without it (CI does not create it
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,11 @@ def test_openvino_int8_calibrates_at_the_guidance_the_weights_suggest(bench, fak
         assert quantize[1] == str(BENCH / "openvino_int8.py")
         given = [quantize[i + 1] for i, x in enumerate(quantize) if x == "--guidance"]
         assert given == ([] if suggested is None else [str(suggested)]) and "--steps" not in quantize
+    # an int8 folder already made needs no fp32 IR (deleted for disk space): nothing is exported again
+    shutil.rmtree(tmp_path / "plain" / "openvino-fp32")
+    made = len(commands)
+    prepare.prepare(tmp_path / "plain", "tiny", ["openvino-int8"])
+    assert len(commands) == made and not (tmp_path / "plain" / "openvino-fp32").exists()
 
 
 def _fake_weights(folder: Path) -> None:

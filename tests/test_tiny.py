@@ -187,3 +187,7 @@ def test_tiny_quality_judges_openvino_pictures_from_our_noise(bundled, tmp_path,
         (tmp_path / "sdonnx.json").write_text(json.dumps({"components": {"unet": unet}}))
         assert tq.int8_scheme(tmp_path) == scheme
         assert tq.int8_label(tmp_path, "openvino") == f"int8 ({scheme}), defaults, provider openvino"
+    # a folder exported before the scheme's description changed: named by its wording
+    old = {"quantization": {"method": "static QDQ int8 convolutions and linear layers (an older wording)"}}
+    (tmp_path / "sdonnx.json").write_text(json.dumps({"components": {"unet": old}}))
+    assert tq.int8_scheme(tmp_path) == "openvino"
