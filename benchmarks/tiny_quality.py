@@ -176,8 +176,12 @@ def int8_scheme(folder: Path) -> str:
 
 
 def int8_label(folder: Path, provider: str) -> str:
-    """The results' name of an int8 folder's pictures (the provider named where it is not ONNX Runtime's CPU)."""
-    return f"int8 ({int8_scheme(folder)}), defaults" + ("" if provider == "cpu" else f", provider {provider}")
+    """The results' name of an int8 folder's pictures (an int8 VAE decoder, `--int8-vae`, and the provider named
+    where it is not ONNX Runtime's CPU)."""
+    components = json.loads((folder / "sdonnx.json").read_text())["components"]
+    vae = components.get("vae_decoder", {}).get("precision") == "int8"
+    return (f"int8 ({int8_scheme(folder)}{' + int8 VAE' if vae else ''}), defaults" +
+            ("" if provider == "cpu" else f", provider {provider}"))
 
 
 OPENVINO_IMAGES = Path(__file__).with_name("openvino_images.py")

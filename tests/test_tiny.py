@@ -187,6 +187,9 @@ def test_tiny_quality_judges_openvino_pictures_from_our_noise(bundled, tmp_path,
         (tmp_path / "sdonnx.json").write_text(json.dumps({"components": {"unet": unet}}))
         assert tq.int8_scheme(tmp_path) == scheme
         assert tq.int8_label(tmp_path, "openvino") == f"int8 ({scheme}), defaults, provider openvino"
+    # an int8 VAE decoder (--int8-vae) is named in the label, so two such folders do not share one
+    (tmp_path / "sdonnx.json").write_text(json.dumps({"components": {"unet": unet, "vae_decoder": {"precision": "int8"}}}))
+    assert tq.int8_label(tmp_path, "cpu") == "int8 (compact + int8 VAE), defaults"
     # a folder exported before the scheme's description changed: named by its wording
     old = {"quantization": {"method": "static QDQ int8 convolutions and linear layers (an older wording)"}}
     (tmp_path / "sdonnx.json").write_text(json.dumps({"components": {"unet": old}}))
