@@ -71,12 +71,9 @@ def test_missing_venv_is_one_line(bench, tmp_path, monkeypatch):
     assert not (tmp_path / "w").exists()  # refused before preparing anything
 
 
-def test_openvino_folders_commands_and_record(bench, fake_venv, tmp_path, monkeypatch):
-    """openvino-int8 needs the fp32 IR (optimum-cli export openvino) and quantizes it with our calibration
-    prompts; each export's time and peak RSS go into the work folder's prepare.json and the report's table."""
-    _, prepare, _, report = bench
-    from sdonnx.export.quantize import CALIBRATION_PROMPTS
-
+def _fake_openvino_runs(prepare, monkeypatch, cost) -> list:
+    """prepare._run replaced by a stand-in that makes the folder an OpenVINO command would (optimum-cli's last
+    argument, openvino_int8.py's third) and records the command; cost(n) -> (seconds, peak MB) of the n-th."""
     commands = []
 
     def fake_run(cmd, log, env=None):
@@ -84,9 +81,20 @@ def test_openvino_folders_commands_and_record(bench, fake_venv, tmp_path, monkey
         out = Path(cmd[-1] if "optimum-cli" in cmd[0] else cmd[3])
         out.mkdir(parents=True)
         (out / "model_index.json").write_text("{}")
-        return {"seconds": 10.0 * len(commands), "peak_rss_mb": 100.0, "command": cmd, "finished": "now"}
+        seconds, peak = cost(len(commands))
+        return {"seconds": seconds, "peak_rss_mb": peak, "command": cmd, "finished": "now"}
 
     monkeypatch.setattr(prepare, "_run", fake_run)
+    return commands
+
+
+def test_openvino_folders_commands_and_record(bench, fake_venv, tmp_path, monkeypatch):
+    """openvino-int8 needs the fp32 IR (optimum-cli export openvino) and quantizes it with our calibration
+    prompts; each export's time and peak RSS go into the work folder's prepare.json and the report's table."""
+    _, prepare, _, report = bench
+    from sdonnx.export.quantize import CALIBRATION_PROMPTS
+
+    commands = _fake_openvino_runs(prepare, monkeypatch, lambda n: (10.0 * n, 100.0))
     work = tmp_path / "work"
     _fake_weights(work / "diffusers")
     paths = prepare.prepare(work, "tiny", ["openvino-int8"])
@@ -124,16 +132,7 @@ def test_openvino_int8_calibrates_at_the_guidance_the_weights_suggest(bench, fak
     """Weights whose sdonnx_defaults.json names a guidance (the tiny model's 3.0) get OpenVINO's hybrid int8
     calibrated at it, as our export calibrates them; others keep openvino_int8.py's default (SD's 7.5)."""
     _, prepare, _, _ = bench
-    commands = []
-
-    def fake_run(cmd, log, env=None):
-        commands.append(cmd)
-        out = Path(cmd[-1] if "optimum-cli" in cmd[0] else cmd[3])
-        out.mkdir(parents=True)
-        (out / "model_index.json").write_text("{}")
-        return {"seconds": 1.0, "peak_rss_mb": 1.0, "command": cmd, "finished": "now"}
-
-    monkeypatch.setattr(prepare, "_run", fake_run)
+    commands = _fake_openvino_runs(prepare, monkeypatch, lambda n: (1.0, 1.0))
     for work, suggested in ((tmp_path / "plain", None), (tmp_path / "tiny", 3.0)):
         _fake_weights(work / "diffusers")
         if suggested is not None:
