@@ -329,8 +329,9 @@ def final_decoder_feeds(finals: list[np.ndarray], scaling: float, most: int = 32
     """The full VAE decoder's calibration inputs: each calibration run's final latents, scaled as the runtime hands
     them over, their middle `most` x `most` latents at most (a --static 1024x1024 SDXL decode would hold ~16 GB of
     activations in the histogram calibrator; ranges barely depend on size). Not every step's latents: a random-weight
-    U-Net's sampling drifts (SD 1.5's: latent std 1 -> 9 over 10 steps), and ranges fitted to the whole drift left
-    the decoded images of its end 9 dB further from fp32."""
+    U-Net's sampling drifts (SD 1.5's: latent std 1 -> 9 over 10 steps), and ranges must fit what the decoder is
+    handed: fitted to that whole drift, SD 1.5's decoder was 29.4 dB from fp32 on standard-normal latents, fitted
+    to such latents 38.1 dB."""
     def middle(x: np.ndarray) -> np.ndarray:
         h, w = x.shape[-2:]
         top, left = max(0, (h - most) // 2), max(0, (w - most) // 2)
