@@ -161,6 +161,8 @@ def main() -> None:
         result["timesteps"] = TIMESTEPS
     else:
         result["latent_std"] = [round(float(f[key].std()), 3) for f in feeds]
+        # clipping hides errors beyond [-1, 1]: how much of the reference it touches
+        result["reference_clipped_fraction"] = round(float(np.mean([np.mean(np.abs(r) > 1) for r in ref])), 4)
     for name in (args.systems.split(",") if args.systems else DEFAULT_SYSTEMS[args.component]):
         if name not in SYSTEMS:
             raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
@@ -180,8 +182,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     shift = (f"A 1e-4 shift of the latents moves the reference by {result['reference_psnr_under_1e-4_input_shift']:.1f} "
              "dB PSNR (far above every system's error).")
-    command = (f"Command: `python benchmarks/int8_quality.py {args.work}"
-               f"{'' if unet else ' --component vae_decoder'} --size {args.size} --name {args.name}`. ")
+    command = (f"Command: `python benchmarks/int8_quality.py {args.work}{'' if unet else ' --component vae_decoder'}"
+               f"{f' --systems {args.systems}' if args.systems else ''} --size {args.size} --name {args.name}`. ")
     if unet:
         title = f"U-Net output PSNR against diffusers' fp32 U-Net, {args.size}x{args.size}"
         setup = ("Random weights (the benchmark's SD 1.5 folder); guided batches of 4 prompts outside the calibration "
@@ -191,7 +193,8 @@ def main() -> None:
         setup = ("Random weights (the benchmark's SD 1.5 folder); the decoder's inputs are the final latents of 4 "
                  "of our txt2img runs (10 DDIM steps, prompts outside the calibration set) over the scaling factor "
                  f"(std {', '.join(map(str, result['latent_std']))}: a random U-Net's sampling drifts far from a "
-                 "trained one's unit-variance latents); both images clipped to [-1, 1], peak 2. ")
+                 "trained one's unit-variance latents); both images clipped to [-1, 1], peak 2 (the clipping "
+                 f"touches {100 * result['reference_clipped_fraction']:.1f}% of the reference's values). ")
     lines = [f"# int8 quality: {title}", "", command + setup + shift,
              "", "| system | runs on | PSNR per input (dB) | median dB |", "|---|---|---|---|"]
     for name, r in result["systems"].items():
