@@ -244,8 +244,7 @@ class Pipeline:
     def _graph(self, name: str, chunks: int = 1) -> Iterator:
         """The component `name` as _using gives it, or in low-memory mode its streamed parts where it has them."""
         if self.low_memory and self.stream and name in streamed_components(self.info.meta):
-            yield Streamed(*read_parts(self.info.path, self.info.meta, name), _config_for(self.info, name, self.config),
-                           chunks)
+            yield Streamed(*read_parts(self.info.path, self.info.meta, name), _onnxruntime_form(self.config), chunks)
             return
         with self._using(name) as component:
             yield component
@@ -469,7 +468,13 @@ def _config_for(info: ModelInfo, name: str, config: SessionConfig) -> SessionCon
     """The session settings of one component: on `--provider openvino`, a graph in ONNX Runtime's own int8 form
     (the dynamic int8 text encoder of every int8 scheme) runs on ONNX Runtime's CPU provider, where it is faster
     than OpenVINO runs it, beside the graphs OpenVINO runs."""
-    if config.provider.lower() == "openvino" and info.onnxruntime_only(name):
+    return _onnxruntime_form(config) if info.onnxruntime_only(name) else config
+
+
+def _onnxruntime_form(config: SessionConfig) -> SessionConfig:
+    """Settings for a graph in ONNX Runtime's own form (its dynamic int8; the streamed parts, saved with its contrib-op
+    fusions, which OpenVINO cannot read): on `--provider openvino`, ONNX Runtime's CPU provider."""
+    if config.provider.lower() == "openvino":
         return dataclasses.replace(config, provider="cpu", provider_options=None)
     return config
 
