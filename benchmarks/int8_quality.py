@@ -81,12 +81,17 @@ def reference(weights: Path, feeds: list[dict]) -> list[np.ndarray]:
 def vae_inputs(work: Path, size: int, steps: int = 10) -> list[dict[str, np.ndarray]]:
     from sdonnx import Pipeline
 
-    folder = work / SYSTEMS["sdonnx-int8-ov"][0]
-    pipe = Pipeline.load(folder, provider="openvino")
+    pipe = Pipeline.load(work / SYSTEMS["sdonnx-int8-ov"][0], provider="openvino")
+    return decoder_inputs(pipe, PROMPTS, steps=steps, scheduler="ddim", width=size, height=size)
+
+
+def decoder_inputs(pipe, prompts, **options) -> list[dict[str, np.ndarray]]:
+    """What the VAE decoder is handed at the end of one txt2img per prompt (its index as the seed): the final
+    latents over the scaling factor."""
     out = []
-    for seed, prompt in enumerate(PROMPTS):
+    for seed, prompt in enumerate(prompts):
         ends = []
-        pipe.txt2img(prompt, steps=steps, scheduler="ddim", seed=seed, width=size, height=size, output_type="np",
+        pipe.txt2img(prompt, seed=seed, output_type="np", **options,
                      callback=lambda k, total, latents: ends.append(latents) if k == total - 1 else None)
         out.append({"latent_sample": (ends[-1] / np.float32(pipe.info.scaling_factor)).astype(np.float32)})
     return out

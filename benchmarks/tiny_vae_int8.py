@@ -14,37 +14,15 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from int8_quality import decoder_inputs, image_psnr, run_onnxruntime, run_openvino
 
 
-def final_latents(folder: Path, n: int, seed: int) -> list[np.ndarray]:
+def final_latents(folder: Path, n: int, seed: int) -> list[dict[str, np.ndarray]]:
     from sdonnx import Pipeline
     from sdonnx.export.tiny.shapes import random_scene
 
-    pipe = Pipeline.load(folder)
     rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        ends: list = []
-        pipe.txt2img(random_scene(rng).caption(), seed=k, output_type="np",
-                     callback=lambda i, total, x: ends.append(x) if i == total - 1 else None)
-        out.append((ends[-1] / np.float32(pipe.info.scaling_factor)).astype(np.float32))
-    return out
-
-
-def decode(path: Path, latents: list[np.ndarray], runner: str) -> list[np.ndarray]:
-    if runner == "openvino":
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 2})
-        return [np.asarray(compiled([x])[0]) for x in latents]
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [session.run(None, {"latent_sample": x})[0] for x in latents]
-
-
-def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(4 / np.mean((np.clip(a, -1, 1) - np.clip(b, -1, 1)).astype(np.float64) ** 2)))
+    return decoder_inputs(Pipeline.load(folder), [random_scene(rng).caption() for _ in range(n)])
 
 
 def main() -> None:
@@ -57,14 +35,14 @@ def main() -> None:
         if not (args.work / name / "vae_decoder" / "model.onnx").is_file():
             raise SystemExit(f"{args.work / name} is missing: make it with benchmarks/prepare.py (see --help)")
     latents = final_latents(args.work / "sdonnx-int8-ov", args.n, args.seed)
-    ref = decode(args.work / "sdonnx-int8-ov" / "vae_decoder" / "model.onnx", latents, "onnxruntime")
-    print(f"{args.n} decodes, latent std {np.mean([x.std() for x in latents]):.2f}; PSNR against the fp32 decoder "
-          "on ONNX Runtime:")
-    for label, folder, runner in (("int8 decoder, ONNX Runtime", "sdonnx-int8-ov-vae8", "onnxruntime"),
-                                  ("int8 decoder, OpenVINO", "sdonnx-int8-ov-vae8", "openvino"),
-                                  ("fp32 decoder, OpenVINO (bf16)", "sdonnx-int8-ov", "openvino")):
-        scores = [image_psnr(r, o) for r, o in zip(ref, decode(args.work / folder / "vae_decoder" / "model.onnx",
-                                                               latents, runner))]
+    ref = run_onnxruntime(args.work / "sdonnx-int8-ov" / "vae_decoder" / "model.onnx", latents)
+    std = np.mean([f["latent_sample"].std() for f in latents])
+    print(f"{args.n} decodes, latent std {std:.2f}; PSNR against the fp32 decoder on ONNX Runtime:")
+    for label, folder, run in (("int8 decoder, ONNX Runtime", "sdonnx-int8-ov-vae8", run_onnxruntime),
+                               ("int8 decoder, OpenVINO", "sdonnx-int8-ov-vae8", run_openvino),
+                               ("fp32 decoder, OpenVINO (bf16)", "sdonnx-int8-ov", run_openvino)):
+        scores = [image_psnr(r, o) for r, o in zip(ref, run(args.work / folder / "vae_decoder" / "model.onnx",
+                                                            latents))]
         print(f"  {label:32s} median {np.median(scores):5.1f} dB, lowest {min(scores):5.1f} dB")
 
 
