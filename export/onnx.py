@@ -12,9 +12,11 @@ import onnx
 import torch
 from torch import nn
 
+from sdonnx import upsampling
+
 from . import external
 from .models.config import ModelConfigs, TinyVAEConfig
-from .models.layers import Attention, merge_heads, split_heads
+from .models.layers import Attention, Upsample, merge_heads, split_heads
 
 OPSET = 17
 TEXT_LENGTH = 77
@@ -150,6 +152,57 @@ def use_fused_attention(model: nn.Module) -> int:
              if type(child) is Attention]  # the VAE's AttnBlock subclass keeps its own forward
     for parent, name, child in swaps:
         setattr(parent, name, FusedAttention(child))
+    return len(swaps)
+
+
+def phase_kernels(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The four 2x2 kernels on the input that compute `weight` (3x3) applied after 2x nearest upsampling."""
+    return [torch.from_numpy(k) for k in upsampling.phase_kernels(weight.detach().numpy())]
+
+
+class _PhaseConvs(torch.autograd.Function):
+    """x [B, C, H, W] and the four phases' 2x2 kernels -> [B, O, 2H, 2W]; traced as four Conv nodes whose padding
+    places each phase's window, a Concat and one DepthToSpace (DCR: output channel c of phase p is input p*O + c)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *kernels: torch.Tensor) -> torch.Tensor:
+        ys = [torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1 - b, b, 1 - a, a)), k, bias)
+              for (a, b), k in zip(upsampling.PHASES, kernels)]
+        n, o, h, w = ys[0].shape
+        return torch.stack(ys, 2).view(n, o, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, o, 2 * h, 2 * w)
+
+    @staticmethod
+    def symbolic(g, x, bias, *kernels):
+        ys = [g.op("Conv", x, k, *([bias] if bias is not None else []), kernel_shape_i=[2, 2],
+                   pads_i=sum(upsampling.phase_pads(a, b), [])) for (a, b), k in zip(upsampling.PHASES, kernels)]
+        out = g.op("DepthToSpace", g.op("Concat", *ys, axis_i=1), blocksize_i=2, mode_s="DCR")
+        out.setType(x.type().with_sizes([None] * 4))
+        return out
+
+
+class PhaseUpsample(nn.Module):
+    """An Upsample (2x nearest, 3x3 conv) computed as four 2x2 convolutions on its input and a pixel shuffle: the
+    same values with 0.44x the products and no upsampled copy of the input (0.54-0.61x the time of SD 1.5's
+    VAE upsampler convolutions on ONNX Runtime's and OpenVINO's CPU kernels)."""
+
+    def __init__(self, up: Upsample):
+        super().__init__()
+        self.kernels = nn.ParameterList(nn.Parameter(k, requires_grad=False) for k in phase_kernels(up.conv.weight))
+        self.bias = up.conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PhaseConvs.apply(x, self.bias, *self.kernels)
+
+
+def use_phase_upsampling(model: nn.Module) -> int:
+    """Swap each Upsample inside `model` for a PhaseUpsample on the same weights; returns how many. Only for models
+    whose upsampling always doubles the size (the VAE's): upsampling to an odd size (the U-Net's, after an odd-sized
+    skip) drops the last row, which the zero padding then replaces, so the last row's taps differ from the
+    phases'."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is Upsample]
+    for parent, name, child in swaps:
+        setattr(parent, name, PhaseUpsample(child))
     return len(swaps)
 
 

@@ -119,6 +119,21 @@ def test_graph_signatures_follow_optimum(exported):
     assert onnx.load(str(out / "unet" / "model.onnx")).opset_import[0].version == 17
 
 
+def test_vae_decoder_upsamples_by_phase_convolutions(exported):
+    """The exported VAE decoder computes each 2x upsampling and its 3x3 convolution as four 2x2 convolutions and a
+    DepthToSpace (its image is checked against diffusers' VAE above); the U-Net, whose upsampling may end at an odd
+    size, keeps Resize and the 3x3 convolution."""
+    out = exported("sd1", "fp32")
+    decoder = onnx.load(str(out / "vae_decoder" / "model.onnx")).graph
+    ops = [n.op_type for n in decoder.node]
+    kernels = {n.name: [a.ints for a in n.attribute if a.name == "kernel_shape"][0] for n in decoder.node
+               if n.op_type == "Conv"}
+    assert "Resize" not in ops and ops.count("DepthToSpace") > 0
+    assert sum(list(k) == [2, 2] for k in kernels.values()) == 4 * ops.count("DepthToSpace")
+    unet = [n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node]
+    assert "Resize" in unet and "DepthToSpace" not in unet
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-qdq", "int8-compact"])
 def test_each_precision_loads_and_stays_close(precision, sources, exported):
     out = exported("sd1", precision)

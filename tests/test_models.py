@@ -227,3 +227,51 @@ def test_onnx_export_keeps_batch_and_size_dynamic():
         [out] = export_and_run(VAEPart(vae, part), (trace,), ["x"], ["y"],
                                {"x": {0: "B", 2: "H", 3: "W"}}, {"x": x})
         np.testing.assert_allclose(out, VAEPart(vae, part)(torch.from_numpy(x)).numpy(), atol=TOL)
+
+
+@torch.no_grad()
+def test_phase_upsampling_computes_the_vae_decoder_exactly():
+    """The VAE decoder with its upsamplers as four 2x2 phase convolutions: the same image as diffusers' VAE, in
+    PyTorch and as an ONNX graph (Conv with asymmetric pads, DepthToSpace) run at other sizes than traced."""
+    import copy
+
+    import onnx
+
+    from sdonnx.export.models.layers import Upsample
+    from sdonnx.export.onnx import PhaseUpsample, use_phase_upsampling
+
+    ref = tiny_sd.make_pipeline("sd1").vae
+    vae = AutoencoderKL(VAEConfig.from_dict(dict(ref.config)))
+    vae.load_state_dict(ref.state_dict(), strict=True)
+    phased = copy.deepcopy(vae).eval()
+    assert use_phase_upsampling(phased) == sum(isinstance(m, Upsample) for m in vae.modules()) > 0
+    assert not any(isinstance(m, Upsample) for m in phased.modules())
+    torch.manual_seed(4)
+    z = torch.randn(2, 4, 7, 5)  # odd sizes: the phases' windows reach the zero padding on every side
+    expected = ref.decode(z).sample
+    close(phased.decode(z), expected)
+    # well-conditioned: a 1e-6 shift of the latents moves diffusers' image far less than the tolerance
+    assert (ref.decode(z + 1e-6).sample - expected).abs().max() < TOL / 10
+
+    buf = io.BytesIO()
+    torch.onnx.export(VAEPart(phased, "decode"), (torch.zeros(1, 4, 8, 8),), buf, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "B", 2: "H", 3: "W"}}, opset_version=17,
+                      dynamo=False)
+    ops = [n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node]
+    assert "Resize" not in ops and ops.count("DepthToSpace") == sum(isinstance(m, PhaseUpsample) for m in
+                                                                    phased.modules())
+    import onnxruntime as ort
+    [got] = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": z.numpy()})
+    close(torch.from_numpy(got), expected)
+
+
+def test_phase_kernels_fold_the_three_taps_per_phase():
+    """Row phase 0 reads input rows (i-1, i) with kernel rows (w0, w1 + w2), phase 1 rows (i, i+1) with
+    (w0 + w1, w2); columns alike."""
+    from sdonnx.export.onnx import phase_kernels
+
+    w = torch.arange(9.0).view(1, 1, 3, 3)  # rows [0 1 2], [3 4 5], [6 7 8]
+    k00, k01, k10, k11 = (k[0, 0].tolist() for k in phase_kernels(w))
+    assert k00 == [[0, 3], [9, 24]]  # rows (w0, w1 + w2) = ([0 1 2], [9 11 13]), then columns (c0, c1 + c2)
+    assert k11 == [[8, 7], [13, 8]]  # rows (w0 + w1, w2) = ([3 5 7], [6 7 8]), columns (c0 + c1, c2)
+    assert k01 == [[1, 2], [20, 13]] and k10 == [[3, 12], [6, 15]]
