@@ -124,8 +124,9 @@ def _dims(shape) -> tuple:
     return tuple(d.get_length() if d.is_static else None for d in shape)
 
 
-# Input channels from which the phase form pays on OpenVINO's CPU kernels: SD 1.5's U-Net and VAE upsamplers (256
-# to 1280 channels) took 0.52-0.59x the time, TAESD's 64 channels 4x (small convolutions' fixed costs)
+# Input channels from which the phase form pays on OpenVINO's CPU kernels: alone, upsamplers of SD 1.5's U-Net and
+# VAE sizes (256 to 1280 channels) took 0.47-0.59x the time, 128 channels 0.58x, TAESD's 64 channels 1.3-3.7x
+# (scratch timings of one layer; the fixed costs of four small convolutions)
 PHASE_MIN_CHANNELS = 256
 
 
