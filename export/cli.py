@@ -198,6 +198,7 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             # the VAE decoder's upsamplers always double the size exactly: four 2x2 phase convolutions compute them
             # (the U-Net's may crop to an odd size, where the last row's taps differ: they stay as they are)
             graphs.use_phase_upsampling(models["vae"])
+            graphs.use_split_geglu(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
             finals: list = []  # each calibration run's final latents: the full VAE decoder's calibration
             feeds = bar.step("calibration data", _calibration, models, ckpt, job, defaults, finals) if calibrate else None

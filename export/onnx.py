@@ -17,6 +17,7 @@ from sdonnx import upsampling
 from . import external
 from .models.config import ModelConfigs, TinyVAEConfig
 from .models.layers import Attention, Upsample, merge_heads, split_heads
+from .models.unet import GEGLU
 
 OPSET = 17
 TEXT_LENGTH = 77
@@ -203,6 +204,34 @@ def use_phase_upsampling(model: nn.Module) -> int:
              if type(child) is Upsample]
     for parent, name, child in swaps:
         setattr(parent, name, PhaseUpsample(child))
+    return len(swaps)
+
+
+class SplitGEGLU(nn.Module):
+    """A GEGLU whose projection is two linear layers, the value half and the gate half, instead of one whose output
+    is split: the same values without the split of the product, which OpenVINO runs as a reference
+    (non-vectorised) kernel (SD 1.5's U-Net b2 at 512: 0.98x on OpenVINO; on ONNX Runtime the feed-forward alone
+    took 0.97-1.0x in fp32 and 0.84-0.94x in dynamic int8)."""
+
+    def __init__(self, geglu: GEGLU):
+        super().__init__()
+        inner = geglu.proj.out_features // 2
+        self.value, self.gate = (nn.Linear(geglu.proj.in_features, inner, device="meta") for _ in range(2))
+        for half, layer in enumerate((self.value, self.gate)):  # views of the projection's rows: no copy
+            rows = slice(half * inner, (half + 1) * inner)
+            layer.weight = nn.Parameter(geglu.proj.weight.detach()[rows], requires_grad=False)
+            layer.bias = nn.Parameter(geglu.proj.bias.detach()[rows], requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value(x) * torch.nn.functional.gelu(self.gate(x))
+
+
+def use_split_geglu(model: nn.Module) -> int:
+    """Swap each GEGLU inside `model` for a SplitGEGLU on the same weights; returns how many."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is GEGLU]
+    for parent, name, child in swaps:
+        setattr(parent, name, SplitGEGLU(child))
     return len(swaps)
 
 

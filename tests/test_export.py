@@ -134,6 +134,17 @@ def test_vae_decoder_upsamples_by_phase_convolutions(exported):
     assert "Resize" in unet and "DepthToSpace" not in unet
 
 
+def test_unet_feed_forward_projects_value_and_gate_apart(exported):
+    """Each GEGLU's projection is exported as two MatMuls (value and gate halves) rather than one whose output is
+    split (the U-Net's values are checked against diffusers' above)."""
+    graph = onnx.load(str(exported("sd1", "fp32") / "unet" / "model.onnx")).graph
+    ff = [n for n in graph.node if "/ff/net/net.0/" in n.name]
+    matmuls = sorted(n.name.split("/")[-2] for n in ff if n.op_type == "MatMul")
+    blocks = {n.name.split("/ff/")[0] for n in ff}
+    assert blocks and matmuls == sorted(["gate", "value"] * len(blocks)), matmuls
+    assert not [n for n in ff if n.op_type in ("Split", "Slice")]
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-qdq", "int8-compact"])
 def test_each_precision_loads_and_stays_close(precision, sources, exported):
     out = exported("sd1", precision)
