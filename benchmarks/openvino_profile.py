@@ -5,12 +5,15 @@ more int8.
     python benchmarks/openvino_profile.py VAE_DECODER.onnx --size 512 --what-if .   (SD's 8x VAE)
     python benchmarks/openvino_profile.py UNET.onnx --what-if attention
     python benchmarks/openvino_profile.py UNET.onnx --what-if "upsamplers|downsamplers|conv_shortcut"
+    python benchmarks/openvino_profile.py UNET.onnx --against OTHER/unet/model.onnx   (two exports, interleaved)
 
 The profile sums OpenVINO's per-node times by node type and kernel (e.g. brgconv_avx512_I8 = an int8
 convolution, jit_avx512_bf16 = bf16). --what-if inserts QuantizeLinear/DequantizeLinear pairs with fixed,
 uncalibrated scales (speed only: the numbers of the result are meaningless) on both inputs of the attention
 products, or on the float convolutions whose node names match the pattern, and times the original and the
-modified graph interleaved (medians of --runs calls)."""
+modified graph interleaved (medians of --runs calls); --against times two graphs of the same inputs (e.g. two
+exports' U-Nets) the same way. Our ONNX graphs are compiled as `--provider openvino` compiles them (its load-time
+rewrite of upsamplers into phase convolutions); OpenVINO IRs (.xml) as they are."""
 
 from __future__ import annotations
 
@@ -47,9 +50,13 @@ def feeds(model, size: int, batch: int, text: int) -> dict[str, np.ndarray]:
 def compiled(path: Path, args, perf: bool = False):
     import openvino as ov
 
+    from sdonnx.openvino_session import phase_upsampling
+
     core = ov.Core()
     model = core.read_model(str(path))
     feed = feeds(model, args.size, args.batch, args.text)
+    if path.suffix == ".onnx":
+        phase_upsampling(model)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": perf}
     request = core.compile_model(model, "CPU", config).create_infer_request()
     for _ in range(2):
@@ -124,19 +131,28 @@ def what_if(src: Path, which: str) -> Path:
 def compare(src: Path, which: str, args) -> None:
     changed = what_if(src, which)
     try:
-        requests = {"as exported": compiled(src, args), "what-if": compiled(changed, args)}
-        times = {k: [] for k in requests}
-        for _ in range(args.runs):
-            for key, (request, feed) in requests.items():
-                start = time.perf_counter()
-                request.infer(feed)
-                times[key].append(time.perf_counter() - start)
-        base = statistics.median(times["as exported"])
-        for key, values in times.items():
-            median = statistics.median(values)
-            print(f"  {key:12s} median {1e3 * median:7.1f} ms ({median / base:.3f}x)")
+        interleaved({"as exported": src, "what-if": changed}, args)
     finally:
         changed.unlink(missing_ok=True)
+
+
+def interleaved(paths: dict[str, Path], args) -> None:
+    """Each graph's median time over --runs calls, taken in turn, relative to the first's."""
+    requests = {key: compiled(path, args) for key, path in paths.items()}
+    outputs = [np.array(request.infer(feed)[0], copy=True) for request, feed in requests.values()]
+    if all(o.shape == outputs[0].shape for o in outputs):
+        print(f"  largest difference from the first: {max(float(np.abs(o - outputs[0]).max()) for o in outputs):.3g}"
+              f" (values up to {float(np.abs(outputs[0]).max()):.3g})")
+    times = {k: [] for k in requests}
+    for _ in range(args.runs):
+        for key, (request, feed) in requests.items():
+            start = time.perf_counter()
+            request.infer(feed)
+            times[key].append(time.perf_counter() - start)
+    base = statistics.median(next(iter(times.values())))
+    for key, values in times.items():
+        median = statistics.median(values)
+        print(f"  {key:28s} median {1e3 * median:7.1f} ms ({median / base:.3f}x)")
 
 
 def main() -> None:
@@ -148,8 +164,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--what-if", default=None, metavar="attention|REGEX")
+    ap.add_argument("--against", type=Path, help="a second graph of the same inputs, timed interleaved with the first")
     args = ap.parse_args()
-    if args.what_if:
+    if args.against:
+        interleaved({args.unet.parent.parent.name or "first": args.unet,
+                     args.against.parent.parent.name or "second": args.against}, args)
+    elif args.what_if:
         compare(args.unet, args.what_if, args)
     else:
         profile(args.unet, args)

@@ -195,8 +195,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
                           "eps": norm.eps}
             if job.attention == "mha":
                 graphs.use_fused_attention(models["unet"])
-            # the VAE decoder's upsamplers always double the size exactly: four 2x2 phase convolutions compute them
-            # (the U-Net's may crop to an odd size, where the last row's taps differ: they stay as they are)
+            # the VAE decoder's upsamplers always double the size exactly: four 2x2 phase convolutions compute the
+            # wide ones (the U-Net's may end at an odd size, where the last row's taps differ: they stay as they are)
             graphs.use_phase_upsampling(models["vae"])
             graphs.use_split_geglu(models["unet"])
             ckpt = _drop_state_dicts(ckpt)

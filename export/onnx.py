@@ -147,13 +147,22 @@ class FusedAttention(nn.Module):
         return self.to_out[0](out)
 
 
+def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace each module of exactly type `kind` inside `model` by make(it) (None: keep it); returns how many."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is kind]
+    count = 0
+    for parent, name, child in found:
+        replacement = make(child)
+        if replacement is not None:
+            setattr(parent, name, replacement)
+            count += 1
+    return count
+
+
 def use_fused_attention(model: nn.Module) -> int:
     """Swap each plain Attention inside `model` for a FusedAttention on the same weights; returns how many."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is Attention]  # the VAE's AttnBlock subclass keeps its own forward
-    for parent, name, child in swaps:
-        setattr(parent, name, FusedAttention(child))
-    return len(swaps)
+    return _swap(model, Attention, FusedAttention)  # the VAE's AttnBlock subclass keeps its own forward
 
 
 def phase_kernels(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -182,9 +191,8 @@ class _PhaseConvs(torch.autograd.Function):
 
 
 class PhaseUpsample(nn.Module):
-    """An Upsample (2x nearest, 3x3 conv) computed as four 2x2 convolutions on its input and a pixel shuffle: the
-    same values with 0.44x the products and no upsampled copy of the input (0.54-0.61x the time of SD 1.5's
-    VAE upsampler convolutions on ONNX Runtime's and OpenVINO's CPU kernels)."""
+    """An Upsample (2x nearest, 3x3 conv) as four 2x2 convolutions on its input and a pixel shuffle: the same values
+    with 0.44x the products and no upsampled copy of the input."""
 
     def __init__(self, up: Upsample):
         super().__init__()
@@ -195,23 +203,18 @@ class PhaseUpsample(nn.Module):
         return _PhaseConvs.apply(x, self.bias, *self.kernels)
 
 
-def use_phase_upsampling(model: nn.Module) -> int:
-    """Swap each Upsample inside `model` for a PhaseUpsample on the same weights; returns how many. Only for models
-    whose upsampling always doubles the size (the VAE's): upsampling to an odd size (the U-Net's, after an odd-sized
-    skip) drops the last row, which the zero padding then replaces, so the last row's taps differ from the
-    phases'."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is Upsample]
-    for parent, name, child in swaps:
-        setattr(parent, name, PhaseUpsample(child))
-    return len(swaps)
+def use_phase_upsampling(model: nn.Module, min_channels: int | None = None) -> int:
+    """Swap each Upsample of `min_channels` (default upsampling.MIN_CHANNELS) or more inside `model` for a
+    PhaseUpsample on the same weights; returns how many. Only for models whose upsampling always doubles the size
+    (the VAE's): upsampling to an odd size (the U-Net's, after an odd-sized skip) drops the last row, which the zero
+    padding then replaces, so the last row's taps differ from the phases'."""
+    least = upsampling.MIN_CHANNELS if min_channels is None else min_channels
+    return _swap(model, Upsample, lambda up: PhaseUpsample(up) if up.conv.in_channels >= least else None)
 
 
 class SplitGEGLU(nn.Module):
-    """A GEGLU whose projection is two linear layers, the value half and the gate half, instead of one whose output
-    is split: the same values without the split of the product, which OpenVINO runs as a reference
-    (non-vectorised) kernel (SD 1.5's U-Net b2 at 512: 0.98x on OpenVINO; on ONNX Runtime the feed-forward alone
-    took 0.97-1.0x in fp32 and 0.84-0.94x in dynamic int8)."""
+    """A GEGLU whose projection is two linear layers (the value half, the gate half) rather than one whose product
+    is split: the same values, and no split, which OpenVINO runs with a reference (non-vectorised) kernel."""
 
     def __init__(self, geglu: GEGLU):
         super().__init__()
@@ -228,11 +231,7 @@ class SplitGEGLU(nn.Module):
 
 def use_split_geglu(model: nn.Module) -> int:
     """Swap each GEGLU inside `model` for a SplitGEGLU on the same weights; returns how many."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is GEGLU]
-    for parent, name, child in swaps:
-        setattr(parent, name, SplitGEGLU(child))
-    return len(swaps)
+    return _swap(model, GEGLU, SplitGEGLU)
 
 
 @dataclass(frozen=True)

@@ -119,18 +119,32 @@ def test_graph_signatures_follow_optimum(exported):
     assert onnx.load(str(out / "unet" / "model.onnx")).opset_import[0].version == 17
 
 
-def test_vae_decoder_upsamples_by_phase_convolutions(exported):
-    """The exported VAE decoder computes each 2x upsampling and its 3x3 convolution as four 2x2 convolutions and a
-    DepthToSpace (its image is checked against diffusers' VAE above); the U-Net, whose upsampling may end at an odd
-    size, keeps Resize and the 3x3 convolution."""
-    out = exported("sd1", "fp32")
-    decoder = onnx.load(str(out / "vae_decoder" / "model.onnx")).graph
-    ops = [n.op_type for n in decoder.node]
-    kernels = {n.name: [a.ints for a in n.attribute if a.name == "kernel_shape"][0] for n in decoder.node
-               if n.op_type == "Conv"}
-    assert "Resize" not in ops and ops.count("DepthToSpace") > 0
-    assert sum(list(k) == [2, 2] for k in kernels.values()) == 4 * ops.count("DepthToSpace")
-    unet = [n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node]
+def test_vae_decoder_upsamples_by_phase_convolutions(exported, sources, tmp_path, monkeypatch):
+    """The VAE decoder's upsamplers of upsampling.MIN_CHANNELS or more (SD's: 256-512) are exported as four 2x2
+    convolutions and a DepthToSpace each, and decode what diffusers' VAE decodes; narrower ones (the tiny test
+    model's) and the U-Net's, whose upsampling may end at an odd size, keep Resize and the 3x3 convolution."""
+    from sdonnx import upsampling
+
+    def ops(folder, component):
+        return [n for n in onnx.load(str(folder / component / "model.onnx")).graph.node]
+
+    plain = exported("sd1", "fp32")
+    assert "Resize" in [n.op_type for n in ops(plain, "vae_decoder")]
+    monkeypatch.setattr(upsampling, "MIN_CHANNELS", 1)  # every upsampler of the tiny model
+    pipe, src = sources["sd1"]
+    out = tmp_path / "phases"
+    result = run_cli(src, out, "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    decoder = ops(out, "vae_decoder")
+    kinds = [n.op_type for n in decoder]
+    kernels = [list(a.ints) for n in decoder if n.op_type == "Conv" for a in n.attribute if a.name == "kernel_shape"]
+    upsamplers = sum(block.upsamplers is not None for block in pipe.vae.decoder.up_blocks)
+    assert "Resize" not in kinds and kinds.count("DepthToSpace") == upsamplers > 0
+    assert kernels.count([2, 2]) == 4 * kinds.count("DepthToSpace")
+    inputs, expected = reference_outputs(pipe, np.random.default_rng(1))["vae_decoder"]
+    got = session(out / "vae_decoder" / "model.onnx").run(None, inputs)[0]
+    np.testing.assert_allclose(got, expected[0].numpy(), atol=TOL, rtol=0)
+    unet = [n.op_type for n in ops(out, "unet")]
     assert "Resize" in unet and "DepthToSpace" not in unet
 
 
