@@ -152,7 +152,7 @@ def interleaved(paths: dict[str, Path], args) -> None:
     base = statistics.median(next(iter(times.values())))
     for key, values in times.items():
         median = statistics.median(values)
-        print(f"  {key:28s} median {1e3 * median:7.1f} ms ({median / base:.3f}x)")
+        print(f"  {key:44s} median {1e3 * median:7.1f} ms ({median / base:.3f}x)")
 
 
 def main() -> None:
@@ -167,8 +167,8 @@ def main() -> None:
     ap.add_argument("--against", type=Path, help="a second graph of the same inputs, timed interleaved with the first")
     args = ap.parse_args()
     if args.against:
-        interleaved({args.unet.parent.parent.name or "first": args.unet,
-                     args.against.parent.parent.name or "second": args.against}, args)
+        first, second = (f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in (args.unet, args.against))
+        interleaved({first: args.unet, second if second != first else second + " (again)": args.against}, args)
     elif args.what_if:
         compare(args.unet, args.what_if, args)
     else:
