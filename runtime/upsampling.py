@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# Input channels from which the phase form pays: one SD-sized upsampler (256 to 1280 channels) took 0.47-0.61x the
+# Input channels from which the phase form pays: one SD-sized upsampler (256 to 1280 channels) took 0.47-0.80x the
 # time on ONNX Runtime's and OpenVINO's CPU kernels, 128 channels 0.58x on OpenVINO but 1.1x on ONNX Runtime, TAESD's
-# 64 channels 1.3-3.7x (scratch timings of single layers: four small convolutions' fixed costs)
+# 64 channels 1.3-4.0x (scratch timings of single layers: four small convolutions' fixed costs)
 MIN_CHANNELS = 256
 
 # the four output phases (row, column): phase (a, b) holds output pixels (2i + a, 2j + b); in this order they are
