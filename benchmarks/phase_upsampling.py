@@ -4,6 +4,10 @@ CPU kernels (fp32) and OpenVINO's (its default precision); and a U-Net graph on 
 rewrite `--provider openvino` makes of its upsamplers at load.
 
     python benchmarks/phase_upsampling.py WEIGHTS [--size 512] [--unet FOLDER/unet/model.onnx --batch 2]
+    python benchmarks/phase_upsampling.py --size 512 --onnxruntime-unets PLAIN/unet/model.onnx PHASED/unet/model.onnx
+
+--onnxruntime-unets times two U-Net graphs on ONNX Runtime: e.g. two `--static` exports, one made with the
+threshold `sdonnx.upsampling.MIN_CHANNELS` raised past every layer (plain) and one as `sdonnx export` makes it.
 
 WEIGHTS: a diffusers folder or single-file checkpoint (its VAE is exported twice into a temporary folder). The two
 forms of each graph are timed interleaved (medians of --runs calls), and each pair's largest difference is
@@ -90,6 +94,8 @@ def main() -> None:
     ap.add_argument("--unet", type=Path, help="a U-Net graph to time on OpenVINO with and without the rewrite")
     ap.add_argument("--batch", type=int, default=2, help="the U-Net's batch (2: a guided step)")
     ap.add_argument("--text", type=int, default=768, help="the U-Net's text width (768 SD 1.x, 1024 SD 2.x)")
+    ap.add_argument("--onnxruntime-unets", type=Path, nargs=2, metavar=("PLAIN", "PHASED"),
+                    help="two U-Net graphs (e.g. --static exports without and with phase upsampling) on ONNX Runtime")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
@@ -107,10 +113,16 @@ def main() -> None:
         report(f"VAE decoder, {args.size}x{args.size}, batch 1 ({args.weights})",
                [("onnxruntime fp32, plain", "onnxruntime fp32, phases"),
                 ("openvino default, plain", "openvino default, phases")], results)
+    feed = {"sample": rng.standard_normal((args.batch, 4, side, side), dtype=np.float32),
+            "timestep": np.array(999.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((args.batch, 77, args.text), dtype=np.float32)}
+    if args.onnxruntime_unets is not None:
+        plain, phased = args.onnxruntime_unets
+        results = interleaved({"onnxruntime, plain": onnxruntime_runner(plain, args.threads),
+                               "onnxruntime, phases": onnxruntime_runner(phased, args.threads)}, feed, args.runs)
+        report(f"U-Net, {args.size}x{args.size}, batch {args.batch} ({plain}, {phased})",
+               [("onnxruntime, plain", "onnxruntime, phases")], results)
     if args.unet is not None:
-        feed = {"sample": rng.standard_normal((args.batch, 4, side, side), dtype=np.float32),
-                "timestep": np.array(999.0, np.float32),
-                "encoder_hidden_states": rng.standard_normal((args.batch, 77, args.text), dtype=np.float32)}
         plain, _ = openvino_runner(args.unet, feed, args.threads, False)
         phases, count = openvino_runner(args.unet, feed, args.threads, True)
         results = interleaved({"openvino, as read": plain, f"openvino, {count} upsamplers rewritten": phases},

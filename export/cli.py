@@ -198,6 +198,8 @@ def run_export(job: ExportJob, progress: bool = True) -> dict:
             # the VAE decoder's upsamplers always double the size exactly: four 2x2 phase convolutions compute the
             # wide ones (the U-Net's may end at an odd size, where the last row's taps differ: they stay as they are)
             graphs.use_phase_upsampling(models["vae"])
+            if job.static is not None:  # its sides divide by the latent multiple: every upsampling doubles exactly
+                graphs.use_phase_upsampling(models["unet"])
             graphs.use_split_geglu(models["unet"])
             ckpt = _drop_state_dicts(ckpt)
             finals: list = []  # each calibration run's final latents: the full VAE decoder's calibration

@@ -199,15 +199,18 @@ class PhaseUpsample(nn.Module):
         self.kernels = nn.ParameterList(nn.Parameter(k, requires_grad=False) for k in phase_kernels(up.conv.weight))
         self.bias = up.conv.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        if like is not None and tuple(like.shape[-2:]) != (2 * x.shape[-2], 2 * x.shape[-1]):
+            raise ValueError(f"phase upsampling doubles {tuple(x.shape[-2:])}; this skip is {tuple(like.shape[-2:])}")
         return _PhaseConvs.apply(x, self.bias, *self.kernels)
 
 
 def use_phase_upsampling(model: nn.Module, min_channels: int | None = None) -> int:
     """Swap each Upsample of `min_channels` (default upsampling.MIN_CHANNELS) or more inside `model` for a
-    PhaseUpsample on the same weights; returns how many. Only for models whose upsampling always doubles the size
-    (the VAE's): upsampling to an odd size (the U-Net's, after an odd-sized skip) drops the last row, which the zero
-    padding then replaces, so the last row's taps differ from the phases'."""
+    PhaseUpsample on the same weights; returns how many. Only where the upsampling always doubles the size (the
+    VAE's; a U-Net's at a --static size, whose sides divide by the latent multiple): upsampling to an odd size (a
+    U-Net's after an odd-sized skip) drops the last row, which the zero padding then replaces, so the last row's
+    taps differ from the phases' (the swapped module refuses such a skip)."""
     least = upsampling.MIN_CHANNELS if min_channels is None else min_channels
     return _swap(model, Upsample, lambda up: PhaseUpsample(up) if up.conv.in_channels >= least else None)
 

@@ -286,6 +286,32 @@ def test_static_shape(sources, tmp_path):
     assert session(out / "vae_decoder" / "model.onnx").get_inputs()[0].shape == [1, 4, 16, 12]
 
 
+def test_static_unet_upsamples_by_phase_convolutions(sources, tmp_path, monkeypatch):
+    """At a --static size every U-Net upsampling doubles exactly, so the U-Net's upsamplers are phase convolutions
+    too (threshold lowered for the tiny model), and the graph still computes diffusers' U-Net."""
+    import torch
+
+    from sdonnx import upsampling
+
+    monkeypatch.setattr(upsampling, "MIN_CHANNELS", 1)
+    pipe, src = sources["sd1"]
+    out = tmp_path / "static"
+    result = run_cli(src, out, "--static", "24x32")
+    assert result.exit_code == 0, result.output
+    ops = [n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node]
+    assert "Resize" not in ops and ops.count("DepthToSpace") == sum(
+        block.upsamplers is not None for block in pipe.unet.up_blocks) > 0
+    rng = np.random.default_rng(3)
+    feed = {"sample": rng.standard_normal((2, 4, 16, 12), dtype=np.float32), "timestep": np.array(500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, pipe.unet.config.cross_attention_dim),
+                                                         dtype=np.float32)}
+    with torch.no_grad():
+        want = pipe.unet(torch.from_numpy(feed["sample"]), 500.0,
+                         torch.from_numpy(feed["encoder_hidden_states"])).sample.numpy()
+    got = session(out / "unet" / "model.onnx").run(None, feed)[0]
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
 

@@ -276,3 +276,16 @@ def test_phase_kernels_fold_the_three_taps_per_phase():
     assert k00 == [[0, 3], [9, 24]]  # rows (w0, w1 + w2) = ([0 1 2], [9 11 13]), then columns (c0, c1 + c2)
     assert k11 == [[8, 7], [13, 8]]  # rows (w0 + w1, w2) = ([3 5 7], [6 7 8]), columns (c0 + c1, c2)
     assert k01 == [[1, 2], [20, 13]] and k10 == [[3, 12], [6, 15]]
+
+
+def test_phase_upsampling_refuses_a_skip_it_does_not_double_to():
+    """A U-Net upsampler after an odd-sized skip crops nearest upsampling to 2n - 1; the phase form cannot, and says
+    so rather than compute something else."""
+    from sdonnx.export.models.layers import Upsample
+    from sdonnx.export.onnx import PhaseUpsample
+
+    up = PhaseUpsample(Upsample(4))
+    x = torch.randn(1, 4, 5, 6)
+    assert up(x, torch.zeros(1, 1, 10, 12)).shape == (1, 4, 10, 12)
+    with pytest.raises(ValueError, match="doubles"):
+        up(x, torch.zeros(1, 1, 9, 12))
