@@ -112,7 +112,7 @@ class OpenVINOSession:
         if shapes:
             model.reshape({name: list(shape) for name, shape in shapes.items()})
         try:
-            phase_upsampling(model)  # where the shapes are static: reshaped here, or a --static export's
+            phase_upsampling(model)  # at static shapes (a --static folder's wide upsamplers come phased already)
             self._compiled = self._core.compile_model(model, "CPU", self._config)
         except Exception as err:  # OpenVINO raises RuntimeError with a long multi-line message
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -308,8 +308,22 @@ def test_static_unet_upsamples_by_phase_convolutions(sources, tmp_path, monkeypa
     with torch.no_grad():
         want = pipe.unet(torch.from_numpy(feed["sample"]), 500.0,
                          torch.from_numpy(feed["encoder_hidden_states"])).sample.numpy()
+        # well-conditioned: a 1e-6 shift of the latents moves diffusers' output far less than the tolerance
+        moved = pipe.unet(torch.from_numpy(feed["sample"] + 1e-6), 500.0,
+                          torch.from_numpy(feed["encoder_hidden_states"])).sample.numpy()
+    assert np.abs(moved - want).max() < TOL / 10
     got = session(out / "unet" / "model.onnx").run(None, feed)[0]
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    # static qdq keeps the upsamplers float, phased or not: the rule goes by the node names the phases inherit
+    qdq = tmp_path / "static-qdq"
+    result = run_cli(src, qdq, "--static", "24x32", "--precision", "int8", "--int8-scheme", "qdq")
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(qdq / "unet" / "model.onnx")).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    phases = [n for n in graph.node if n.op_type == "Conv" and
+              [list(a.ints) for a in n.attribute if a.name == "kernel_shape"] == [[2, 2]]]
+    assert phases and all("upsamplers" in n.name and n.input[1] not in dq_outputs for n in phases)
+    assert any(n.op_type == "Conv" and n.input[1] in dq_outputs for n in graph.node)  # the rest is int8
 
 
 def leftovers(parent: Path) -> list[str]:
