@@ -119,6 +119,10 @@ def run_openvino(path: Path, feeds: list[dict]) -> list[np.ndarray]:
     ports = {p.get_any_name(): p for p in model.inputs}
     shaped = {name: ov.PartialShape(list(feeds[0][name].shape)) for name in ports}
     model.reshape(shaped)
+    if path.suffix == ".onnx":  # ours, compiled as `--provider openvino` compiles it
+        from sdonnx import openvino_rewrites
+
+        print(f"  {path.parent.name}: rewritten at load {openvino_rewrites.apply(model)}")
     compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2})
     out = []
     for f in feeds:

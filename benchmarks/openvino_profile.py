@@ -6,14 +6,16 @@ more int8.
     python benchmarks/openvino_profile.py UNET.onnx --what-if attention
     python benchmarks/openvino_profile.py UNET.onnx --what-if "upsamplers|downsamplers|conv_shortcut"
     python benchmarks/openvino_profile.py UNET.onnx --against OTHER/unet/model.onnx   (two exports, interleaved)
+    python benchmarks/openvino_profile.py VAE_DECODER.onnx --size 512 --without group_norms   (one load-time rewrite)
 
 The profile sums OpenVINO's per-node times by node type and kernel (e.g. brgconv_avx512_I8 = an int8
 convolution, jit_avx512_bf16 = bf16). --what-if inserts QuantizeLinear/DequantizeLinear pairs with fixed,
 uncalibrated scales (speed only: the numbers of the result are meaningless) on both inputs of the attention
 products, or on the float convolutions whose node names match the pattern, and times the original and the
 modified graph interleaved (medians of --runs calls); --against times two graphs of the same inputs (e.g. two
-exports' U-Nets) the same way. Our ONNX graphs are compiled as `--provider openvino` compiles them (its load-time
-rewrite of upsamplers into phase convolutions); OpenVINO IRs (.xml) as they are."""
+exports' U-Nets) the same way; --without times the graph compiled as `--provider openvino` compiles it against the
+same without the named load-time rewrites (`sdonnx.openvino_rewrites`). Our ONNX graphs are compiled as
+`--provider openvino` compiles them (with its rewrites); OpenVINO IRs (.xml) as they are."""
 
 from __future__ import annotations
 
@@ -47,16 +49,16 @@ def feeds(model, size: int, batch: int, text: int) -> dict[str, np.ndarray]:
     return out
 
 
-def compiled(path: Path, args, perf: bool = False):
+def compiled(path: Path, args, perf: bool = False, skip: tuple[str, ...] = ()):
     import openvino as ov
 
-    from sdonnx.openvino_session import phase_upsampling
+    from sdonnx import openvino_rewrites
 
     core = ov.Core()
     model = core.read_model(str(path))
     feed = feeds(model, args.size, args.batch, args.text)
     if path.suffix == ".onnx":
-        phase_upsampling(model)
+        print(f"  {path.name}: rewritten at load {openvino_rewrites.apply(model, skip)}")
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": perf}
     request = core.compile_model(model, "CPU", config).create_infer_request()
     for _ in range(2):
@@ -136,9 +138,11 @@ def compare(src: Path, which: str, args) -> None:
         changed.unlink(missing_ok=True)
 
 
-def interleaved(paths: dict[str, Path], args) -> None:
-    """Each graph's median time over --runs calls, taken in turn, relative to the first's."""
-    requests = {key: compiled(path, args) for key, path in paths.items()}
+def interleaved(paths: dict[str, Path | tuple[Path, tuple[str, ...]]], args) -> None:
+    """Each graph's median time over --runs calls, taken in turn, relative to the first's; a graph given with a
+    tuple of names is compiled without those rewrites."""
+    requests = {key: compiled(path[0], args, skip=path[1]) if isinstance(path, tuple) else compiled(path, args)
+                for key, path in paths.items()}
     outputs = [np.array(request.infer(feed)[0], copy=True) for request, feed in requests.values()]
     if all(o.shape == outputs[0].shape for o in outputs):
         print(f"  largest difference from the first: {max(float(np.abs(o - outputs[0]).max()) for o in outputs):.3g}"
@@ -165,8 +169,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--what-if", default=None, metavar="attention|REGEX")
     ap.add_argument("--against", type=Path, help="a second graph of the same inputs, timed interleaved with the first")
+    ap.add_argument("--without", default=None, metavar="REWRITE[,REWRITE]",
+                    help="time the graph with every load-time rewrite against the same without these")
     args = ap.parse_args()
-    if args.against:
+    if args.without:
+        from sdonnx import openvino_rewrites
+
+        skip = tuple(args.without.split(","))
+        unknown = set(skip) - set(openvino_rewrites.NAMES)
+        if unknown:
+            raise SystemExit(f"--without: no rewrite named {', '.join(sorted(unknown))} "
+                             f"(there are {', '.join(openvino_rewrites.NAMES)})")
+        interleaved({"with every rewrite": args.unet, f"without {args.without}": (args.unet, skip)}, args)
+    elif args.against:
         first, second = (f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in (args.unet, args.against))
         interleaved({first: args.unet, second if second != first else second + " (again)": args.against}, args)
     elif args.what_if:

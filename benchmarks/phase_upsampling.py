@@ -55,7 +55,7 @@ def onnxruntime_runner(path: Path, threads: int):
 def openvino_runner(path: Path, feed: dict, threads: int, rewrite: bool):
     import openvino as ov
 
-    from sdonnx.openvino_session import phase_upsampling
+    from sdonnx.openvino_rewrites import phase_upsampling
 
     core = ov.Core()
     model = core.read_model(str(path))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import upsampling
+from . import openvino_rewrites
 from .errors import SdonnxError
 
 # OpenVINO element type names -> the ONNX type strings ONNX Runtime reports
@@ -112,7 +112,7 @@ class OpenVINOSession:
         if shapes:
             model.reshape({name: list(shape) for name, shape in shapes.items()})
         try:
-            phase_upsampling(model)  # at static shapes (a --static folder's wide upsamplers come phased already)
+            openvino_rewrites.apply(model)  # exact rewrites at the static shapes
             self._compiled = self._core.compile_model(model, "CPU", self._config)
         except Exception as err:  # OpenVINO raises RuntimeError with a long multi-line message
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -122,60 +122,3 @@ class OpenVINOSession:
 
 def _dims(shape) -> tuple:
     return tuple(d.get_length() if d.is_static else None for d in shape)
-
-
-def phase_upsampling(model) -> int:
-    """Rewrite each 2x nearest Interpolate feeding only a 3x3 Convolution (constant f32 weights, unit stride and
-    dilation, padding 1, `upsampling.MIN_CHANNELS` inputs or more) into `upsampling`'s phase form (four 2x2
-    Convolutions, a Concat, a DepthToSpace) where the static shapes show an exact doubling; returns how many. An
-    upsampling to an odd size (a U-Net after an odd skip) is left as it is: its last row's taps differ."""
-    from openvino import opset13 as ops
-
-    count = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "Interpolate" or not _doubles(op):
-            continue
-        consumers = list(op.output(0).get_target_inputs())
-        conv = consumers[0].get_node() if len(consumers) == 1 else None
-        if conv is None or conv.get_type_name() != "Convolution" or consumers[0].get_index() != 0:
-            continue
-        attrs, weight = conv.get_attributes(), conv.input_value(1).get_node()
-        if (attrs.get("strides") != [1, 1] or attrs.get("dilations") != [1, 1] or
-                attrs.get("pads_begin") != [1, 1] or attrs.get("pads_end") != [1, 1] or
-                attrs.get("auto_pad") not in ("explicit", "notset") or weight.get_type_name() != "Constant"):
-            continue
-        kernel = weight.get_data()
-        if kernel.ndim != 4 or kernel.shape[2:] != (3, 3) or kernel.dtype != np.float32:
-            continue
-        x = op.input_value(0)
-        phases = [ops.convolution(x, ops.constant(k), [1, 1], *upsampling.phase_pads(a, b), [1, 1])
-                  for (a, b), k in zip(upsampling.PHASES, upsampling.phase_kernels(kernel))]
-        out = ops.depth_to_space(ops.concat(phases, 1), "blocks_first", 2)
-        out.set_friendly_name(conv.get_friendly_name() + "/phases")
-        conv.output(0).replace(out.output(0))
-        count += 1
-    if count:
-        model.validate_nodes_and_infer_types()
-    return count
-
-
-def _doubles(op) -> bool:
-    """Whether an Interpolate is a 2x nearest upsampling of a static [N, C >= MIN_CHANNELS, H, W] tensor whose
-    output pixel (i, j) reads input pixel (i // 2, j // 2): by sizes, or by constant scales of exactly 2."""
-    attrs = op.get_attributes()
-    src, dst = op.get_input_partial_shape(0), op.get_output_partial_shape(0)
-    if (attrs.get("mode") != "nearest" or attrs.get("coordinate_transformation_mode") != "asymmetric"
-            or attrs.get("nearest_mode") != "floor" or attrs.get("antialias")
-            or any(attrs.get("pads_begin", [])) or any(attrs.get("pads_end", []))
-            or not (src.is_static and dst.is_static) or len(src) != 4):
-        return False
-    n, c, h, w = (d.get_length() for d in src)
-    if [d.get_length() for d in dst] != [n, c, 2 * h, 2 * w] or c < upsampling.MIN_CHANNELS:
-        return False
-    if attrs.get("shape_calculation_mode") == "sizes":
-        return True
-    # by scales (one input of floats): output pixel i reads floor(i / scale), so the scale itself must be 2
-    scales = [op.input_value(i).get_node() for i in range(1, op.get_input_size())
-              if op.input_value(i).get_element_type().is_real()]
-    return (len(scales) == 1 and scales[0].get_type_name() == "Constant"
-            and set(np.asarray(scales[0].get_data()).ravel().tolist()) <= {1.0, 2.0})

@@ -166,7 +166,7 @@ def test_upsamplers_become_phase_convolutions_where_the_size_doubles(tmp_path, m
     ONNX Runtime's values too."""
     import onnxruntime as ort
 
-    from sdonnx import openvino_session, upsampling
+    from sdonnx import openvino_rewrites, openvino_session, upsampling
 
     counts = []
 
@@ -174,8 +174,8 @@ def test_upsamplers_become_phase_convolutions_where_the_size_doubles(tmp_path, m
         counts.append(rewrite(model))
         return counts[-1]
 
-    rewrite = openvino_session.phase_upsampling
-    monkeypatch.setattr(openvino_session, "phase_upsampling", counted)
+    rewrite = openvino_rewrites.phase_upsampling
+    monkeypatch.setattr(openvino_rewrites, "phase_upsampling", counted)
     rng = np.random.default_rng(1)
     wide = upsampling.MIN_CHANNELS
     for channels, by, pads, shape, skip, rewritten in ((wide, "sizes", 1, (2, 5, 7), (10, 14), 1),
@@ -192,3 +192,62 @@ def test_upsamplers_become_phase_convolutions_where_the_size_doubles(tmp_path, m
         assert counts[-1] == rewritten, (channels, by, pads, shape, skip)
         assert got.shape == want.shape
         assert np.abs(want).max() > 0.5 and np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
+def _group_norm_graph(path, channels: int, groups: int, instance_scale: float, affine: bool) -> None:
+    """A GroupNorm as torch's exporter writes it: Reshape to [N, G, -1], InstanceNormalization, Reshape back, then
+    (with `affine`) the per-channel weight and bias."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(np.array([0, groups, -1], np.int64), "grouped"),
+             numpy_helper.from_array(np.full(groups, instance_scale, np.float32), "s"),
+             numpy_helper.from_array(np.zeros(groups, np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((channels, 1, 1)).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal((channels, 1, 1)).astype(np.float32), "beta")]
+    nodes = [helper.make_node("Reshape", ["x", "grouped"], ["g"]),
+             helper.make_node("InstanceNormalization", ["g", "s", "b"], ["n"], epsilon=1e-5),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Reshape", ["n", "shape"], ["y" if not affine else "back"])]
+    if affine:
+        nodes += [helper.make_node("Mul", ["back", "gamma"], ["scaled"]),
+                  helper.make_node("Add", ["scaled", "beta"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", channels, "H", "W"])]
+    graph = helper.make_graph(nodes, "gn", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_group_norms_become_spatial_reductions(tmp_path, monkeypatch):
+    """At the shapes a session compiles for, each GroupNorm (unit instance scale, with or without its affine)
+    becomes reductions over the spatial axes, with ONNX Runtime's values; a group scale that is not 1 keeps the
+    MVN form (and its values). Every GroupNorm of the bundled VAE decoder is rewritten, with ONNX Runtime's
+    values."""
+    import onnxruntime as ort
+
+    from sdonnx import openvino_rewrites, openvino_session
+    from sdonnx.model import default_model_dir
+
+    counts = []
+
+    def counted(model):
+        counts.append(rewrite(model))
+        return counts[-1]
+
+    rewrite = openvino_rewrites.group_norms
+    monkeypatch.setattr(openvino_rewrites, "group_norms", counted)
+    rng = np.random.default_rng(3)
+    decoder = default_model_dir() / "vae_decoder" / "model.onnx"
+    norms = sum(n.op_type == "InstanceNormalization" for n in onnx.load(str(decoder)).graph.node)
+    cases = [(tmp_path / "unit.onnx", {"x": 3 * rng.standard_normal((2, 32, 5, 7), dtype=np.float32) + 1}, 1),
+             (tmp_path / "plain.onnx", {"x": rng.standard_normal((1, 32, 4, 4), dtype=np.float32) - 2}, 1),
+             (tmp_path / "scaled.onnx", {"x": rng.standard_normal((1, 32, 4, 4), dtype=np.float32)}, 0),
+             (decoder, {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}, norms)]
+    _group_norm_graph(cases[0][0], 32, 8, 1.0, affine=True)
+    _group_norm_graph(cases[1][0], 32, 4, 1.0, affine=False)
+    _group_norm_graph(cases[2][0], 32, 8, 2.0, affine=True)
+    assert norms >= 10
+    for path, feed, rewritten in cases:
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        got = openvino_session.OpenVINOSession(path, threads=1, options=F32).run(None, feed)[0]
+        assert counts[-1] == rewritten, path.name
+        assert np.abs(want).max() > 0.5 and np.abs(got - want).max() < 1e-4, (path.name, np.abs(got - want).max())
