@@ -7,6 +7,7 @@ more int8.
     python benchmarks/openvino_profile.py UNET.onnx --what-if "upsamplers|downsamplers|conv_shortcut"
     python benchmarks/openvino_profile.py UNET.onnx --against OTHER/unet/model.onnx   (two exports, interleaved)
     python benchmarks/openvino_profile.py VAE_DECODER.onnx --size 512 --without group_norms   (one load-time rewrite)
+    python benchmarks/openvino_profile.py VAE_DECODER.onnx --size 512 --without group_norms --profile
 
 The profile sums OpenVINO's per-node times by node type and kernel (e.g. brgconv_avx512_I8 = an int8
 convolution, jit_avx512_bf16 = bf16). --what-if inserts QuantizeLinear/DequantizeLinear pairs with fixed,
@@ -66,8 +67,8 @@ def compiled(path: Path, args, perf: bool = False, skip: tuple[str, ...] = ()):
     return request, feed
 
 
-def profile(path: Path, args) -> None:
-    request, _ = compiled(path, args, perf=True)
+def profile(path: Path, args, skip: tuple[str, ...] = ()) -> None:
+    request, _ = compiled(path, args, perf=True, skip=skip)
     by_type, by_kernel, count = collections.Counter(), collections.Counter(), collections.Counter()
     for p in request.get_profiling_info():
         ms = p.real_time.total_seconds() * 1e3
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--against", type=Path, help="a second graph of the same inputs, timed interleaved with the first")
     ap.add_argument("--without", default=None, metavar="REWRITE[,REWRITE]",
                     help="time the graph with every load-time rewrite against the same without these")
+    ap.add_argument("--profile", action="store_true", help="with --without: profile the graph without them instead")
     args = ap.parse_args()
     if args.without:
         from sdonnx import openvino_rewrites
@@ -180,6 +182,8 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--without: no rewrite named {', '.join(sorted(unknown))} "
                              f"(there are {', '.join(openvino_rewrites.NAMES)})")
+        if args.profile:
+            return profile(args.unet, args, skip)
         interleaved({"with every rewrite": args.unet, f"without {args.without}": (args.unet, skip)}, args)
     elif args.against:
         first, second = (f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in (args.unet, args.against))
