@@ -134,16 +134,15 @@ def what_if(src: Path, which: str) -> Path:
 def compare(src: Path, which: str, args) -> None:
     changed = what_if(src, which)
     try:
-        interleaved({"as exported": src, "what-if": changed}, args)
+        interleaved({"as exported": (src, ()), "what-if": (changed, ())}, args)
     finally:
         changed.unlink(missing_ok=True)
 
 
-def interleaved(paths: dict[str, Path | tuple[Path, tuple[str, ...]]], args) -> None:
-    """Each graph's median time over --runs calls, taken in turn, relative to the first's; a graph given with a
-    tuple of names is compiled without those rewrites."""
-    requests = {key: compiled(path[0], args, skip=path[1]) if isinstance(path, tuple) else compiled(path, args)
-                for key, path in paths.items()}
+def interleaved(graphs: dict[str, tuple[Path, tuple[str, ...]]], args) -> None:
+    """Each graph's median time over --runs calls, taken in turn, relative to the first's; each is compiled
+    without the load-time rewrites named beside it."""
+    requests = {key: compiled(path, args, skip=skip) for key, (path, skip) in graphs.items()}
     outputs = [np.array(request.infer(feed)[0], copy=True) for request, feed in requests.values()]
     if all(o.shape == outputs[0].shape for o in outputs):
         print(f"  largest difference from the first: {max(float(np.abs(o - outputs[0]).max()) for o in outputs):.3g}"
@@ -178,16 +177,17 @@ def main() -> None:
         from sdonnx import openvino_rewrites
 
         skip = tuple(args.without.split(","))
-        unknown = set(skip) - set(openvino_rewrites.NAMES)
-        if unknown:
-            raise SystemExit(f"--without: no rewrite named {', '.join(sorted(unknown))} "
-                             f"(there are {', '.join(openvino_rewrites.NAMES)})")
+        try:
+            openvino_rewrites.check(skip)
+        except ValueError as err:
+            raise SystemExit(f"--without: {err}") from None
         if args.profile:
             return profile(args.unet, args, skip)
-        interleaved({"with every rewrite": args.unet, f"without {args.without}": (args.unet, skip)}, args)
+        interleaved({"with every rewrite": (args.unet, ()), f"without {args.without}": (args.unet, skip)}, args)
     elif args.against:
         first, second = (f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in (args.unet, args.against))
-        interleaved({first: args.unet, second if second != first else second + " (again)": args.against}, args)
+        interleaved({first: (args.unet, ()), second if second != first else second + " (again)": (args.against, ())},
+                    args)
     elif args.what_if:
         compare(args.unet, args.what_if, args)
     else:

@@ -1,28 +1,38 @@
 """Exact rewrites of a model OpenVINO read from our ONNX graphs, at the static shapes it compiles for: the same
-values, in forms its CPU kernels run faster. Each returns how many places it rewrote."""
+values up to f32 rounding, in forms its CPU kernels run faster. Each returns how many places it rewrote."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from . import upsampling
 
+if TYPE_CHECKING:
+    from openvino import Model
+
 NAMES = ("phase_upsampling", "group_norms")  # in the order they run
 
 
-def apply(model, skip: Collection[str] = ()) -> dict[str, int]:
-    """Every rewrite but those named in `skip`, in place; their counts by name. (A --static folder's wide
-    upsamplers come phased already.)"""
+def check(skip: Collection[str]) -> None:
+    """Raise ValueError naming any of `skip` that is not a rewrite."""
     unknown = set(skip) - set(NAMES)
     if unknown:
         raise ValueError(f"no rewrite named {', '.join(sorted(unknown))} (there are {', '.join(NAMES)})")
+
+
+def apply(model: Model, skip: Collection[str] = ()) -> dict[str, int]:
+    """Every rewrite but those named in `skip`, in place; their counts by name. (A --static folder's wide
+    upsamplers come phased already.)"""
+    check(skip)
+    # looked up at each call, not at import: tests count a rewrite by patching its module attribute
     rewrites = {"phase_upsampling": phase_upsampling, "group_norms": group_norms}
     return {name: rewrites[name](model) for name in NAMES if name not in skip}
 
 
-def phase_upsampling(model) -> int:
+def phase_upsampling(model: Model) -> int:
     """Rewrite each 2x nearest Interpolate feeding only a 3x3 Convolution (constant f32 weights, unit stride and
     dilation, padding 1, `upsampling.MIN_CHANNELS` inputs or more) into `upsampling`'s phase form (four 2x2
     Convolutions, a Concat, a DepthToSpace) where the static shapes show an exact doubling; returns how many. An
@@ -79,7 +89,7 @@ def _doubles(op) -> bool:
             and set(np.asarray(scales[0].get_data()).ravel().tolist()) <= {1.0, 2.0})
 
 
-def group_norms(model) -> int:
+def group_norms(model: Model) -> int:
     """Rewrite each GroupNorm as ONNX writes it (Reshape to [N, G, -1], InstanceNormalization with unit scale and
     zero bias, Reshape back, then the per-channel affine), which OpenVINO runs on a planar copy of the tensor with a
     layout reorder on each side, into reductions over the spatial axes of the [N, C, H, W] tensor itself: channel
@@ -88,54 +98,61 @@ def group_norms(model) -> int:
     layout the int8 convolutions around it use. Static f32 tensors only."""
     count = 0
     for mvn in model.get_ordered_ops():
-        match = _group_norm(mvn) if mvn.get_type_name() == "MVN" else None
-        if match is None:
+        norm = _group_norm(mvn) if mvn.get_type_name() == "MVN" else None
+        if norm is None:
             continue
-        x, groups, eps, gamma, beta, end = match
-        end.output(0).replace(_group_norm_by_channels(x, groups, eps, gamma, beta).output(0))
+        norm.end.output(0).replace(_group_norm_by_channels(norm).output(0))
         count += 1
     if count:
         model.validate_nodes_and_infer_types()
     return count
 
 
-def _group_norm(mvn):
-    """(x, groups, eps, gamma, beta, last node) of a GroupNorm around this MVN, or None."""
+class _GroupNorm(NamedTuple):
+    x: object  # the [N, C, H, W] input (an OpenVINO Output)
+    groups: int
+    eps: float
+    gamma: np.ndarray  # [C]
+    beta: np.ndarray  # [C]
+    end: object  # the node whose output the rewrite replaces
+
+
+def _group_norm(mvn) -> _GroupNorm | None:
+    """The GroupNorm around this MVN, or None."""
     attrs = mvn.get_attributes()
     to_groups = mvn.input_value(0).get_node()
     if (not attrs.get("normalize_variance") or attrs.get("eps_mode") != "INSIDE_SQRT"
             or to_groups.get_type_name() != "Reshape"):
         return None
     x = to_groups.input_value(0)
-    shape, grouped = x.get_partial_shape(), mvn.get_input_partial_shape(0)
-    if (not (shape.is_static and grouped.is_static) or len(shape) != 4 or len(grouped) != 3
+    shape, grouped = _static(x.get_partial_shape()), _static(mvn.get_input_partial_shape(0))
+    if (shape is None or grouped is None or len(shape) != 4 or len(grouped) != 3
             or x.get_element_type().get_type_name() != "f32"):
         return None
-    n, c, h, w = (d.get_length() for d in shape)
-    groups = grouped[1].get_length()
+    n, c, h, w = shape
+    groups = grouped[1]
     axes = _constant(mvn.input_value(1))
-    if [d.get_length() for d in grouped] != [n, groups, c // groups * h * w] or axes is None \
-            or axes.ravel().tolist() not in ([2], [-1]):
+    if grouped != [n, groups, c // groups * h * w] or axes is None or axes.ravel().tolist() not in ([2], [-1]):
         return None
     scale = _sole_consumer(mvn, "Multiply")
     bias = _sole_consumer(scale, "Add")
     back = _sole_consumer(bias, "Reshape")
     if (back is None or not np.all(_operand(scale, mvn) == 1) or not np.all(_operand(bias, scale) == 0)
-            or [d.get_length() for d in back.get_output_partial_shape(0)] != [n, c, h, w]):
+            or _static(back.get_output_partial_shape(0)) != [n, c, h, w]):
         return None
-    gamma, beta, end = np.ones(c, np.float32), np.zeros(c, np.float32), back
     times = _sole_consumer(back, "Multiply")
     plus = _sole_consumer(times, "Add")
-    g, b = _operand(times, back), _operand(plus, times)
-    if g is not None and b is not None and g.size == c and b.size == c and g.dtype == b.dtype == np.float32:
-        gamma, beta, end = g.ravel(), b.ravel(), plus  # the affine folds in; otherwise it stays after the rewrite
-    return x, groups, float(attrs["eps"]), gamma, beta, end
+    gamma, beta = _per_channel(times, back, c), _per_channel(plus, times, c)
+    if gamma is None or beta is None:  # no affine we can fold (or not f32): it stays, after the rewrite
+        return _GroupNorm(x, groups, float(attrs["eps"]), np.ones(c, np.float32), np.zeros(c, np.float32), back)
+    return _GroupNorm(x, groups, float(attrs["eps"]), gamma, beta, plus)
 
 
-def _group_norm_by_channels(x, groups: int, eps: float, gamma: np.ndarray, beta: np.ndarray):
+def _group_norm_by_channels(norm: _GroupNorm):
     from openvino import opset13 as ops
 
-    n, c = (d.get_length() for d in x.get_partial_shape()[:2])
+    x, groups, eps, gamma, beta = norm.x, norm.groups, norm.eps, norm.gamma, norm.beta
+    n, c = _static(x.get_partial_shape())[:2]
     spatial = ops.constant(np.array([2, 3], np.int64))
 
     def group_mean(per_channel):  # [N, C, 1, 1] -> each group's mean, repeated over its channels
@@ -149,6 +166,24 @@ def _group_norm_by_channels(x, groups: int, eps: float, gamma: np.ndarray, beta:
     scale = ops.divide(ops.constant(gamma.reshape(1, c, 1, 1).astype(np.float32)),
                        ops.sqrt(ops.add(variance, ops.constant(np.float32(eps)))))
     return ops.add(ops.multiply(centred, scale), ops.constant(beta.reshape(1, c, 1, 1).astype(np.float32)))
+
+
+def _static(shape) -> list[int] | None:
+    return [d.get_length() for d in shape] if shape.is_static else None
+
+
+def _per_channel(node, other, channels: int) -> np.ndarray | None:
+    """The f32 operand of a binary node beside `other` if it broadcasts along the channel axis of [N, C, H, W]
+    ([C, 1, 1] or [1, C, 1, 1], as torch writes a GroupNorm's weight and bias), flattened to [C]."""
+    if node is None:
+        return None
+    for i in (0, 1):
+        if node.input_value(1 - i).get_node().get_instance_id() == other.get_instance_id():
+            shape = _static(node.input_value(i).get_partial_shape())
+            data = _constant(node.input_value(i))
+            if shape in ([channels, 1, 1], [1, channels, 1, 1]) and data is not None and data.dtype == np.float32:
+                return data.reshape(channels)
+    return None
 
 
 def _sole_consumer(node, kind: str):

@@ -159,23 +159,16 @@ def _upsampler_graph(path, channels: int, by: str = "sizes", pads: int = 1) -> N
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-def test_upsamplers_become_phase_convolutions_where_the_size_doubles(tmp_path, monkeypatch):
+def test_upsamplers_become_phase_convolutions_where_the_size_doubles(tmp_path, rewrites_counted):
     """At the shapes a session compiles for, a nearest Resize that doubles the size exactly (by sizes or by scales)
     and its 3x3 Conv become four 2x2 convolutions and a DepthToSpace, with ONNX Runtime's values; upsampling to an
     odd size (a U-Net after an odd skip), a convolution without padding 1 and narrow layers keep their form, with
     ONNX Runtime's values too."""
     import onnxruntime as ort
 
-    from sdonnx import openvino_rewrites, openvino_session, upsampling
+    from sdonnx import openvino_session, upsampling
 
-    counts = []
-
-    def counted(model):
-        counts.append(rewrite(model))
-        return counts[-1]
-
-    rewrite = openvino_rewrites.phase_upsampling
-    monkeypatch.setattr(openvino_rewrites, "phase_upsampling", counted)
+    counts = rewrites_counted("phase_upsampling")
     rng = np.random.default_rng(1)
     wide = upsampling.MIN_CHANNELS
     for channels, by, pads, shape, skip, rewritten in ((wide, "sizes", 1, (2, 5, 7), (10, 14), 1),
@@ -194,22 +187,23 @@ def test_upsamplers_become_phase_convolutions_where_the_size_doubles(tmp_path, m
         assert np.abs(want).max() > 0.5 and np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
 
 
-def _group_norm_graph(path, channels: int, groups: int, instance_scale: float, affine: bool) -> None:
+def _group_norm_graph(path, channels: int, groups: int, instance_scale: float = 1.0, affine: tuple | None = (-1, 1, 1),
+                      epsilon: float = 1e-5) -> None:
     """A GroupNorm as torch's exporter writes it: Reshape to [N, G, -1], InstanceNormalization, Reshape back, then
-    (with `affine`) the per-channel weight and bias."""
+    the affine weight and bias (shaped `affine`, torch's [C, 1, 1] by default; None: no affine)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(2)
     inits = [numpy_helper.from_array(np.array([0, groups, -1], np.int64), "grouped"),
              numpy_helper.from_array(np.full(groups, instance_scale, np.float32), "s"),
-             numpy_helper.from_array(np.zeros(groups, np.float32), "b"),
-             numpy_helper.from_array(rng.standard_normal((channels, 1, 1)).astype(np.float32), "gamma"),
-             numpy_helper.from_array(rng.standard_normal((channels, 1, 1)).astype(np.float32), "beta")]
+             numpy_helper.from_array(np.zeros(groups, np.float32), "b")]
     nodes = [helper.make_node("Reshape", ["x", "grouped"], ["g"]),
-             helper.make_node("InstanceNormalization", ["g", "s", "b"], ["n"], epsilon=1e-5),
+             helper.make_node("InstanceNormalization", ["g", "s", "b"], ["n"], epsilon=epsilon),
              helper.make_node("Shape", ["x"], ["shape"]),
-             helper.make_node("Reshape", ["n", "shape"], ["y" if not affine else "back"])]
-    if affine:
+             helper.make_node("Reshape", ["n", "shape"], ["y" if affine is None else "back"])]
+    if affine is not None:
+        inits += [numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32).reshape(affine), name)
+                  for name in ("gamma", "beta")]
         nodes += [helper.make_node("Mul", ["back", "gamma"], ["scaled"]),
                   helper.make_node("Add", ["scaled", "beta"], ["y"])]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", channels, "H", "W"])]
@@ -217,34 +211,50 @@ def _group_norm_graph(path, channels: int, groups: int, instance_scale: float, a
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-def test_group_norms_become_spatial_reductions(tmp_path, monkeypatch):
+@pytest.fixture
+def rewrites_counted(monkeypatch):
+    """`counted(name)` -> the list each call of that load-time rewrite appends its count to."""
+    from sdonnx import openvino_rewrites
+
+    def counted(name: str) -> list[int]:
+        counts, rewrite = [], getattr(openvino_rewrites, name)
+
+        def counting(model):
+            counts.append(rewrite(model))
+            return counts[-1]
+
+        monkeypatch.setattr(openvino_rewrites, name, counting)
+        return counts
+
+    return counted
+
+
+def test_group_norms_become_spatial_reductions(tmp_path, rewrites_counted):
     """At the shapes a session compiles for, each GroupNorm (unit instance scale, with or without its affine)
-    becomes reductions over the spatial axes, with ONNX Runtime's values; a group scale that is not 1 keeps the
-    MVN form (and its values). Every GroupNorm of the bundled VAE decoder is rewritten, with ONNX Runtime's
-    values."""
+    becomes reductions over the spatial axes, with ONNX Runtime's values in f32, also where eps matters and where
+    the mean is 100 standard deviations from zero (a one-pass variance would lose it); a group scale that is not 1
+    keeps the MVN form, and an affine that does not broadcast along the channels stays after the rewrite. Every
+    GroupNorm of the bundled VAE decoder is rewritten, with ONNX Runtime's values. (The default bf16 path is
+    covered by the pipeline tests above and the measured PSNR.)"""
     import onnxruntime as ort
 
-    from sdonnx import openvino_rewrites, openvino_session
+    from sdonnx import openvino_session
     from sdonnx.model import default_model_dir
 
-    counts = []
-
-    def counted(model):
-        counts.append(rewrite(model))
-        return counts[-1]
-
-    rewrite = openvino_rewrites.group_norms
-    monkeypatch.setattr(openvino_rewrites, "group_norms", counted)
+    counts = rewrites_counted("group_norms")
     rng = np.random.default_rng(3)
     decoder = default_model_dir() / "vae_decoder" / "model.onnx"
     norms = sum(n.op_type == "InstanceNormalization" for n in onnx.load(str(decoder)).graph.node)
-    cases = [(tmp_path / "unit.onnx", {"x": 3 * rng.standard_normal((2, 32, 5, 7), dtype=np.float32) + 1}, 1),
-             (tmp_path / "plain.onnx", {"x": rng.standard_normal((1, 32, 4, 4), dtype=np.float32) - 2}, 1),
-             (tmp_path / "scaled.onnx", {"x": rng.standard_normal((1, 32, 4, 4), dtype=np.float32)}, 0),
-             (decoder, {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}, norms)]
-    _group_norm_graph(cases[0][0], 32, 8, 1.0, affine=True)
-    _group_norm_graph(cases[1][0], 32, 4, 1.0, affine=False)
-    _group_norm_graph(cases[2][0], 32, 8, 2.0, affine=True)
+    graphs = {"unit": ({}, 3 * rng.standard_normal((2, 32, 5, 7)) + 1, 1),
+              "plain": ({"groups": 4, "affine": None}, rng.standard_normal((1, 32, 4, 4)) - 2, 1),
+              "eps": ({"epsilon": 0.5}, 0.5 * rng.standard_normal((1, 32, 4, 4)), 1),
+              "offset": ({}, 10 + 0.1 * rng.standard_normal((1, 32, 16, 16)), 1),
+              "rows": ({"affine": (1, 1, 1, 32)}, rng.standard_normal((1, 32, 3, 32)), 1),
+              "scaled": ({"instance_scale": 2.0}, rng.standard_normal((1, 32, 4, 4)), 0)}
+    cases = [(decoder, {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}, norms)]
+    for name, (kwargs, x, rewritten) in graphs.items():
+        _group_norm_graph(tmp_path / f"{name}.onnx", 32, **{"groups": 8, **kwargs})
+        cases.append((tmp_path / f"{name}.onnx", {"x": x.astype(np.float32)}, rewritten))
     assert norms >= 10
     for path, feed, rewritten in cases:
         want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
