@@ -2,7 +2,10 @@
 
 FLOPs are counted once with torch.utils.flop_counter on our U-Net (built on the meta device, so no weights are
 allocated); the peak is the best of several large ORT MatMul (fp32) and MatMulInteger (u8 x s8 -> int32)
-products (512 to 2048 square, best of 9 each), one thread per physical core as our sessions use.
+products (512 to 2048 square, best of 9 each), one thread per physical core as our sessions use. Where the
+openvino package is installed, the same products on OpenVINO's kernels too: a float MatMul at its default
+inference precision (bf16 on a CPU with AVX512-BF16 or AMX) and a QDQ MatMul it runs as int8, for the bound of the
+systems on its kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 CONV_OPS = ("convolution",)  # what dynamic int8 leaves in fp32 (it quantizes MatMul/Gemm only)
+LINEAR_OPS = ("addmm", "mm")  # linear layers (with and without a bias)
+ATTENTION_OPS = ("bmm", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_cudnn_attention")  # the attention's two products: float in every int8 scheme
 
 
 def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2)) -> dict:
@@ -51,9 +57,27 @@ def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2
             by_op = {str(k).split(".")[-1]: int(v) for k, v in counts["Global"].items()}
             conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
             total = int(counter.get_total_flops())
+            kept_conv = _qdq_float_conv(unet, counts)
+            attention = sum(v for k, v in by_op.items() if k in ATTENTION_OPS)
             out[f"{size}x{batch}"] = {"total": total, "conv": conv, "matmul": total - conv, "by_op": by_op,
-                                      "conv_kept_float_by_qdq": _qdq_float_conv(unet, counts)}
+                                      "conv_kept_float_by_qdq": kept_conv, "attention": attention,
+                                      "float_by_openvino_scheme": kept_conv + attention
+                                      + _openvino_float_linear(unet, counts)}
     return out
+
+
+def _openvino_float_linear(unet, counts: dict) -> int:
+    """Linear-layer FLOPs the `openvino` int8 scheme leaves float (quantize.INT8_FLOAT_LINEAR and INT8_KEEP_NODES,
+    asked with the module path written as the graph names it)."""
+    import torch
+
+    from sdonnx.export.quantize import INT8_FLOAT_LINEAR, INT8_KEEP_NODES
+
+    kept = {f"{type(unet).__name__}.{name}" for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+            and (INT8_FLOAT_LINEAR.search("/" + name.replace(".", "/") + "/")
+                 or INT8_KEEP_NODES.search("/" + name.replace(".", "/") + "/"))}
+    return sum(int(v) for name in kept for op, v in counts.get(name, {}).items()
+               if str(op).split(".")[-1] in LINEAR_OPS)
 
 
 def _qdq_float_conv(unet, counts: dict) -> int:
@@ -100,7 +124,52 @@ def matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), runs: int = 9) -> di
             sess = ort.InferenceSession(_matmul_model(n, integer), so, providers=["CPUExecutionProvider"])
             peak[name] = max(peak[name], 2 * n**3 / _best(lambda: sess.run(None, feeds), runs))
         peak["numpy_fp32"] = max(peak["numpy_fp32"], 2 * n**3 / _best(lambda: a @ b, runs))
-    return {k: float(v) for k, v in peak.items()}
+    return {**{k: float(v) for k, v in peak.items()}, **openvino_peak(sizes, runs)}
+
+
+def openvino_peak(sizes: tuple[int, ...] = (512, 1024, 2048), runs: int = 9) -> dict:
+    """Best observed ops/s of n x n x n products on OpenVINO's CPU kernels, one thread per physical core: a float
+    MatMul at its default precision ("openvino_default") and one whose input is quantized to uint8 and weights to
+    int8 ("openvino_int8"); {} without the openvino package."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    from sdonnx.system import physical_cores
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": physical_cores()}
+    rng = np.random.default_rng(0)
+    peak = {"openvino_default": 0.0, "openvino_int8": 0.0}
+    for n in sizes:
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        for name, integer in (("openvino_default", False), ("openvino_int8", True)):
+            request = core.compile_model(core.read_model(_weights_matmul_model(n, integer), b""), "CPU",
+                                         config).create_infer_request()
+            peak[name] = max(peak[name], 2 * n**3 / _best(lambda: request.infer({0: a}), runs))
+    return peak
+
+
+def _weights_matmul_model(n: int, integer: bool) -> bytes:
+    """A [n, n] input times constant [n, n] weights, as a linear layer: float, or QDQ (OpenVINO runs it as int8)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    if integer:
+        inits = [numpy_helper.from_array(rng.integers(-127, 127, (n, n), dtype=np.int8), "Wq"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "w_scale"),
+                 numpy_helper.from_array(np.array(0.02, np.float32), "a_scale"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "a_zero")]
+        nodes = [helper.make_node("QuantizeLinear", ["A", "a_scale", "a_zero"], ["Aq"]),
+                 helper.make_node("DequantizeLinear", ["Aq", "a_scale", "a_zero"], ["Ad"]),
+                 helper.make_node("DequantizeLinear", ["Wq", "w_scale"], ["W"]),
+                 helper.make_node("MatMul", ["Ad", "W"], ["Y"])]
+    else:
+        inits = [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "W")]
+        nodes = [helper.make_node("MatMul", ["A", "W"], ["Y"])]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def _best(fn, runs: int) -> float:

@@ -27,14 +27,35 @@ def bounds(report: dict, size: int, batch: int) -> dict:
     if "conv_kept_float_by_qdq" in flops:  # static QDQ: convolutions int8 too, but those it keeps float
         kept = flops["conv_kept_float_by_qdq"]
         out["int8_qdq"] = kept / fp32 + (flops["total"] - kept) / peak["int8"]
+    if "openvino_default" in peak:  # OpenVINO's kernels: its default float precision (bf16 here), the best int8
+        return {**out, **_openvino_bounds(flops, peak, fp32)}
+    return out
+
+
+def _openvino_bounds(flops: dict, peak: dict, fp32: float) -> dict:
+    """Bounds of the systems on OpenVINO's kernels: every FLOP at its default float peak; NNCF's hybrid int8
+    (convolutions int8, linear layers and attention float: weights compressed only), at its default precision and
+    at f32; our `openvino` scheme (all int8 but the layers it keeps float and the attention's products)."""
+    default, int8 = peak["openvino_default"], max(peak["int8"], peak.get("openvino_int8", 0.0))
+    out = {"openvino_default": flops["total"] / default,
+           "openvino_hybrid_int8": flops["conv"] / int8 + flops["matmul"] / default,
+           "openvino_hybrid_int8_f32": flops["conv"] / int8 + flops["matmul"] / fp32}
+    if "float_by_openvino_scheme" in flops:
+        kept = flops["float_by_openvino_scheme"]
+        out["openvino_scheme"] = kept / default + (flops["total"] - kept) / int8
     return out
 
 
 def _bound_for(system: str, b: dict) -> float | None:
-    if system.startswith(("openvino", "sdcpp")):  # bf16 / ggml's q8_0 and f16 kernels: no bound of ours fits
+    if system.startswith("sdcpp"):  # ggml's q8_0 and f16 kernels: no bound of ours fits
         return None
+    if system.startswith("openvino"):  # its IRs: fp32/fp16 and weight-only int8 compute in its float precision
+        hybrid = system.startswith("openvino-int8") and not system.startswith("openvino-int8w")
+        f32 = system.endswith("-f32")
+        return b.get(("openvino_hybrid_int8" + ("_f32" if f32 else "")) if hybrid else
+                     ("fp32" if f32 else "openvino_default"))
     if "-ov" in system:  # ours on OpenVINO's kernels (--provider openvino): its float parts run in bf16 there
-        return None
+        return b.get("openvino_scheme" if "int8" in system else "openvino_default")
     if "qdq" in system:
         return b.get("int8_qdq")
     return b.get("int8_matmul_fp32_conv" if "int8" in system else "fp32")
@@ -102,7 +123,10 @@ def markdown(report: dict) -> str:
              f"onnxruntime {m['onnxruntime']}, torch {m['torch']}, diffusers {m['diffusers']}, "
              f"transformers {m['transformers']}, optimum-onnx {m['optimum']}, numpy {m['numpy']}.  ",
              f"Measured matmul peak: fp32 {max(peak['fp32'], peak.get('numpy_fp32', 0)) / 1e9:.0f} GFLOP/s, "
-             f"int8 (u8s8) {peak['int8'] / 1e9:.0f} GOP/s.  ",
+             f"int8 (u8s8) {peak['int8'] / 1e9:.0f} GOP/s" + (
+                 f"; on OpenVINO's kernels: its default float precision {peak['openvino_default'] / 1e9:.0f} "
+                 f"GFLOP/s, int8 {peak['openvino_int8'] / 1e9:.0f} GOP/s" if "openvino_default" in peak else "")
+             + ".  ",
              *_peer_lines(report), *_sdcpp_lines(report),
              f"Started {report['started']}, finished {report.get('finished', '(unfinished)')}.  ",
              f"Command: `{report['command']}`", ""]
@@ -115,7 +139,9 @@ def markdown(report: dict) -> str:
                   "Milliseconds, median of the timed runs (min-max for the step). "
                   "Bound = fastest possible U-Net batch-2 call (a guided step) at the measured peaks (fp32 "
                   "systems: everything fp32; int8: matmuls int8, convolutions fp32; qdq: all int8 but the "
-                  "convolutions it keeps float); "
+                  "convolutions it keeps float; on OpenVINO's kernels, float parts at its default precision's peak "
+                  "(bf16 here), int8 at the better int8 peak: NNCF's hybrid int8 convolutions only, our openvino "
+                  "scheme all but the layers it keeps float and the attention's products); "
                   "efficiency = bound / measured U-Net b2 call, and bound / median step (full steps only with the "
                   "step cache).", "",
                   "| system | runs | " + " | ".join(LABELS[f] for f in FIGURES) +

@@ -254,6 +254,65 @@ def test_report_shows_the_openvino_precision(bench):
 
 
 
+def test_flops_the_openvino_scheme_keeps_float(bench, tmp_path):
+    """The U-Net FLOPs the openvino scheme leaves float: the convolutions static QDQ keeps float, the attention's
+    products and the linear layers it keeps float (cross-attention's output, the time embedding's), each counted
+    from the model's own modules, a part of the whole."""
+    import tiny_sd
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import limit
+    from sdonnx.export.models.config import UNetConfig
+    from sdonnx.export.models.unet import UNet2DConditionModel
+
+    for part, config in (("unet", tiny_sd.unet_config()), ("vae", tiny_sd.vae_config())):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps(config))
+    flops = limit.unet_flops(tmp_path, [16], (2,))["16x2"]  # the tiny VAE halves: 8x8 latents
+    unet = UNet2DConditionModel(UNetConfig.from_dict(tiny_sd.unet_config())).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(torch.zeros(2, 4, 8, 8), torch.tensor(500.0), torch.zeros(2, 77, 32))
+    counts = counter.get_flop_counts()
+
+    linears = {f"UNet2DConditionModel.{name}" for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+               and any(part in name for part in ("attn2.to_out", "time_embedding.", "time_emb_proj"))}
+    kept = sum(int(v) for name in linears for op, v in counts[name].items()
+               if str(op).split(".")[-1] in ("addmm", "mm"))
+    assert kept > 0 and flops["attention"] > 0
+    assert flops["float_by_openvino_scheme"] == flops["conv_kept_float_by_qdq"] + flops["attention"] + kept
+    assert flops["float_by_openvino_scheme"] < flops["total"]
+
+
+def test_report_bounds_on_openvino_kernels(bench):
+    """With OpenVINO's measured peaks in the report, each system on its kernels gets the bound of what it computes
+    in int8 and in float: its float IR all at the default precision's peak (or fp32's at f32), NNCF's hybrid int8
+    its convolutions at the int8 peak, our openvino scheme all but what it keeps float; sd.cpp none."""
+    report = bench[3]
+    flops = {"64x2": {"total": 10e9, "conv": 6e9, "matmul": 4e9, "conv_kept_float_by_qdq": 1e9,
+                      "attention": 0.5e9, "float_by_openvino_scheme": 2e9}}
+    peak = {"fp32": 1e11, "int8": 4e11, "openvino_default": 2e11, "openvino_int8": 5e11}
+    runs = [{"system": system, "size": 64, "steps": 2, "load_s": 1.0, "peak_rss_mb": 10.0,
+             "times_s": {"unet_b2": [0.5]}, "step_s": [0.5, 0.5]}
+            for system in ("openvino-fp32", "openvino-fp32-f32", "openvino-int8", "openvino-int8-f32",
+                           "sdonnx-int8-ov-vae8", "sdonnx-fp32-ov", "sdcpp-q8_0")]
+    cells = report.summarize({"runs": runs, "unet_flops": flops, "matmul_peak": peak})["64"]
+    want = {"openvino-fp32": 10e9 / 2e11, "openvino-fp32-f32": 10e9 / 1e11,
+            "openvino-int8": 6e9 / 5e11 + 4e9 / 2e11, "openvino-int8-f32": 6e9 / 5e11 + 4e9 / 1e11,
+            "sdonnx-int8-ov-vae8": 2e9 / 2e11 + 8e9 / 5e11, "sdonnx-fp32-ov": 10e9 / 2e11}
+    for system, bound in want.items():
+        assert cells[system]["unet_b2_bound_s"] == pytest.approx(bound), system
+        assert cells[system]["unet_b2_efficiency"] == pytest.approx(bound / 0.5), system
+    assert "unet_b2_bound_s" not in cells["sdcpp-q8_0"]
+    assert "int8 500 GOP/s" in report.markdown({"name": "x", "weights": "w", "settings": {"steps": 2},
+                                                 "machine": {"onnxruntime": "1", "torch": "1", "diffusers": "1",
+                                                             "transformers": "1", "optimum": "1", "numpy": "1"},
+                                                 "matmul_peak": peak, "summary": {}, "systems": [],
+                                                 "started": "now", "command": "c", "runs": [],
+                                                 "unet_flops": flops})
+
+
 @pytest.mark.skipif(not OPENVINO_PYTHON.is_file(), reason="no OpenVINO venv (python benchmarks/peers.py setup openvino)")
 def test_openvino_worker_on_the_tiny_model(tmp_path, monkeypatch):
     """End to end in the real venv: the fp32 IR of the tiny pipeline, timed by worker.py at f32 with static shapes:
