@@ -232,7 +232,7 @@ def rewrites_counted(monkeypatch):
 def test_group_norms_become_spatial_reductions(tmp_path, rewrites_counted):
     """At the shapes a session compiles for, each GroupNorm (unit instance scale, with or without its affine)
     becomes reductions over the spatial axes, with ONNX Runtime's values in f32, also where eps matters and where
-    the mean is 100 standard deviations from zero (a one-pass variance would lose it); a group scale that is not 1
+    the mean is 100 standard deviations from zero (a one-pass variance loses it); a group scale that is not 1
     keeps the MVN form, and an affine that does not broadcast along the channels stays after the rewrite. Every
     GroupNorm of the bundled VAE decoder is rewritten, with ONNX Runtime's values. (The default bf16 path is
     covered by the pipeline tests above and the measured PSNR.)"""
@@ -245,19 +245,26 @@ def test_group_norms_become_spatial_reductions(tmp_path, rewrites_counted):
     rng = np.random.default_rng(3)
     decoder = default_model_dir() / "vae_decoder" / "model.onnx"
     norms = sum(n.op_type == "InstanceNormalization" for n in onnx.load(str(decoder)).graph.node)
-    graphs = {"unit": ({}, 3 * rng.standard_normal((2, 32, 5, 7)) + 1, 1),
-              "plain": ({"groups": 4, "affine": None}, rng.standard_normal((1, 32, 4, 4)) - 2, 1),
-              "eps": ({"epsilon": 0.5}, 0.5 * rng.standard_normal((1, 32, 4, 4)), 1),
-              "offset": ({}, 10 + 0.1 * rng.standard_normal((1, 32, 16, 16)), 1),
-              "rows": ({"affine": (1, 1, 1, 32)}, rng.standard_normal((1, 32, 3, 32)), 1),
-              "scaled": ({"instance_scale": 2.0}, rng.standard_normal((1, 32, 4, 4)), 0)}
-    cases = [(decoder, {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}, norms)]
-    for name, (kwargs, x, rewritten) in graphs.items():
+    # (graph options, input, GroupNorms rewritten, tolerance): a mean 100 deviations out leaves f32 ~1e-5 of an
+    # output's precision (one part in 1e7 of the input is 1e-5 of a deviation), so that case is held to 1e-3; a
+    # one-pass variance misses it by 5e-3
+    graphs = {"unit": ({}, 3 * rng.standard_normal((2, 32, 5, 7)) + 1, 1, 1e-4),
+              "plain": ({"groups": 4, "affine": None}, rng.standard_normal((1, 32, 4, 4)) - 2, 1, 1e-4),
+              "eps": ({"epsilon": 0.5}, 0.5 * rng.standard_normal((1, 32, 4, 4)), 1, 1e-4),
+              "offset": ({}, 10 + 0.1 * rng.standard_normal((1, 32, 16, 16)), 1, 1e-3),
+              "rows": ({"affine": (1, 1, 1, 32)}, rng.standard_normal((1, 32, 3, 32)), 1, 1e-4),
+              "scaled": ({"instance_scale": 2.0}, rng.standard_normal((1, 32, 4, 4)), 0, 1e-4)}
+    cases = [(decoder, {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}, norms, 1e-4)]
+    for name, (kwargs, x, rewritten, tolerance) in graphs.items():
         _group_norm_graph(tmp_path / f"{name}.onnx", 32, **{"groups": 8, **kwargs})
-        cases.append((tmp_path / f"{name}.onnx", {"x": x.astype(np.float32)}, rewritten))
+        cases.append((tmp_path / f"{name}.onnx", {"x": x.astype(np.float32)}, rewritten, tolerance))
     assert norms >= 10
-    for path, feed, rewritten in cases:
-        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    for path, feed, rewritten, tolerance in cases:
+        reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        want = reference.run(None, feed)[0]
+        nudged = {k: v + 1e-6 * rng.standard_normal(v.shape, dtype=np.float32) for k, v in feed.items()}
+        moved = np.abs(reference.run(None, nudged)[0] - want).max()
+        assert moved < tolerance / 3, (path.name, moved)  # well-conditioned: a 1e-6 nudge moves it far less
         got = openvino_session.OpenVINOSession(path, threads=1, options=F32).run(None, feed)[0]
         assert counts[-1] == rewritten, path.name
-        assert np.abs(want).max() > 0.5 and np.abs(got - want).max() < 1e-4, (path.name, np.abs(got - want).max())
+        assert np.abs(want).max() > 0.5 and np.abs(got - want).max() < tolerance, (path.name, np.abs(got - want).max())
