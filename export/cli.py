@@ -427,7 +427,7 @@ def _one_line(err: BaseException) -> str:
                    "--provider openvino).")
 @click.option("--int8-vae", is_flag=True,
               help="int8 only: also the VAE decoder's convolutions static int8 (calibrated): about 2.6x faster on "
-                   "ONNX Runtime and 1.5x on --provider openvino (SD 1.5, 512x512), and measurably less exact "
+                   "ONNX Runtime and 1.6x on --provider openvino (SD 1.5, 512x512), and measurably less exact "
                    "(README).")
 @click.option("--step-cache", is_flag=True,
               help="Also export the DeepCache graphs (unet_shallow/, unet/model_features.onnx) for --cache-interval.")
