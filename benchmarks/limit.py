@@ -14,6 +14,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,30 +68,30 @@ def unet_flops(weights: Path, sizes: list[int], batches: tuple[int, ...] = (1, 2
 
 
 def _openvino_float_linear(unet, counts: dict) -> int:
-    """Linear-layer FLOPs the `openvino` int8 scheme leaves float (quantize.INT8_FLOAT_LINEAR and INT8_KEEP_NODES,
-    asked with the module path written as the graph names it)."""
+    """Linear-layer FLOPs the `openvino` int8 scheme leaves float (quantize.INT8_FLOAT_LINEAR, INT8_KEEP_NODES)."""
     import torch
 
     from sdonnx.export.quantize import INT8_FLOAT_LINEAR, INT8_KEEP_NODES
 
-    kept = {f"{type(unet).__name__}.{name}" for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
-            and (INT8_FLOAT_LINEAR.search("/" + name.replace(".", "/") + "/")
-                 or INT8_KEEP_NODES.search("/" + name.replace(".", "/") + "/"))}
-    return sum(int(v) for name in kept for op, v in counts.get(name, {}).items()
-               if str(op).split(".")[-1] in LINEAR_OPS)
+    return _flops_of(unet, counts, torch.nn.Linear, LINEAR_OPS,
+                     lambda path: bool(INT8_FLOAT_LINEAR.search(path) or INT8_KEEP_NODES.search(path)))
 
 
 def _qdq_float_conv(unet, counts: dict) -> int:
-    """Convolution FLOPs of the convolutions `--int8-scheme qdq` leaves float (quantize.qdq_keeps_float, asked
-    with the module path written as the graph names it); the counter lists modules as `<class>.<path>`."""
+    """Convolution FLOPs of the convolutions `--int8-scheme qdq` leaves float (quantize.qdq_keeps_float)."""
     import torch
 
     from sdonnx.export.quantize import qdq_keeps_float
 
-    kept = {f"{type(unet).__name__}.{name}" for name, m in unet.named_modules()
-            if isinstance(m, torch.nn.Conv2d) and qdq_keeps_float("/" + name.replace(".", "/") + "/")}
-    return sum(int(v) for name in kept for op, v in counts.get(name, {}).items()
-               if str(op).split(".")[-1] in CONV_OPS)
+    return _flops_of(unet, counts, torch.nn.Conv2d, CONV_OPS, qdq_keeps_float)
+
+
+def _flops_of(unet, counts: dict, kind: type, ops: tuple[str, ...], kept: Callable[[str], bool]) -> int:
+    """FLOPs (of `ops`) of the modules of `kind` whose path, written as the graph names it, `kept` accepts; the
+    counter lists modules as `<class>.<path>`."""
+    names = {f"{type(unet).__name__}.{name}" for name, m in unet.named_modules()
+             if isinstance(m, kind) and kept("/" + name.replace(".", "/") + "/")}
+    return sum(int(v) for name in names for op, v in counts.get(name, {}).items() if str(op).split(".")[-1] in ops)
 
 
 def _matmul_model(n: int, integer: bool):
