@@ -175,15 +175,11 @@ def _static(shape) -> list[int] | None:
 def _per_channel(node, other, channels: int) -> np.ndarray | None:
     """The f32 operand of a binary node beside `other` if it broadcasts along the channel axis of [N, C, H, W]
     ([C, 1, 1] or [1, C, 1, 1], as torch writes a GroupNorm's weight and bias), flattened to [C]."""
-    if node is None:
+    operand = _beside(node, other)
+    if operand is None or _static(operand.get_partial_shape()) not in ([channels, 1, 1], [1, channels, 1, 1]):
         return None
-    for i in (0, 1):
-        if node.input_value(1 - i).get_node().get_instance_id() == other.get_instance_id():
-            shape = _static(node.input_value(i).get_partial_shape())
-            data = _constant(node.input_value(i))
-            if shape in ([channels, 1, 1], [1, channels, 1, 1]) and data is not None and data.dtype == np.float32:
-                return data.reshape(channels)
-    return None
+    data = _constant(operand)
+    return data.reshape(channels) if data is not None and data.dtype == np.float32 else None
 
 
 def _sole_consumer(node, kind: str):
@@ -196,11 +192,17 @@ def _sole_consumer(node, kind: str):
 
 def _operand(node, other) -> np.ndarray | None:
     """The constant operand of a binary node whose other operand is `other`'s output."""
+    operand = _beside(node, other)
+    return None if operand is None else _constant(operand)
+
+
+def _beside(node, other):
+    """The input of a binary node that is not `other`'s output (None if neither or no node)."""
     if node is None or node.get_input_size() != 2:
         return None
     for i in (0, 1):
         if node.input_value(i).get_node().get_instance_id() == other.get_instance_id():
-            return _constant(node.input_value(1 - i))
+            return node.input_value(1 - i)
     return None
 
 
